@@ -1,0 +1,37 @@
+"""autotune: hardware-aware settings and an autotuner for PyTorch DataLoaders.
+
+    hw = autotune.probe_hardware()
+    factory = autotune.OptimalDataLoaderFactory()
+    loader = factory.create_training_loader(dataset, batch_size=64)
+    print(loader.autotune_config.explain())
+"""
+
+from .config import LoaderConfig
+from .errors import AutotuneError, DatasetError, InvalidConfigError, ProfileError
+from .factory import OptimalDataLoaderFactory, TunedDataLoader
+from .hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
+                       probe_hardware)
+from .rules import DatasetHints
+from .workload import WorkloadProfile, measure_workload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutotuneError",
+    "CpuInfo",
+    "DatasetError",
+    "DatasetHints",
+    "DistributedInfo",
+    "GpuInfo",
+    "HardwareInfo",
+    "HostInfo",
+    "InvalidConfigError",
+    "LoaderConfig",
+    "MemoryInfo",
+    "OptimalDataLoaderFactory",
+    "ProfileError",
+    "TunedDataLoader",
+    "WorkloadProfile",
+    "measure_workload",
+    "probe_hardware",
+]

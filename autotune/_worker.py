@@ -1,0 +1,58 @@
+"""What runs at the start of every worker process: seeds, thread budget, the user's hook.
+
+A class rather than a closure so that it pickles under spawn and forkserver.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+_limits: list[Any] = []  # keeps threadpoolctl's limiter alive for the worker's lifetime
+
+
+class WorkerInit:
+    """``worker_init_fn`` for autotune's loaders.
+
+    Seeds ``random``, numpy's legacy global RNG and torch from the worker's seed (the
+    loader's base seed + worker id, new every epoch unless workers persist), caps native
+    thread pools (BLAS, OpenMP, torch intra-op) to ``threads``, then calls ``user_fn``.
+    """
+
+    def __init__(self, *, threads: int | None = None,
+                 user_fn: Callable[[int], Any] | None = None, seed: bool = True) -> None:
+        self.threads = threads
+        self.user_fn = user_fn
+        self.seed = seed
+
+    def __call__(self, worker_id: int) -> None:
+        import torch
+
+        if self.seed:
+            seed_worker(torch.utils.data.get_worker_info().seed)
+        if self.threads is not None:
+            limit_threads(self.threads)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+    def __repr__(self) -> str:
+        return f"WorkerInit(threads={self.threads}, user_fn={self.user_fn!r}, seed={self.seed})"
+
+
+def seed_worker(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
+    torch.manual_seed(seed)
+
+
+def limit_threads(threads: int) -> None:
+    """Cap every native thread pool in this process (threadpoolctl) and torch's own."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    _limits.append(threadpool_limits(limits=threads))
+    torch.set_num_threads(threads)

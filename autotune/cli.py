@@ -1,0 +1,179 @@
+"""The ``autotune`` command: thin over the Python API, human tables or ``--json``.
+
+Exit codes: 0 success, 1 an expected error (one line, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import AutotuneError
+from .hardware import HardwareInfo, probe_hardware
+from .profiles import load_profile, profile_path, save_hardware
+
+GIB = 1 << 30
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help is 0, bad usage is 2
+        return int(exc.code or 0)
+    try:
+        return args.run(args)
+    except AutotuneError as exc:
+        print(f"autotune: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autotune", description="Hardware-aware settings for PyTorch DataLoaders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    probe = commands.add_parser("probe", help="what this process may use: CPUs, memory, GPUs")
+    probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    probe.add_argument("--save", action="store_true", help="write this host's profile")
+    probe.add_argument("--profile-dir", metavar="DIR",
+                       help="profile directory (default: $AUTOTUNE_PROFILE_DIR or ./profiles)")
+    probe.set_defaults(run=cmd_probe)
+
+    rec = commands.add_parser("recommend", help="the rules' settings for a dataset, with reasons")
+    rec.add_argument("--dataset-size", type=_positive_int, required=True, metavar="N")
+    rec.add_argument("--augmentation", action="store_true", help="samples are augmented")
+    rec.add_argument("--standardization", action="store_true", help="samples are standardized")
+    rec.add_argument("--batch-size", type=_positive_int, metavar="B")
+    rec.add_argument("--validation", action="store_true", help="for a validation loader")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rec.set_defaults(run=cmd_recommend)
+
+    show = commands.add_parser("show", help="this host's profile and whether it applies")
+    show.add_argument("--profile-dir", metavar="DIR")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show.set_defaults(run=cmd_show)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    hw = probe_hardware()
+    if args.json:
+        _print_json(hw.to_dict())
+    else:
+        print(format_hardware(hw))
+    if args.save:
+        path = save_hardware(hw, args.profile_dir)
+        print(f"saved {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .factory import OptimalDataLoaderFactory
+
+    factory = OptimalDataLoaderFactory(measure=False)
+    config = factory.get_optimal_config(
+        args.dataset_size, args.augmentation, args.standardization,
+        batch_size=args.batch_size, training=not args.validation)
+    if args.json:
+        _print_json({"config": config.to_dict(), "dataloader_kwargs": {
+            k: v for k, v in config.dataloader_kwargs().items() if k != "worker_init_fn"}})
+    else:
+        print(config.explain())
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    hw = probe_hardware()
+    path = profile_path(hw.host.hostname, args.profile_dir)
+    profile = load_profile(path)
+    if profile is None:
+        raise AutotuneError(f"no profile for this host at {path}; run `autotune probe --save` "
+                            "or `autotune tune`")
+    applies = profile.applies_to(hw)
+    if args.json:
+        _print_json({"path": str(path), "applies": applies, "profile": profile.to_dict()})
+        return 0
+    verdict = "applies to this machine" if applies else (
+        f"does NOT apply: tuned on fingerprint {profile.fingerprint}, this machine is "
+        f"{hw.fingerprint}")
+    print(f"{path}: {verdict}")
+    print(f"  updated {profile.updated}, {len(profile.loaders)} tuned loader(s)")
+    for key, entry in sorted(profile.loaders.items()):
+        settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
+        print(f"  {key}: {settings}")
+        if entry.measured:
+            print("    measured: " + ", ".join(f"{k}={_short(v)}" for k, v in entry.measured.items()))
+    return 0
+
+
+def format_hardware(hw: HardwareInfo) -> str:
+    cpu, mem, dist = hw.cpu, hw.memory, hw.distributed
+    quota = "none" if cpu.quota is None else f"{cpu.quota:g} CPUs"
+    rows = [
+        ("CPU", f"{cpu.model or 'unknown model'}: {_n(cpu.logical)} logical, "
+                f"{_n(cpu.physical)} physical"),
+        ("  affinity", _ranges(cpu.affinity)),
+        ("  cgroup quota", quota),
+        ("  usable", f"{cpu.usable} (budget per process: {hw.cpu_budget})"),
+        ("Memory", f"{_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"),
+        ("  cgroup limit", "none" if mem.limit_bytes is None else _gib(mem.limit_bytes)),
+        ("/dev/shm", f"{_gib(mem.shm_total_bytes)} total, {_gib(mem.shm_free_bytes)} free"),
+        ("GPUs", "none found through NVML" if not hw.gpus else ""),
+        *[(f"  {g.index}", f"{g.name}, {_gib(g.memory_total_bytes)}, compute "
+                           f"{g.compute_capability or '?'}, PCIe gen {_n(g.pcie_generation)} "
+                           f"x{_n(g.pcie_width)}") for g in hw.gpus],
+        ("Accelerator", hw.accelerator or "none (torch computes on the CPU)"),
+        ("torchrun", "not under torchrun" if dist.local_world_size is None else
+         f"rank {dist.rank} of {dist.world_size}, {dist.local_world_size} on this host"),
+        ("Host", f"{hw.host.hostname}, {hw.host.os}, Python {hw.host.python}, "
+                 f"torch {hw.host.torch or 'not installed'}"),
+        ("Fingerprint", hw.fingerprint),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _n(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _gib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / GIB:.1f} GiB"
+
+
+def _short(value: Any) -> str:
+    return f"{value:,.4g}" if isinstance(value, float) else str(value)
+
+
+def _ranges(cpus: tuple[int, ...] | None) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'."""
+    if not cpus:
+        return "unknown"
+    spans: list[list[int]] = []
+    for cpu in cpus:
+        if spans and cpu == spans[-1][1] + 1:
+            spans[-1][1] = cpu
+        else:
+            spans.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -1,0 +1,136 @@
+"""``LoaderConfig``: one set of DataLoader settings, each with the reason it was chosen.
+
+A config is also a read-only mapping of DataLoader keywords, so seed-style code works
+as-is: ``DataLoader(ds, batch_size=24, **cfg)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ._worker import WorkerInit
+from .errors import InvalidConfigError
+
+START_METHODS = ("fork", "spawn", "forkserver")
+SOURCES = ("rules", "profile", "override")
+SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
+            "multiprocessing_context", "worker_threads", "drop_last", "timeout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig(Mapping):
+    num_workers: int = 0
+    prefetch_factor: int | None = None  # None: torch's default (2) when there are workers
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    multiprocessing_context: str | None = None  # None: the platform's default start method
+    worker_threads: int | None = None  # native thread pools per worker; None: leave as is
+    drop_last: bool = False
+    timeout: float = 0.0
+    reasons: Mapping[str, str] = field(default_factory=dict, compare=False)
+    source: str = "rules"
+
+    def __post_init__(self) -> None:
+        _check_int("num_workers", self.num_workers, minimum=0)
+        if self.prefetch_factor is not None:
+            _check_int("prefetch_factor", self.prefetch_factor, minimum=1)
+        if self.worker_threads is not None:
+            _check_int("worker_threads", self.worker_threads, minimum=1)
+        for name in ("pin_memory", "persistent_workers", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigError(
+                    f"{name}={getattr(self, name)!r} must be True or False")
+        if self.multiprocessing_context not in (None, *START_METHODS):
+            raise InvalidConfigError(
+                f"multiprocessing_context={self.multiprocessing_context!r} must be None "
+                f"or one of {', '.join(START_METHODS)}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or self.timeout < 0:
+            raise InvalidConfigError(f"timeout={self.timeout!r} must be a number >= 0 (seconds)")
+        if self.source not in SOURCES:
+            raise InvalidConfigError(f"source={self.source!r} must be one of {', '.join(SOURCES)}")
+        object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
+
+    def dataloader_kwargs(self, *, worker_init_fn: Any = None) -> dict[str, Any]:
+        """Keywords ``torch.utils.data.DataLoader`` accepts as they are.
+
+        Never a combination DataLoader rejects: no prefetch_factor, persistent_workers or
+        start method without workers. With workers and a thread budget it includes a
+        ``worker_init_fn`` that applies the budget, then calls yours if given.
+        """
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "drop_last": self.drop_last,
+            "timeout": self.timeout,
+        }
+        if self.num_workers > 0:
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.multiprocessing_context is not None:
+                kwargs["multiprocessing_context"] = self.multiprocessing_context
+            if self.worker_threads is not None or worker_init_fn is not None:
+                kwargs["worker_init_fn"] = WorkerInit(threads=self.worker_threads,
+                                                      user_fn=worker_init_fn)
+        elif worker_init_fn is not None:
+            kwargs["worker_init_fn"] = worker_init_fn
+        return kwargs
+
+    def replace(self, *, source: str | None = None, reason: str | None = None,
+                **settings: Any) -> LoaderConfig:
+        """A copy with some settings changed; each changed one gets ``reason``."""
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown setting(s) {sorted(unknown)}; settings are {', '.join(SETTINGS)}")
+        reasons = dict(self.reasons)
+        if reason is not None:
+            reasons.update({name: reason for name in settings})
+        return dataclasses.replace(self, reasons=reasons, source=source or self.source,
+                                   **settings)
+
+    def explain(self) -> str:
+        """Every setting with its value and why it was chosen, one per line."""
+        width = max(len(name) for name in SETTINGS)
+        lines = [f"DataLoader settings (source: {self.source})"]
+        for name in SETTINGS:
+            reason = self.reasons.get(name, "default")
+            lines.append(f"  {name:<{width}} = {getattr(self, name)!s:<6}  {reason}")
+        return "\n".join(lines)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings alone, as plain data."""
+        return {name: getattr(self, name) for name in SETTINGS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.settings(), "reasons": dict(self.reasons), "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoaderConfig:
+        unknown = set(data) - set(SETTINGS) - {"reasons", "source"}
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown setting(s) {sorted(unknown)}; settings are {', '.join(SETTINGS)}")
+        return cls(**dict(data))
+
+    # Mapping of DataLoader keywords, for DataLoader(ds, **cfg) and cfg["num_workers"].
+    def __getitem__(self, key: str) -> Any:
+        return self.dataloader_kwargs()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dataloader_kwargs())
+
+    def __len__(self) -> int:
+        return len(self.dataloader_kwargs())
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise InvalidConfigError(f"{name}={value!r} must be >= {minimum}")

@@ -1,0 +1,40 @@
+"""Every error autotune raises on purpose.
+
+    AutotuneError                     root: ``except autotune.AutotuneError`` catches them all
+    ├── InvalidConfigError(ValueError)  a setting or argument has a value that cannot work
+    ├── ProfileError                    a YAML profile is unreadable, malformed or from a newer schema
+    └── DatasetError                    the user's dataset raised while autotune measured it
+
+Messages name the parameter (or file and field), show the value and say the fix.
+"""
+
+from __future__ import annotations
+
+
+class AutotuneError(Exception):
+    """Root of every error the package raises on purpose."""
+
+
+class InvalidConfigError(AutotuneError, ValueError):
+    """A setting or argument has a value that cannot work."""
+
+
+class ProfileError(AutotuneError):
+    """A profile file cannot be used; the message names the file and the field."""
+
+    def __init__(self, path: object, field: str | None, problem: str) -> None:
+        self.path = str(path)
+        self.field = field
+        where = f"{self.path}: field {field!r}" if field else self.path
+        super().__init__(f"{where}: {problem}")
+
+
+class DatasetError(AutotuneError):
+    """The dataset raised while autotune was measuring it; names the index."""
+
+    def __init__(self, index: int, original: BaseException) -> None:
+        self.index = index
+        self.original = original
+        super().__init__(
+            f"dataset[{index}] raised {type(original).__name__}: {original}"
+        )

@@ -1,0 +1,252 @@
+"""Per-host YAML profiles: ``profiles/<hostname>.yaml``, schema version 1.
+
+A profile holds this host's hardware facts and fingerprint, and ``loaders``: for each key
+(a dataset name) the tuned settings and how they were measured. Read with safe YAML
+loading only (no tag ever constructs an object); written atomically (temporary file in the
+same directory, then rename) under a file lock, merging with what is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import SETTINGS, LoaderConfig
+from .errors import InvalidConfigError, ProfileError
+from .hardware import HardwareInfo
+
+SCHEMA_VERSION = 1
+PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"
+DEFAULT_PROFILE_DIR = "profiles"
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}")
+_TOP_LEVEL = {"schema_version", "hostname", "fingerprint", "updated", "hardware", "loaders"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileEntry:
+    """Tuned settings for one key, and how they were measured (free-form plain data)."""
+
+    settings: Mapping[str, Any]
+    measured: Mapping[str, Any] = field(default_factory=dict)
+
+    def reason(self, key: str) -> str:
+        """Why a setting came from this entry, for ``LoaderConfig.explain()``."""
+        rate = self.measured.get("samples_per_s")
+        measured = f", {rate:,.0f} samples/s measured" if isinstance(rate, (int, float)) else ""
+        return f"tuned on this host (profile key {key!r}{measured})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    hostname: str
+    fingerprint: str
+    hardware: Mapping[str, Any]
+    loaders: Mapping[str, ProfileEntry] = field(default_factory=dict)
+    updated: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def applies_to(self, hw: HardwareInfo) -> bool:
+        return self.fingerprint == hw.fingerprint
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "hostname": self.hostname,
+            "fingerprint": self.fingerprint,
+            "updated": self.updated,
+            "hardware": _plain(self.hardware),
+            "loaders": {key: {"settings": _plain(entry.settings),
+                              "measured": _plain(entry.measured)}
+                        for key, entry in sorted(self.loaders.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, path: object = "<profile>") -> Profile:
+        """Validate plain data; every problem raises ``ProfileError`` naming the field."""
+        if not isinstance(data, Mapping):
+            raise ProfileError(path, None, f"expected a mapping at the top, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ProfileError(path, "schema_version", f"must be an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise ProfileError(path, "schema_version",
+                               f"{version} is newer than this autotune reads ({SCHEMA_VERSION}); "
+                               "upgrade autotune or re-run `autotune probe --save`")
+        if version < 1:
+            raise ProfileError(path, "schema_version", f"{version} is not a schema version")
+        unknown = set(data) - _TOP_LEVEL
+        if unknown:
+            raise ProfileError(path, sorted(unknown)[0],
+                               f"unknown field; schema {SCHEMA_VERSION} has {sorted(_TOP_LEVEL)}")
+        for name in ("hostname", "fingerprint"):
+            if not isinstance(data.get(name), str):
+                raise ProfileError(path, name, f"must be a string, got {data.get(name)!r}")
+        hardware = data.get("hardware") or {}
+        if not isinstance(hardware, Mapping):
+            raise ProfileError(path, "hardware", "must be a mapping")
+        loaders = data.get("loaders") or {}
+        if not isinstance(loaders, Mapping):
+            raise ProfileError(path, "loaders", "must be a mapping of key -> entry")
+        return cls(
+            schema_version=version, hostname=data["hostname"], fingerprint=data["fingerprint"],
+            updated=None if data.get("updated") is None else str(data["updated"]),
+            hardware=dict(hardware),
+            loaders={str(key): _entry(path, key, raw) for key, raw in loaders.items()},
+        )
+
+
+def _entry(path: object, key: Any, raw: Any) -> ProfileEntry:
+    where = f"loaders.{key}"
+    try:
+        check_key(key)
+    except InvalidConfigError as exc:
+        raise ProfileError(path, where, str(exc)) from None
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("settings"), Mapping):
+        raise ProfileError(path, f"{where}.settings", "each entry needs a 'settings' mapping")
+    unknown = set(raw) - {"settings", "measured"}
+    if unknown:
+        raise ProfileError(path, f"{where}.{sorted(unknown)[0]}", "unknown field")
+    measured = raw.get("measured") or {}
+    if not isinstance(measured, Mapping):
+        raise ProfileError(path, f"{where}.measured", "must be a mapping")
+    unknown = set(raw["settings"]) - set(SETTINGS)
+    if unknown:
+        raise ProfileError(path, f"{where}.settings.{sorted(unknown)[0]}",
+                           f"unknown setting; settings are {', '.join(SETTINGS)}")
+    try:
+        LoaderConfig(**raw["settings"])
+    except InvalidConfigError as exc:
+        raise ProfileError(path, f"{where}.settings", str(exc)) from None
+    return ProfileEntry(settings=dict(raw["settings"]), measured=dict(measured))
+
+
+def check_key(key: Any) -> str:
+    """A profile key is a short name: letters, digits and ``_ . : + -``."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise InvalidConfigError(
+            f"profile key {key!r} must be 1-128 letters, digits or _.:+- "
+            "(starting with a letter or digit), e.g. 'my-dataset'")
+    return key
+
+
+def profile_dir(directory: str | os.PathLike[str] | None = None) -> Path:
+    """``directory`` if given, else ``$AUTOTUNE_PROFILE_DIR``, else ``./profiles``."""
+    return Path(directory or os.environ.get(PROFILE_DIR_ENV) or DEFAULT_PROFILE_DIR)
+
+
+def profile_path(hostname: str, directory: str | os.PathLike[str] | None = None) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", hostname).strip(".") or "host"
+    return profile_dir(directory) / f"{safe}.yaml"
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile | None:
+    """The profile at path; ``None`` if there is no file; ``ProfileError`` if unusable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ProfileError(path, None, f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(path, None, f"not valid YAML{at}: {problem}") from None
+    return Profile.from_dict(data, path=path)
+
+
+def new_profile(hw: HardwareInfo) -> Profile:
+    return Profile(hostname=hw.host.hostname, fingerprint=hw.fingerprint, hardware=hw.to_dict())
+
+
+def update_profile(path: str | os.PathLike[str],
+                   change: Callable[[Profile | None], Profile]) -> Profile:
+    """Read, change and write back under a lock, so concurrent writers lose no entry."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        profile = change(load_profile(path))
+        profile = dataclasses.replace(profile, updated=_now())
+        _write_atomic(path, yaml.safe_dump(profile.to_dict(), sort_keys=False))
+    return profile
+
+
+def save_hardware(hw: HardwareInfo, directory: str | os.PathLike[str] | None = None) -> Path:
+    """Write or refresh this host's facts, keeping its tuned entries if the hardware is the same."""
+    path = profile_path(hw.host.hostname, directory)
+
+    def change(old: Profile | None) -> Profile:
+        keep = old.loaders if old is not None and old.applies_to(hw) else {}
+        return dataclasses.replace(new_profile(hw), loaders=keep)
+
+    update_profile(path, change)
+    return path
+
+
+def save_entry(hw: HardwareInfo, key: str, entry: ProfileEntry,
+               directory: str | os.PathLike[str] | None = None) -> Path:
+    """Merge one tuned entry into this host's profile; other keys are kept."""
+    check_key(key)
+    path = profile_path(hw.host.hostname, directory)
+
+    def change(old: Profile | None) -> Profile:
+        if old is None or not old.applies_to(hw):
+            old = new_profile(hw)  # a profile from other hardware is replaced, not mixed
+        return dataclasses.replace(old, loaders={**old.loaders, key: entry})
+
+    update_profile(path, change)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: writes stay atomic, merges may race
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    """Plain YAML-safe data: tuples become lists, mapping proxies become dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

@@ -1,0 +1,218 @@
+"""The rule engine: pure functions from (hardware, dataset hints, workload) to settings.
+
+One small function per setting, each returning ``(value, reason)``. Nothing here reads the
+system or the dataset; tests feed fake ``HardwareInfo`` and ``WorkloadProfile`` records.
+
+With a measured workload the worker count comes from a small cost model: a worker spends
+(its per-sample time + collate + the cost of shipping the batch back) per sample, N workers
+run N of those at once, and all of them together cannot use more than the CPU budget. The
+count with the shortest predicted epoch (start-up included) wins, the smallest within 5%.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import LoaderConfig
+from .errors import InvalidConfigError
+from .hardware import HardwareInfo
+from .workload import WorkloadProfile
+
+# Costs measured on a 2-CPU AMD EPYC VM, torch 2.13 CPU (bench/RESULTS.md has the runs):
+TRANSFER_S_PER_BATCH = 1e-3  # CPU seconds to send one batch from a worker to the main process
+TRANSFER_S_PER_BYTE = 1e-9  # ... plus ~1 ms per MB through shared memory
+WORKER_START_S = {"fork": 0.03, "forkserver": 0.3, "spawn": 1.5}  # per worker
+WORKER_MEMORY_BYTES = 64 << 20  # private memory of one forked worker, a rough upper figure
+
+MAX_WORKERS = 64  # waiting-bound data may want many more workers than CPUs, up to this
+MAX_WORKERS_PER_CPU = 32
+SMALL_DATASET = 1024  # without a measurement, fewer samples than this get no workers
+ASSUMED_BATCH_SIZE = 32  # for estimates when no batch size is given
+ASSUMED_EPOCHS = 10  # persistent workers' start-up is spread over this many epochs
+RAM_FRACTION = 0.10  # batches in flight may take this much of available RAM ...
+SHM_FRACTION = 0.50  # ... and this much of free /dev/shm
+DEFAULT_PREFETCH = 2  # torch's own default
+NEAR_BEST = 1.05  # the fewest workers whose predicted epoch is within 5% of the best
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetHints:
+    """What the caller tells us about the data and how it will be used."""
+
+    dataset_size: int
+    batch_size: int | None = None
+    has_augmentation: bool = False
+    has_standardization: bool = False
+    training: bool = True
+    device: str | None = None  # where batches go; None: the accelerator torch sees
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) \
+                or self.dataset_size < 1:
+            raise InvalidConfigError(
+                f"dataset_size={self.dataset_size!r} must be an integer >= 1 (len(dataset))")
+        if self.batch_size is not None and (
+                isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                or self.batch_size < 1):
+            raise InvalidConfigError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+
+
+def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile | None = None,
+              *, workers: int | None = None) -> LoaderConfig:
+    """Every setting for this hardware, data and workload, each with its reason.
+
+    ``workers`` fixes the worker count (a user's or a profile's); the rest follows from it.
+    """
+    if workers is None:
+        workers, why_workers = num_workers(hw, hints, workload)
+    else:
+        why_workers = "set explicitly"
+    prefetch, why_prefetch = prefetch_factor(hw, hints, workload, workers)
+    threads, why_threads = worker_threads(hw, workers)
+    pin, why_pin = pin_memory(hw, hints)
+    persistent, why_persistent = persistent_workers(hints, workers)
+    drop, why_drop = drop_last(hints)
+    return LoaderConfig(
+        num_workers=workers, prefetch_factor=prefetch, worker_threads=threads,
+        pin_memory=pin, persistent_workers=persistent, drop_last=drop,
+        reasons={
+            "num_workers": why_workers, "prefetch_factor": why_prefetch,
+            "worker_threads": why_threads, "pin_memory": why_pin,
+            "persistent_workers": why_persistent, "drop_last": why_drop,
+            "multiprocessing_context": "the platform's default start method",
+            "timeout": "no timeout: wait for slow samples rather than fail",
+        },
+        source="rules",
+    )
+
+
+def num_workers(hw: HardwareInfo, hints: DatasetHints,
+                workload: WorkloadProfile | None) -> tuple[int, str]:
+    budget = hw.cpu_budget
+    batch = hints.batch_size or ASSUMED_BATCH_SIZE
+    cap = max_workers(hw, hints, workload)
+    if workload is None:
+        if hints.dataset_size < SMALL_DATASET:
+            return 0, (f"{hints.dataset_size} samples (< {SMALL_DATASET}) and no measurement: "
+                       "worker start-up would not pay off")
+        if hints.has_augmentation or hints.has_standardization:
+            n = min(budget, cap)
+            return n, f"per-sample transforms: one worker per CPU of the budget ({budget})"
+        n = min(max(1, budget - 1), cap)
+        return n, f"CPU budget {budget}, one CPU left for the main process"
+    rates = predicted_rates(hw, workload, batch, cap)
+    # Persistent (training) workers start once for many epochs; validation's every pass.
+    start = WORKER_START_S["fork"] / (ASSUMED_EPOCHS if hints.training else 1)
+    epoch = {n: hints.dataset_size / rate + n * start for n, rate in rates.items()}
+    best = min(epoch.values())
+    n = min(k for k, t in epoch.items() if t <= best * NEAR_BEST)
+    best_pool = max(range(1, cap + 1), key=lambda k: rates[k])
+    wait = 1 - min(1.0, _worker_cpu_s(workload) / _worker_wall_s(workload))
+    detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting; "
+              f"predicted {rates[n if n else best_pool]:,.0f} samples/s with "
+              f"{n or best_pool} worker(s) vs {rates[0]:,.0f} in-process")
+    if n == 0:
+        return 0, f"in-process is fastest: moving batches between processes costs more ({detail})"
+    if n > budget:
+        return n, f"samples mostly wait on I/O, so {n} workers > {budget} CPUs ({detail})"
+    return n, f"{n} worker(s) for a {budget}-CPU budget ({detail})"
+
+
+def predicted_rates(hw: HardwareInfo, workload: WorkloadProfile, batch_size: int,
+                    cap: int) -> dict[int, float]:
+    """Samples/s the cost model predicts for 0..cap workers."""
+    collate = workload.collate_sec_per_sample or 0.0
+    transfer = TRANSFER_S_PER_BATCH / batch_size + workload.sample_bytes * TRANSFER_S_PER_BYTE
+    in_process = workload.sec_per_sample + collate
+    per_worker = _worker_wall_s(workload) + collate + transfer
+    cpu = _worker_cpu_s(workload) + collate + transfer
+    rates = {0: 1 / max(in_process, 1e-9)}
+    for n in range(1, cap + 1):
+        rates[n] = min(n / per_worker, hw.cpu_budget / cpu)
+    return rates
+
+
+def _worker_wall_s(workload: WorkloadProfile) -> float:
+    return workload.single_thread_sec_per_sample or workload.sec_per_sample
+
+
+def _worker_cpu_s(workload: WorkloadProfile) -> float:
+    """CPU one sample costs a single-threaded worker (idle pool threads can inflate it)."""
+    cpu = workload.single_thread_cpu_sec_per_sample
+    if cpu is None:
+        cpu = workload.cpu_sec_per_sample
+    return min(cpu, _worker_wall_s(workload))
+
+
+def max_workers(hw: HardwareInfo, hints: DatasetHints,
+                workload: WorkloadProfile | None) -> int:
+    """Most workers worth starting: per-CPU and absolute caps, memory, batches per epoch."""
+    cap = min(MAX_WORKERS, MAX_WORKERS_PER_CPU * hw.cpu_budget)
+    batch = hints.batch_size or ASSUMED_BATCH_SIZE
+    cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
+    room = memory_budget_bytes(hw)
+    if room is not None:
+        per_worker = WORKER_MEMORY_BYTES + (batch * workload.sample_bytes if workload else 0)
+        cap = min(cap, max(1, room // per_worker))
+    return cap
+
+
+def memory_budget_bytes(hw: HardwareInfo) -> int | None:
+    """Bytes that batches in flight may take: a fraction of RAM and of free /dev/shm."""
+    limits = []
+    if hw.memory.available_bytes is not None:
+        limits.append(int(hw.memory.available_bytes * RAM_FRACTION))
+    if hw.memory.shm_free_bytes is not None:
+        limits.append(int(hw.memory.shm_free_bytes * SHM_FRACTION))
+    return min(limits) if limits else None
+
+
+def prefetch_factor(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile | None,
+                    workers: int) -> tuple[int | None, str]:
+    if workers == 0:
+        return None, "no workers, nothing to prefetch"
+    room = memory_budget_bytes(hw)
+    if workload is None or room is None:
+        return DEFAULT_PREFETCH, "torch's default; batch size in bytes unknown without a measurement"
+    batch_bytes = max(1, workload.sample_bytes * (hints.batch_size or ASSUMED_BATCH_SIZE))
+    fits = room // (workers * batch_bytes)
+    if fits >= DEFAULT_PREFETCH:
+        return DEFAULT_PREFETCH, (f"torch's default; {workers} x {DEFAULT_PREFETCH} batches of "
+                                  f"{_mb(batch_bytes)} fit the in-flight budget {_mb(room)}")
+    return 1, (f"lowered: {workers} x {DEFAULT_PREFETCH} batches of {_mb(batch_bytes)} exceed "
+               f"the in-flight budget {_mb(room)} ({RAM_FRACTION:.0%} of available RAM, "
+               f"{SHM_FRACTION:.0%} of free /dev/shm)")
+
+
+def worker_threads(hw: HardwareInfo, workers: int) -> tuple[int | None, str]:
+    if workers == 0:
+        return None, "no workers: the main process keeps its thread pools"
+    threads = max(1, hw.cpu_budget // workers)
+    return threads, (f"{workers} workers x {threads} thread(s) <= {hw.cpu_budget} CPUs: "
+                     "native thread pools (BLAS, OpenMP) would otherwise oversubscribe")
+
+
+def pin_memory(hw: HardwareInfo, hints: DatasetHints) -> tuple[bool, str]:
+    device = hints.device or hw.accelerator or "cpu"
+    if device.startswith("cuda"):
+        return True, "batches go to a CUDA device: page-locked memory speeds the copy"
+    return False, f"batches stay on {device}: pinning would only cost time"
+
+
+def persistent_workers(hints: DatasetHints, workers: int) -> tuple[bool, str]:
+    if workers == 0:
+        return False, "no workers"
+    if hints.training:
+        return True, "training runs many epochs: start workers once, not every epoch"
+    return False, "validation: workers are freed between passes rather than held idle"
+
+
+def drop_last(hints: DatasetHints) -> tuple[bool, str]:
+    if hints.training:
+        return True, "training: every step sees a full batch"
+    return False, "evaluation: every sample counts"
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
