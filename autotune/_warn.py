@@ -11,7 +11,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first frame outside this package."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # level 1 is this function, 2 its caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame = frame.f_back
         level += 1

@@ -9,6 +9,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from threadpoolctl import threadpool_limits  # imported here so forked workers inherit it
+
 _limits: list[Any] = []  # keeps threadpoolctl's limiter alive for the worker's lifetime
 
 
@@ -52,7 +54,6 @@ def seed_worker(seed: int) -> None:
 def limit_threads(threads: int) -> None:
     """Cap every native thread pool in this process (threadpoolctl) and torch's own."""
     import torch
-    from threadpoolctl import threadpool_limits
 
     _limits.append(threadpool_limits(limits=threads))
     torch.set_num_threads(threads)

@@ -322,7 +322,7 @@ def _read_host() -> HostInfo:
     try:
         import torch
 
-        torch_version: str | None = torch.__version__
+        torch_version: str | None = str(torch.__version__)
     except Exception:
         torch_version = None
     return HostInfo(

@@ -33,6 +33,7 @@ ASSUMED_EPOCHS = 10  # persistent workers' start-up is spread over this many epo
 RAM_FRACTION = 0.10  # batches in flight may take this much of available RAM ...
 SHM_FRACTION = 0.50  # ... and this much of free /dev/shm
 DEFAULT_PREFETCH = 2  # torch's own default
+SINGLE_THREAD_CPU_FRACTION = 1.1  # CPU/wall above this: samples use several threads
 NEAR_BEST = 1.05  # the fewest workers whose predicted epoch is within 5% of the best
 
 
@@ -69,7 +70,7 @@ def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile |
     else:
         why_workers = "set explicitly"
     prefetch, why_prefetch = prefetch_factor(hw, hints, workload, workers)
-    threads, why_threads = worker_threads(hw, workers)
+    threads, why_threads = worker_threads(hw, workers, workload)
     pin, why_pin = pin_memory(hw, hints)
     persistent, why_persistent = persistent_workers(hints, workers)
     drop, why_drop = drop_last(hints)
@@ -185,9 +186,13 @@ def prefetch_factor(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadPro
                f"{SHM_FRACTION:.0%} of free /dev/shm)")
 
 
-def worker_threads(hw: HardwareInfo, workers: int) -> tuple[int | None, str]:
+def worker_threads(hw: HardwareInfo, workers: int,
+                   workload: WorkloadProfile | None = None) -> tuple[int | None, str]:
     if workers == 0:
         return None, "no workers: the main process keeps its thread pools"
+    if workload is not None and workload.cpu_fraction <= SINGLE_THREAD_CPU_FRACTION:
+        return None, ("measured samples run on one thread: no native pool to cap "
+                      "(torch already runs workers with 1 intra-op thread)")
     threads = max(1, hw.cpu_budget // workers)
     return threads, (f"{workers} workers x {threads} thread(s) <= {hw.cpu_budget} CPUs: "
                      "native thread pools (BLAS, OpenMP) would otherwise oversubscribe")

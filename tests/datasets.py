@@ -1,0 +1,116 @@
+"""Small real datasets the tests load through real DataLoaders (module-level: picklable)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class Indexed(Dataset):
+    """Sample i is tensor([i]): lets a test check every sample arrives exactly once."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([index])
+
+
+class Sleepy(Dataset):
+    """Waits like storage does: almost no CPU per sample."""
+
+    def __init__(self, size: int = 64, seconds: float = 0.004) -> None:
+        self.size, self.seconds = size, seconds
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.zeros(8)
+
+
+class Busy(Dataset):
+    """Computes in pure Python: CPU time close to wall time."""
+
+    def __init__(self, size: int = 64, loops: int = 20_000) -> None:
+        self.size, self.loops = size, loops
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        total = 0
+        for i in range(self.loops):
+            total += i * i
+        return torch.tensor([float(total % 7)])
+
+
+class RandomDraws(Dataset):
+    """Returns draws from random, numpy's legacy RNG, a numpy Generator and torch."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        return torch.tensor([index, -1 if info is None else info.id, random.random(),
+                             np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+
+class FailsAt(Dataset):
+    def __init__(self, bad_index: int, size: int = 16) -> None:
+        self.bad_index, self.size = bad_index, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == self.bad_index:
+            raise ValueError("corrupt record")
+        return torch.zeros(2)
+
+
+class Empty(Dataset):
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise IndexError(index)
+
+
+_FLAG = 0
+
+
+def set_flag(worker_id: int) -> None:
+    """A user worker_init_fn: marks the worker so samples can show it ran."""
+    global _FLAG
+    _FLAG = 100 + worker_id
+
+
+class ReportsWorker(Dataset):
+    """Returns (flag set by the user's init fn, torch threads, largest native pool size)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from threadpoolctl import threadpool_info
+
+        pools = [p["num_threads"] for p in threadpool_info()] or [0]
+        return torch.tensor([_FLAG, torch.get_num_threads(), max(pools)])
