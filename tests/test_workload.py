@@ -14,7 +14,8 @@ def test_waiting_is_told_apart_from_computing():
     computing = measure_workload(Busy(size=16), samples=8)
     assert waiting.sec_per_sample >= 0.004
     assert waiting.cpu_fraction < 0.5
-    assert computing.cpu_fraction > 0.5
+    # relative, so a loaded machine (which stretches wall time) cannot flip it
+    assert computing.cpu_fraction > 4 * waiting.cpu_fraction
     assert waiting.single_thread_sec_per_sample >= 0.004
 
 
