@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -57,7 +58,7 @@ class _on_instance_or_default:
 
     def __get__(self, obj: Any, cls: Any = None) -> Callable[..., Any]:
         if obj is not None:
-            return functools.partial(self.fn, obj)
+            return types.MethodType(self.fn, obj)
 
         @functools.wraps(self.fn)
         def on_default(*args: Any, **kwargs: Any) -> Any:

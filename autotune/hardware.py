@@ -229,19 +229,23 @@ def _psutil_physical() -> int | None:
 def _read_memory(files: SystemFiles) -> MemoryInfo:
     info = parse.parse_meminfo(files.read("/proc/meminfo"))
     total, host_available = info.get("MemTotal"), info.get("MemAvailable")
-    dirs = _cgroup_dirs(files, "memory")
-    limit = cgroup_available = None
-    for d in dirs:  # innermost limit that is set, with its own usage
+    limits, cgroup_free = [], []
+    for d in _cgroup_dirs(files, "memory"):  # every limit on the path binds; the tightest wins
         limit = parse.parse_memory_limit(files.read(f"{d}/memory.max")
                                          or files.read(f"{d}/memory.limit_in_bytes"))
-        if limit is not None:
-            usage = parse.parse_int(files.read(f"{d}/memory.current")
-                                    or files.read(f"{d}/memory.usage_in_bytes"))
-            stat = parse.parse_keyed_ints(files.read(f"{d}/memory.stat"))
-            reclaimable = stat.get("inactive_file", stat.get("total_inactive_file", 0))
-            if usage is not None:
-                cgroup_available = max(0, limit - max(0, usage - reclaimable))
-            break
+        if limit is None:
+            continue
+        limits.append(limit)
+        usage = parse.parse_int(files.read(f"{d}/memory.current")
+                                or files.read(f"{d}/memory.usage_in_bytes"))
+        stat = parse.parse_keyed_ints(files.read(f"{d}/memory.stat"))
+        # v1's usage covers child cgroups, and so does total_inactive_file (inactive_file
+        # is this cgroup's own pages only); v2 has just inactive_file, hierarchical.
+        reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        if usage is not None:
+            cgroup_free.append(max(0, limit - max(0, usage - reclaimable)))
+    limit = min(limits) if limits else None
+    cgroup_available = min(cgroup_free) if cgroup_free else None
     known = [v for v in (host_available, cgroup_available) if v is not None]
     shm = files.statvfs("/dev/shm")
     return MemoryInfo(

@@ -28,7 +28,7 @@ from .hardware import HardwareInfo
 SCHEMA_VERSION = 1
 PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"
 DEFAULT_PROFILE_DIR = "profiles"
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}")
+_KEY = re.compile(r"\w[\w.:+-]{0,127}")
 _TOP_LEVEL = {"schema_version", "hostname", "fingerprint", "updated", "hardware", "loaders"}
 
 
@@ -131,11 +131,11 @@ def _entry(path: object, key: Any, raw: Any) -> ProfileEntry:
 
 
 def check_key(key: Any) -> str:
-    """A profile key is a short name: letters, digits and ``_ . : + -``."""
+    """A profile key is a short name: letters, digits and ``_ . : + -``, no path parts."""
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidConfigError(
             f"profile key {key!r} must be 1-128 letters, digits or _.:+- "
-            "(starting with a letter or digit), e.g. 'my-dataset'")
+            "(starting with a letter, digit or _), e.g. 'my-dataset'")
     return key
 
 

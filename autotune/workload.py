@@ -155,7 +155,7 @@ def sample_nbytes(sample: Any) -> int:
     """Bytes of the data a sample carries (tensors, arrays, bytes, images), recursively."""
     if hasattr(sample, "element_size") and hasattr(sample, "nelement"):
         return int(sample.element_size() * sample.nelement())
-    if hasattr(sample, "nbytes") and isinstance(getattr(sample, "nbytes"), int):
+    if hasattr(sample, "nbytes") and isinstance(sample.nbytes, int):
         return int(sample.nbytes)
     if isinstance(sample, (bytes, bytearray, memoryview, str)):
         return len(sample)
