@@ -7,10 +7,13 @@ as-is: ``DataLoader(ds, batch_size=24, **cfg)``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from torch.utils.data import DataLoader
 
 from ._worker import WorkerInit
 from .errors import InvalidConfigError
@@ -18,7 +21,9 @@ from .errors import InvalidConfigError
 START_METHODS = ("fork", "spawn", "forkserver")
 SOURCES = ("rules", "profile", "override")
 SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
-            "multiprocessing_context", "worker_threads", "drop_last", "timeout")
+            "multiprocessing_context", "worker_threads", "in_order", "drop_last", "timeout")
+# in_order arrived in torch 2.6; on an older torch an in_order=False setting is left out.
+TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parameters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +34,7 @@ class LoaderConfig(Mapping):
     persistent_workers: bool = False
     multiprocessing_context: str | None = None  # None: the platform's default start method
     worker_threads: int | None = None  # native thread pools per worker; None: leave as is
+    in_order: bool = True  # False: a slow sample does not hold back batches behind it
     drop_last: bool = False
     timeout: float = 0.0
     reasons: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -40,7 +46,7 @@ class LoaderConfig(Mapping):
             _check_int("prefetch_factor", self.prefetch_factor, minimum=1)
         if self.worker_threads is not None:
             _check_int("worker_threads", self.worker_threads, minimum=1)
-        for name in ("pin_memory", "persistent_workers", "drop_last"):
+        for name in ("pin_memory", "persistent_workers", "in_order", "drop_last"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(
                     f"{name}={getattr(self, name)!r} must be True or False")
@@ -74,6 +80,8 @@ class LoaderConfig(Mapping):
             kwargs["persistent_workers"] = self.persistent_workers
             if self.multiprocessing_context is not None:
                 kwargs["multiprocessing_context"] = self.multiprocessing_context
+            if not self.in_order and TORCH_HAS_IN_ORDER:
+                kwargs["in_order"] = False
             if self.worker_threads is not None or worker_init_fn is not None:
                 kwargs["worker_init_fn"] = WorkerInit(threads=self.worker_threads,
                                                       user_fn=worker_init_fn)

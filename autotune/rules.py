@@ -33,7 +33,7 @@ ASSUMED_EPOCHS = 10  # persistent workers' start-up is spread over this many epo
 RAM_FRACTION = 0.10  # batches in flight may take this much of available RAM ...
 SHM_FRACTION = 0.50  # ... and this much of free /dev/shm
 DEFAULT_PREFETCH = 2  # torch's own default
-SINGLE_THREAD_CPU_FRACTION = 1.1  # CPU/wall above this: samples use several threads
+PARALLEL_THRESHOLD = 1.1  # process CPU/wall above this: samples use several threads
 NEAR_BEST = 1.05  # the fewest workers whose predicted epoch is within 5% of the best
 
 
@@ -83,6 +83,7 @@ def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile |
             "persistent_workers": why_persistent, "drop_last": why_drop,
             "multiprocessing_context": "the platform's default start method",
             "timeout": "no timeout: wait for slow samples rather than fail",
+            "in_order": "batches in sampler order (reproducible); the autotuner may relax it",
         },
         source="rules",
     )
@@ -109,7 +110,7 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     best = min(epoch.values())
     n = min(k for k, t in epoch.items() if t <= best * NEAR_BEST)
     best_pool = max(range(1, cap + 1), key=lambda k: rates[k])
-    wait = 1 - min(1.0, _worker_cpu_s(workload) / _worker_wall_s(workload))
+    wait = 1 - workload.cpu_fraction
     detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting; "
               f"predicted {rates[n if n else best_pool]:,.0f} samples/s with "
               f"{n or best_pool} worker(s) vs {rates[0]:,.0f} in-process")
@@ -190,7 +191,7 @@ def worker_threads(hw: HardwareInfo, workers: int,
                    workload: WorkloadProfile | None = None) -> tuple[int | None, str]:
     if workers == 0:
         return None, "no workers: the main process keeps its thread pools"
-    if workload is not None and workload.cpu_fraction <= SINGLE_THREAD_CPU_FRACTION:
+    if workload is not None and workload.parallelism <= PARALLEL_THRESHOLD:
         return None, ("measured samples run on one thread: no native pool to cap "
                       "(torch already runs workers with 1 intra-op thread)")
     threads = max(1, hw.cpu_budget // workers)

@@ -27,20 +27,33 @@ class WorkloadProfile:
     cpu_sec_per_sample: float  # CPU seconds of this process (all its threads) per sample
     sample_bytes: int  # mean size of one sample's tensors/arrays/bytes
     single_thread_sec_per_sample: float | None = None  # wall, thread pools capped at 1
-    single_thread_cpu_sec_per_sample: float | None = None
+    single_thread_cpu_sec_per_sample: float | None = None  # the calling thread's CPU only
     collate_sec_per_sample: float | None = None  # default_collate cost, per sample
 
     @property
     def cpu_fraction(self) -> float:
-        """CPU time over wall time: ~0 waits on I/O, ~1 computes, >1 uses several threads."""
+        """Share of a sample's time spent computing: ~0 waits on I/O, ~1 computes.
+
+        From the single-threaded pass, counting only the calling thread's CPU: idle BLAS
+        threads that spin-wait would otherwise look like work.
+        """
+        wall, cpu = self.single_thread_sec_per_sample, self.single_thread_cpu_sec_per_sample
+        if wall is None or cpu is None:
+            wall, cpu = self.sec_per_sample, self.cpu_sec_per_sample
+        return min(1.0, cpu / wall) if wall > 0 else 1.0
+
+    @property
+    def parallelism(self) -> float:
+        """Process CPU over wall time with thread pools as they are: >1 means several threads."""
         return self.cpu_sec_per_sample / self.sec_per_sample if self.sec_per_sample > 0 else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cpu_fraction": self.cpu_fraction}
+        return {**asdict(self), "cpu_fraction": self.cpu_fraction,
+                "parallelism": self.parallelism}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkloadProfile:
-        return cls(**{k: v for k, v in data.items() if k != "cpu_fraction"})
+        return cls(**{k: v for k, v in data.items() if k not in ("cpu_fraction", "parallelism")})
 
 
 def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
@@ -68,7 +81,8 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     # for a while, and would slow a single-threaded pass run right after it.
     with _single_thread():
         _get(dataset, indices[0])  # warm-up: lazy opens and first touches are not per-sample
-        capped = _time_pass(dataset, indices[1::2] or indices, deadline - max_seconds / 2)
+        capped = _time_pass(dataset, indices[1::2] or indices, deadline - max_seconds / 2,
+                            cpu_clock=time.thread_time)
     default = None
     if time.perf_counter() < deadline:
         default = _time_pass(dataset, indices[0::2], deadline)
@@ -91,8 +105,9 @@ def _get(dataset: Any, index: int) -> Any:
         raise DatasetError(index, exc) from exc
 
 
-def _time_pass(dataset: Any, indices: list[int],
-               deadline: float) -> tuple[float, float, list[Any]]:
+def _time_pass(dataset: Any, indices: list[int], deadline: float,
+               cpu_clock: Callable[[], float] = time.process_time,
+               ) -> tuple[float, float, list[Any]]:
     """(mean wall s, mean CPU s, the samples) per call over indices.
 
     Cheap samples are timed over repeated passes (at least ``MIN_TIMED_S``), since a
@@ -100,7 +115,7 @@ def _time_pass(dataset: Any, indices: list[int],
     """
     kept: list[Any] = []
     calls = 0
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0, cpu0 = time.perf_counter(), cpu_clock()
     while True:
         for index in indices:
             sample = _get(dataset, index)
@@ -111,7 +126,7 @@ def _time_pass(dataset: Any, indices: list[int],
                 break
         wall = time.perf_counter() - wall0
         if wall >= MIN_TIMED_S or time.perf_counter() >= deadline:
-            return wall / calls, (time.process_time() - cpu0) / calls, kept
+            return wall / calls, (cpu_clock() - cpu0) / calls, kept
 
 
 class _single_thread:
