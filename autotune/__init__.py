@@ -12,12 +12,15 @@ from .factory import OptimalDataLoaderFactory, TunedDataLoader
 from .hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
 from .rules import DatasetHints
+from .trial import Trial
+from .tuner import Autotuner, TuningResult
 from .workload import WorkloadProfile, measure_workload
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutotuneError",
+    "Autotuner",
     "CpuInfo",
     "DatasetError",
     "DatasetHints",
@@ -30,7 +33,9 @@ __all__ = [
     "MemoryInfo",
     "OptimalDataLoaderFactory",
     "ProfileError",
+    "Trial",
     "TunedDataLoader",
+    "TuningResult",
     "WorkloadProfile",
     "measure_workload",
     "probe_hardware",

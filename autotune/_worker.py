@@ -18,8 +18,8 @@ class WorkerInit:
     """``worker_init_fn`` for autotune's loaders.
 
     Seeds ``random``, numpy's legacy global RNG and torch from the worker's seed (the
-    loader's base seed + worker id, new every epoch unless workers persist), caps native
-    thread pools (BLAS, OpenMP, torch intra-op) to ``threads``, then calls ``user_fn``.
+    loader's base seed + worker id, new every epoch unless workers persist), sizes native
+    thread pools to ``threads`` (``limit_threads``), then calls ``user_fn``.
     """
 
     def __init__(self, *, threads: int | None = None,
@@ -52,8 +52,13 @@ def seed_worker(seed: int) -> None:
 
 
 def limit_threads(threads: int) -> None:
-    """Cap every native thread pool in this process (threadpoolctl) and torch's own."""
+    """Size BLAS pools to ``threads``; keep OpenMP and torch at the one thread torch gives workers.
+
+    GNU OpenMP is not fork-safe: a forked worker that raises torch's or OpenMP's thread
+    count deadlocks in its first parallel region (seen with torch 2.13). BLAS pools
+    (OpenBLAS, MKL) may grow.
+    """
     import torch
 
-    _limits.append(threadpool_limits(limits=threads))
-    torch.set_num_threads(threads)
+    _limits.append(threadpool_limits(limits={"blas": threads, "openmp": 1}))
+    torch.set_num_threads(1)

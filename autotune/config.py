@@ -19,7 +19,7 @@ from ._worker import WorkerInit
 from .errors import InvalidConfigError
 
 START_METHODS = ("fork", "spawn", "forkserver")
-SOURCES = ("rules", "profile", "override")
+SOURCES = ("rules", "tuned", "profile", "override")
 SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
             "multiprocessing_context", "worker_threads", "in_order", "drop_last", "timeout")
 # in_order arrived in torch 2.6; on an older torch an in_order=False setting is left out.
@@ -64,17 +64,17 @@ class LoaderConfig(Mapping):
     def dataloader_kwargs(self, *, worker_init_fn: Any = None) -> dict[str, Any]:
         """Keywords ``torch.utils.data.DataLoader`` accepts as they are.
 
-        Never a combination DataLoader rejects: no prefetch_factor, persistent_workers or
-        start method without workers. With workers and a thread budget it includes a
+        Never a combination DataLoader rejects: no prefetch_factor, persistent_workers,
+        timeout or start method without workers. With workers and a thread budget it includes a
         ``worker_init_fn`` that applies the budget, then calls yours if given.
         """
         kwargs: dict[str, Any] = {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "drop_last": self.drop_last,
-            "timeout": self.timeout,
         }
         if self.num_workers > 0:
+            kwargs["timeout"] = self.timeout  # torch takes a timeout only with workers
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = self.prefetch_factor
             kwargs["persistent_workers"] = self.persistent_workers

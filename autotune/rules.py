@@ -194,9 +194,9 @@ def worker_threads(hw: HardwareInfo, workers: int,
     if workload is not None and workload.parallelism <= PARALLEL_THRESHOLD:
         return None, ("measured samples run on one thread: no native pool to cap "
                       "(torch already runs workers with 1 intra-op thread)")
-    threads = max(1, hw.cpu_budget // workers)
-    return threads, (f"{workers} workers x {threads} thread(s) <= {hw.cpu_budget} CPUs: "
-                     "native thread pools (BLAS, OpenMP) would otherwise oversubscribe")
+    threads = max(1, hw.cpu_budget // (workers + 1))
+    return threads, (f"({workers} workers + the main process) x {threads} thread(s) fit "
+                     f"{hw.cpu_budget} CPUs: BLAS pools would otherwise oversubscribe them")
 
 
 def pin_memory(hw: HardwareInfo, hints: DatasetHints) -> tuple[bool, str]:

@@ -114,3 +114,17 @@ class ReportsWorker(Dataset):
 
         pools = [p["num_threads"] for p in threadpool_info()] or [0]
         return torch.tensor([_FLAG, torch.get_num_threads(), max(pools)])
+
+
+class TorchMatmul(Dataset):
+    """A torch op big enough for torch to want a parallel region."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = torch.ones(256, 256)
+        return (x @ x).sum().reshape(1)

@@ -70,3 +70,10 @@ def test_replace_records_reason_and_rejects_unknown():
     assert config.reasons["num_workers"] == "set explicitly"
     with pytest.raises(InvalidConfigError, match="batch_sise"):
         LoaderConfig().replace(batch_sise=3)
+
+
+def test_timeout_only_with_workers():
+    assert "timeout" not in LoaderConfig(timeout=5).dataloader_kwargs()
+    loader = DataLoader(Indexed(4), batch_size=2, **LoaderConfig(timeout=5))
+    assert len(list(loader)) == 2  # torch refuses a timeout without workers at iter()
+    assert LoaderConfig(num_workers=1, timeout=5)["timeout"] == 5

@@ -10,7 +10,7 @@ from autotune import (InvalidConfigError, LoaderConfig, OptimalDataLoaderFactory
                       TunedDataLoader, WorkloadProfile, probe_hardware)
 from autotune.profiles import ProfileEntry, profile_path, save_entry
 
-from datasets import Indexed, RandomDraws, ReportsWorker, Sleepy, set_flag
+from datasets import Indexed, RandomDraws, ReportsWorker, Sleepy, TorchMatmul, set_flag
 
 CHEAP = WorkloadProfile(samples=8, sec_per_sample=1e-5, cpu_sec_per_sample=1e-5, sample_bytes=8)
 
@@ -153,3 +153,13 @@ def test_torch_worker_warning_only_for_explicit_counts():
         assert isinstance(loader, TunedDataLoader) and loader.num_workers == many
     with pytest.warns(UserWarning, match="worker"):
         factory.create_training_loader(Indexed(64), batch_size=8, num_workers=many)
+
+
+def test_forked_worker_with_a_thread_budget_does_not_deadlock():
+    # Raising torch/OpenMP threads in a forked worker deadlocks GNU OpenMP once the parent
+    # has used its pool; the budget sizes BLAS pools and keeps torch at one thread.
+    x = torch.ones(512, 512)
+    (x @ x).sum()  # the parent's OpenMP pool is now running
+    loader = OptimalDataLoaderFactory(measure=False).create_training_loader(
+        TorchMatmul(4), batch_size=2, num_workers=1, worker_threads=2, timeout=30)
+    assert len(list(loader)) == 2

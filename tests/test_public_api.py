@@ -11,7 +11,8 @@ DESIGN_NAMES = {"probe_hardware", "measure_workload", "OptimalDataLoaderFactory"
 def test_all_is_sorted_and_complete():
     assert autotune.__all__ == sorted(autotune.__all__)
     public = {name for name in dir(autotune) if not name.startswith("_")}
-    modules = {"cli", "config", "errors", "factory", "hardware", "profiles", "rules", "workload"}
+    modules = {"cli", "config", "errors", "factory", "hardware", "profiles", "rules", "trial",
+               "tuner", "workload"}
     assert set(autotune.__all__) == public - modules
 
 

@@ -161,7 +161,9 @@ def test_validation_workers_not_persistent():
 
 def test_fixed_worker_count_keeps_other_rules():
     config = recommend(fake_hardware(cpus=8), DatasetHints(dataset_size=50_000), workers=4)
-    assert config.num_workers == 4 and config.worker_threads == 2
+    assert config.num_workers == 4 and config.worker_threads == 1  # 8 // (4 + main)
+    one = recommend(fake_hardware(cpus=16), DatasetHints(dataset_size=50_000), workers=1)
+    assert one.worker_threads == 8
     assert config.reasons["num_workers"] == "set explicitly"
 
 

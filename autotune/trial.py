@@ -1,0 +1,209 @@
+"""One measurement: a LoaderConfig on the real dataset, in steady state.
+
+Builds a real DataLoader with persistent workers, discards the start-up and the first
+prefetch burst, then counts samples over a window, optionally feeding a consumer (a
+simulated step or the user's ``train_step``). Records samples/s, time to the first batch,
+peak memory of the main process and its workers (PSS, so shared pages count once), CPU
+use and input stall. A trial that crashes, hangs or runs out of memory comes back failed,
+with the reason; it never raises.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from torch.utils.data import DataLoader
+
+from .config import LoaderConfig
+
+WARMUP_BATCHES = 2  # beyond the prefetch burst
+MEMORY_SAMPLE_S = 0.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trial:
+    """What one configuration did."""
+
+    config: LoaderConfig
+    phase: str  # which step of the search asked for it: baseline, rules, ladder, ...
+    samples_per_s: float | None = None
+    first_batch_s: float | None = None
+    peak_memory_bytes: int | None = None
+    cpu_percent: float | None = None  # of one CPU, main process plus workers
+    stall_fraction: float | None = None  # of the window spent waiting for data
+    window_s: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.config.settings(), "phase": self.phase,
+                "samples_per_s": self.samples_per_s, "first_batch_s": self.first_batch_s,
+                "peak_memory_bytes": self.peak_memory_bytes, "cpu_percent": self.cpu_percent,
+                "stall_fraction": self.stall_fraction, "window_s": self.window_s,
+                "error": self.error}
+
+
+def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str,
+              window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None = None,
+              consumer: Callable[[Any], None] | None = None) -> Trial:
+    """Measure ``config``; never raises for what the dataset or its workers do."""
+    box: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=_measure_into, name="autotune-trial", daemon=True,
+        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer))
+    memory = _PeakMemory()
+    memory.start()
+    runner.start()
+    # The loader's own timeout catches hung workers; this catches a hang in this process.
+    runner.join(window_s + 4 * hang_s + 10)
+    memory.stop()
+    if runner.is_alive():
+        return Trial(config=config, phase=phase, error=f"hung: no progress for {hang_s:.0f} s "
+                     "in the main process (num_workers=0)", peak_memory_bytes=memory.peak)
+    if "error" in box:
+        return Trial(config=config, phase=phase, error=box["error"],
+                     peak_memory_bytes=memory.peak)
+    return Trial(config=config, phase=phase, peak_memory_bytes=memory.peak, **box["result"])
+
+
+def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
+                  window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
+                  consumer: Callable[[Any], None] | None) -> None:
+    loader = iterator = None
+    try:
+        kwargs = config.dataloader_kwargs()
+        if config.num_workers > 0:
+            kwargs["timeout"] = hang_s
+        loader = _QuietLoader(dataset, batch_size=batch_size, shuffle=True,
+                              collate_fn=collate_fn, **kwargs)
+        box["result"] = _steady_state(loader, config, window_s, consumer)
+    except MemoryError:
+        box["error"] = "out of memory in the main process"
+    except Exception as exc:  # the dataset's, the workers' or the consumer's failure
+        box["error"] = _one_line(exc)
+    finally:
+        del iterator, loader
+        gc.collect()  # persistent workers exit when their iterator is collected
+
+
+def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
+                  consumer: Callable[[Any], None] | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    iterator = iter(loader)
+    batch = next(iterator)
+    first_batch_s = time.perf_counter() - start
+    burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
+    for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
+        batch = _next(iterator, loader)
+        if time.perf_counter() - start > window_s + first_batch_s:
+            break
+    del batch
+    cpu = _CpuClock()
+    samples = 0
+    waiting = 0.0
+    began = time.perf_counter()
+    while True:
+        asked = time.perf_counter()
+        batch = _next(iterator, loader)
+        waiting += time.perf_counter() - asked
+        samples += batch_length(batch)
+        if consumer is not None:
+            consumer(batch)
+        elapsed = time.perf_counter() - began
+        if elapsed >= window_s:
+            break
+    iterator = None
+    return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
+            "cpu_percent": cpu.percent(), "stall_fraction": waiting / elapsed,
+            "window_s": elapsed}
+
+
+def _next(iterator: Any, loader: DataLoader) -> Any:
+    """The next batch, starting a new epoch (same persistent workers) at the end of one."""
+    try:
+        return next(iterator)
+    except StopIteration:
+        return next(iter(loader))
+
+
+def batch_length(batch: Any) -> int:
+    """Samples in a collated batch: the first dimension of its first tensor."""
+    while isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if isinstance(batch, dict) and batch:
+        return batch_length(next(iter(batch.values())))
+    shape = getattr(batch, "shape", None)
+    return int(shape[0]) if shape else 1
+
+
+class _QuietLoader(DataLoader):
+    """Trials try more workers than CPUs on purpose; torch's warning about it is noise here."""
+
+    def check_worker_number_rationality(self) -> None:
+        return
+
+
+class _CpuClock:
+    """CPU seconds of this process and its children (the workers) over a span."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.wall = time.perf_counter()
+        self.cpu = self._total()
+
+    def _total(self) -> float:
+        total = sum(self.me.cpu_times()[:2])
+        for child in self.me.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+
+    def percent(self) -> float:
+        return 100 * (self._total() - self.cpu) / max(1e-9, time.perf_counter() - self.wall)
+
+
+class _PeakMemory:
+    """Samples the PSS of this process and its children until stopped; keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="autotune-memory", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while True:
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    info = proc.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak or 0, total)
+            if self._stop.wait(MEMORY_SAMPLE_S):
+                return
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
