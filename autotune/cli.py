@@ -55,6 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rec.set_defaults(run=cmd_recommend)
 
+    tune = commands.add_parser("tune", help="measure settings on your dataset, save the best")
+    tune.add_argument("target", metavar="MODULE:CALLABLE",
+                      help="returns the dataset, e.g. examples/datasets.py:make_dataset or "
+                           "mypkg.data:make_dataset")
+    tune.add_argument("--batch-size", type=_positive_int, required=True, metavar="B")
+    tune.add_argument("--budget-s", type=_positive_float, default=60.0, metavar="S",
+                      help="time to spend measuring (default 60)")
+    tune.add_argument("--key", help="profile key (default: the dataset's class name)")
+    tune.add_argument("--step-time-s", type=_non_negative_float, metavar="T",
+                      help="simulate a training step of T seconds per batch: choose the "
+                           "cheapest settings that keep up, not the fastest")
+    tune.add_argument("--max-workers", type=_positive_int, metavar="N")
+    tune.add_argument("--profile-dir", metavar="DIR")
+    tune.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tune.add_argument("--plot", metavar="FILE.png", help="draw samples/s of every trial "
+                      "(needs matplotlib: pip install 'autotune[plot]')")
+    tune.set_defaults(run=cmd_tune)
+
     show = commands.add_parser("show", help="this host's profile and whether it applies")
     show.add_argument("--profile-dir", metavar="DIR")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -69,6 +87,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value
 
 
@@ -96,6 +131,29 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             k: v for k, v in config.dataloader_kwargs().items() if k != "worker_init_fn"}})
     else:
         print(config.explain())
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ._load import load_dataset
+    from .tuner import Autotuner
+
+    dataset = load_dataset(args.target)
+    tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
+                      step_time_s=args.step_time_s, max_workers=args.max_workers)
+    result = tuner.run()
+    path = result.save(args.profile_dir)
+    if args.plot:
+        from ._plot import plot_trials
+
+        plot_trials(result, args.plot)
+    if args.json:
+        _print_json({**result.to_dict(), "profile": str(path)})
+    else:
+        print(result.table())
+        print(f"saved key {result.key!r} to {path}")
+        print(f"use it: factory.create_training_loader(dataset, batch_size={args.batch_size}, "
+              f"profile_key={result.key!r})")
     return 0
 
 

@@ -124,7 +124,8 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
             break
     iterator = None
     return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
-            "cpu_percent": cpu.percent(), "stall_fraction": waiting / elapsed,
+            "cpu_percent": cpu.percent(),
+            "stall_fraction": waiting / elapsed if consumer is not None else None,
             "window_s": elapsed}
 
 

@@ -38,6 +38,7 @@ NEAR_BEST = 0.95  # the ladder stops once a rung falls below this share of the b
 CONFIRM_TOP = 3  # leading candidates measured a second time
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
 WINDOWS_PER_BUDGET = 30  # a trial's measuring window is about budget_s / this
+MIN_HANG_S = 10.0  # a batch slower than this (or 20x the measured batch time) is a hang
 
 
 @dataclass(kw_only=True)
@@ -81,7 +82,7 @@ class TuningResult:
         lines = [header]
         for i, t in enumerate(self.trials, 1):
             c = t.config
-            chosen = "  <- chosen" if _same(c, self.best) and t.ok else ""
+            chosen = "  <- chosen" if _key(c) == _key(self.best) and t.ok else ""
             if not t.ok:
                 chosen = f"  FAILED: {t.error}"
             lines.append(
@@ -113,8 +114,11 @@ class Autotuner:
                  step_time_s: float | None = None,
                  train_step: Callable[[Any], Any] | None = None,
                  hardware: HardwareInfo | None = None, max_workers: int | None = None,
-                 progress: bool | None = None, key: str | None = None) -> None:
-        """``progress=None`` shows a progress line only when stderr is a terminal."""
+                 progress: bool | None = None, key: str | None = None,
+                 hang_timeout_s: float | None = None) -> None:
+        """``progress=None`` shows a progress line only when stderr is a terminal;
+        ``hang_timeout_s`` is how long one batch may take before a trial counts as hung
+        (default: 20 times the measured batch time, at least 10 s)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
         if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or budget_s <= 0:
@@ -124,6 +128,9 @@ class Autotuner:
             raise InvalidConfigError(f"step_time_s={step_time_s!r} must be seconds >= 0")
         if step_time_s is not None and train_step is not None:
             raise InvalidConfigError("pass step_time_s or train_step, not both")
+        if hang_timeout_s is not None and (not isinstance(hang_timeout_s, (int, float))
+                                           or hang_timeout_s <= 0):
+            raise InvalidConfigError(f"hang_timeout_s={hang_timeout_s!r} must be seconds > 0")
         if max_workers is not None and (isinstance(max_workers, bool)
                                         or not isinstance(max_workers, int) or max_workers < 0):
             raise InvalidConfigError(f"max_workers={max_workers!r} must be an integer >= 0")
@@ -142,6 +149,7 @@ class Autotuner:
         self.collate_fn = collate_fn
         self.hardware = hardware or probe_hardware()
         self.max_workers = max_workers
+        self.hang_timeout_s = hang_timeout_s
         self.key = check_key(key) if key is not None else dataset_key(dataset)
         self.consumer = _consumer(step_time_s, train_step)
         self.objective = ("throughput" if self.consumer is None else
@@ -166,7 +174,7 @@ class Autotuner:
                                         workload.single_thread_sec_per_sample or 0)
         self.window_s = min(max(MIN_WINDOW_S, self.budget_s / WINDOWS_PER_BUDGET, 3 * batch_s),
                             max(MAX_WINDOW_S, self.budget_s / 6))
-        self.hang_s = max(10.0, 20 * batch_s)
+        self.hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
 
         baseline = self._measure(LoaderConfig(reasons={}), "baseline")
         ruled = rules.recommend(self.hardware, self.hints, workload, workers=None)
@@ -189,7 +197,7 @@ class Autotuner:
         rate = _mean_rate(self._seen[_key(winner)])
         best_config = winner.replace(
             source="tuned", reason=f"measured best of {len(self._trials)} trials "
-            f"({rate:,.0f} samples/s, {self.objective})", num_workers=winner.num_workers)
+            f"({rate:,.0f} samples/s, {self.objective})", **winner.settings())
         return TuningResult(
             best=best_config, best_samples_per_s=rate,
             baseline_samples_per_s=baseline.samples_per_s if baseline.ok else None,
@@ -338,10 +346,6 @@ def _consumer(step_time_s: float | None,
 
 def _key(config: LoaderConfig) -> tuple[Any, ...]:
     return tuple(config.settings().values())
-
-
-def _same(a: LoaderConfig, b: LoaderConfig) -> bool:
-    return a.settings() == b.settings()
 
 
 def _mean_rate(trials: list[Trial]) -> float:

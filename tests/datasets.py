@@ -128,3 +128,45 @@ class TorchMatmul(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x = torch.ones(256, 256)
         return (x @ x).sum().reshape(1)
+
+
+class KillsWorker(Dataset):
+    """Fine in the main process; a worker process that touches it dies (like the OOM killer)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import os
+        import signal
+
+        import torch.utils.data
+
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(4)
+
+
+class HangsInWorker(Dataset):
+    """Fine in the main process; never returns in a worker."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import torch.utils.data
+
+        if torch.utils.data.get_worker_info() is not None:
+            time.sleep(3600)
+        return torch.zeros(4)
+
+
+def make_small() -> Sleepy:
+    """For `autotune tune tests/datasets.py:make_small`."""
+    return Sleepy(size=256, seconds=0.002)
