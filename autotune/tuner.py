@@ -172,8 +172,7 @@ class Autotuner:
         self.cap = cap if self.max_workers is None else min(cap, self.max_workers)
         batch_s = self.batch_size * max(workload.sec_per_sample,
                                         workload.single_thread_sec_per_sample or 0)
-        self.window_s = min(max(MIN_WINDOW_S, self.budget_s / WINDOWS_PER_BUDGET, 3 * batch_s),
-                            max(MAX_WINDOW_S, self.budget_s / 6))
+        self.window_s = trial_window_s(self.budget_s, batch_s)
         self.hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
 
         baseline = self._measure(LoaderConfig(reasons={}), "baseline")
@@ -333,6 +332,12 @@ class Autotuner:
         per_trial = self._elapsed() / max(1, len(self._trials))
         held = CONFIRM_TOP * per_trial if reserve else 0
         return self._elapsed() + per_trial + held <= self.budget_s
+
+
+def trial_window_s(budget_s: float, batch_s: float) -> float:
+    """How long one trial counts samples: a share of the budget, and several batches."""
+    return min(max(MIN_WINDOW_S, budget_s / WINDOWS_PER_BUDGET, 3 * batch_s),
+               max(MAX_WINDOW_S, budget_s / 6))
 
 
 def _consumer(step_time_s: float | None,

@@ -1,0 +1,146 @@
+"""The benchmark's workloads: the kinds of data loading people have, made on this machine.
+
+Each maker returns (name, dataset, batch size); datasets are module-level classes so they
+pickle, deterministic from the index, and make their files under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class StorageLatency(Dataset):
+    """Network storage: a heavy-tailed wait (lognormal, median ~2 ms, 1 in 100 over 20 ms)."""
+
+    def __init__(self, n: int = 8000) -> None:
+        rng = random.Random(0)
+        self.waits = [min(0.2, rng.lognormvariate(np.log(0.002), 1.0)) for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.waits)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.waits[index])
+        return torch.full((256,), float(index))
+
+
+class JpegFiles(Dataset):
+    """JPEG files decoded with Pillow, randomly cropped and flipped, scaled to float."""
+
+    def __init__(self, directory: Path, n: int = 3000, files: int = 256) -> None:
+        from PIL import Image
+
+        self.paths = []
+        rng = np.random.default_rng(0)
+        for i in range(files):
+            path = directory / f"img{i:04d}.jpg"
+            if not path.exists():
+                pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path, quality=90)
+            self.paths.append(str(path))
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.paths[index % len(self.paths)]) as image:
+            image = image.convert("RGB")
+            left, top = random.randint(0, 96), random.randint(0, 16)
+            image = image.crop((left, top, left + 224, top + 224))
+            if random.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class Hdf5Samples(Dataset):
+    """One sample per read from an HDF5 file (h5py), opened once per process."""
+
+    def __init__(self, path: Path, n: int = 20000) -> None:
+        import h5py
+
+        if not path.exists():
+            with h5py.File(path, "w") as f:
+                data = f.create_dataset("x", (n, 3, 32, 32), dtype="float32",
+                                        chunks=(1, 3, 32, 32))
+                block = np.random.default_rng(0).random((1000, 3, 32, 32), dtype=np.float32)
+                for start in range(0, n, 1000):
+                    data[start:start + 1000] = block
+        self.path, self.n = str(path), n
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import h5py
+
+        if self._pid != os.getpid():  # h5py handles must not cross a fork
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return torch.from_numpy(self._file["x"][index])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+class BlasAugment(Dataset):
+    """Numerical augmentation with BLAS: a random 384x384 rotation-like matmul per sample."""
+
+    def __init__(self, n: int = 2000) -> None:
+        self.base = np.random.default_rng(0).random((384, 384))
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        mixed = self.base @ self.base.T
+        return torch.from_numpy(mixed[:16, :16].astype(np.float32) + index)
+
+
+class TinySamples(Dataset):
+    """One number per sample: overhead-bound."""
+
+    def __init__(self, n: int = 100_000) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index)])
+
+
+class LargeTensors(Dataset):
+    """600 KB tensors that cost almost nothing to make."""
+
+    def __init__(self, n: int = 3000) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((150_000,), float(index))
+
+
+def all_workloads(directory: Path) -> list[tuple[str, Dataset, int]]:
+    return [
+        ("storage latency, heavy tail", StorageLatency(), 64),
+        ("JPEG decode (Pillow)", JpegFiles(directory), 32),
+        ("HDF5 per-sample reads (h5py)", Hdf5Samples(directory / "samples.h5"), 64),
+        ("BLAS augmentation (numpy)", BlasAugment(), 64),
+        ("tiny samples", TinySamples(), 64),
+        ("large cheap tensors (600 KB)", LargeTensors(), 64),
+    ]
