@@ -7,11 +7,14 @@
 """
 
 from .config import LoaderConfig
-from .errors import AutotuneError, DatasetError, InvalidConfigError, ProfileError
+from .datasets import AugmentedDataset, StandardizedDataset, compute_stats
+from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
+                     WorkerSafetyError)
 from .factory import OptimalDataLoaderFactory, TunedDataLoader
 from .hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
 from .rules import DatasetHints
+from .safety import check_worker_safety, copy_on_read_risks
 from .trial import Trial
 from .tuner import Autotuner, TuningResult
 from .workload import WorkloadProfile, measure_workload
@@ -19,6 +22,7 @@ from .workload import WorkloadProfile, measure_workload
 __version__ = "0.1.0"
 
 __all__ = [
+    "AugmentedDataset",
     "AutotuneError",
     "Autotuner",
     "CpuInfo",
@@ -33,10 +37,15 @@ __all__ = [
     "MemoryInfo",
     "OptimalDataLoaderFactory",
     "ProfileError",
+    "StandardizedDataset",
     "Trial",
     "TunedDataLoader",
     "TuningResult",
+    "WorkerSafetyError",
     "WorkloadProfile",
+    "check_worker_safety",
+    "compute_stats",
+    "copy_on_read_risks",
     "measure_workload",
     "probe_hardware",
 ]

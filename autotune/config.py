@@ -22,6 +22,9 @@ START_METHODS = ("fork", "spawn", "forkserver")
 SOURCES = ("rules", "tuned", "profile", "override")
 SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
             "multiprocessing_context", "worker_threads", "in_order", "drop_last", "timeout")
+# What tuning measures and a profile may set; drop_last and timeout are the caller's semantics.
+TUNED_SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
+                  "multiprocessing_context", "worker_threads", "in_order")
 # in_order arrived in torch 2.6; on an older torch an in_order=False setting is left out.
 TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parameters
 

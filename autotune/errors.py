@@ -3,7 +3,8 @@
     AutotuneError                     root: ``except autotune.AutotuneError`` catches them all
     ├── InvalidConfigError(ValueError)  a setting or argument has a value that cannot work
     ├── ProfileError                    a YAML profile is unreadable, malformed or from a newer schema
-    └── DatasetError                    the user's dataset raised while autotune measured it
+    ├── DatasetError                    the user's dataset raised while autotune measured it
+    └── WorkerSafetyError               workers could not receive the dataset under spawn/forkserver
 
 Messages name the parameter (or file and field), show the value and say the fix.
 """
@@ -38,3 +39,14 @@ class DatasetError(AutotuneError):
         super().__init__(
             f"dataset[{index}] raised {type(original).__name__}: {original}"
         )
+
+
+class WorkerSafetyError(AutotuneError):
+    """What a worker needs cannot be sent to it under this start method; names the path."""
+
+    def __init__(self, path: str, problem: str, context: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} {problem}, so workers started with {context!r} cannot receive it. "
+            "Fix: define it with `def` at module level (or functools.partial of one), "
+            "or pass multiprocessing_context='fork' where the platform has it")

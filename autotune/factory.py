@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Subset
 
 from . import rules
 from ._warn import warn_user
-from .config import SETTINGS, LoaderConfig
+from .config import SETTINGS, TUNED_SETTINGS, LoaderConfig
 from .errors import InvalidConfigError, ProfileError
 from .hardware import HardwareInfo, probe_hardware
 from .profiles import Profile, ProfileEntry, check_key, load_profile, profile_path
+from .safety import check_worker_safety, copy_on_read_risks
 from .workload import WorkloadProfile, measure_workload
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,22 @@ class OptimalDataLoaderFactory:
                            workload: WorkloadProfile | None = None, training: bool = True,
                            profile_key: str | None = None) -> LoaderConfig:
         """The settings for a dataset of this size: profile entry if tuned here, else rules."""
-        hints = rules.DatasetHints(
-            dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
-            has_standardization=has_standardization, training=training, device=self.device)
+        hints = self._hints(dataset_size, has_augmentation, has_standardization, batch_size,
+                            training)
         entry = self.profile_entry(profile_key) if profile_key is not None else None
         if entry is None:
             return rules.recommend(self.hardware, hints, workload)
-        ruled = rules.recommend(self.hardware, hints, workload,
-                                workers=entry.settings.get("num_workers"))
-        return ruled.replace(source="profile", reason=entry.reason(profile_key), **entry.settings)
+        # Validation keeps the rules' persistence and order: an entry is tuned for training.
+        tuned = {k: v for k, v in entry.settings.items() if k in TUNED_SETTINGS
+                 and (training or k not in ("persistent_workers", "in_order"))}
+        ruled = rules.recommend(self.hardware, hints, workload, workers=tuned.get("num_workers"))
+        return ruled.replace(source="profile", reason=entry.reason(profile_key), **tuned)
+
+    def _hints(self, dataset_size: int, has_augmentation: bool, has_standardization: bool,
+               batch_size: int | None, training: bool) -> rules.DatasetHints:
+        return rules.DatasetHints(
+            dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
+            has_standardization=has_standardization, training=training, device=self.device)
 
     @_on_instance_or_default
     def create_training_loader(self, dataset: Any, batch_size: int, *,
@@ -171,16 +179,33 @@ class OptimalDataLoaderFactory:
             workload=workload, training=training, profile_key=key if tuned else None)
         settings = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
         if "num_workers" in settings:  # the rest should follow the count the user chose
-            hints = rules.DatasetHints(dataset_size=len(dataset), batch_size=batch_size,
-                                       has_augmentation=has_augmentation,
-                                       has_standardization=has_standardization,
-                                       training=training, device=self.device)
+            hints = self._hints(len(dataset), has_augmentation, has_standardization, batch_size,
+                                training)
             config = rules.recommend(self.hardware, hints, workload,
                                      workers=settings["num_workers"])
         if settings:
             config = config.replace(source="override", reason="set explicitly", **settings)
         log.info("DataLoader for %s:\n%s", key, config.explain())
+        if config.num_workers > 0:
+            self._check_workers(dataset, config, overrides, workload, self._hints(
+                len(dataset), has_augmentation, has_standardization, batch_size, training))
         return self._build(dataset, batch_size, training, config, overrides)
+
+    def _check_workers(self, dataset: Any, config: LoaderConfig, extra: dict[str, Any],
+                       workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:
+        """Before any worker starts: can they receive the dataset, and what will they cost?"""
+        check_worker_safety(dataset, collate_fn=extra.get("collate_fn"),
+                            worker_init_fn=extra.get("worker_init_fn"),
+                            context=extra.get("multiprocessing_context")
+                            or config.multiprocessing_context)
+        for risk in copy_on_read_risks(dataset):
+            _warn_once(f"{risk}: every worker copies the memory pages it reads from it, so "
+                       "memory grows with workers and epochs (copy-on-read). Store it as a "
+                       "numpy array (or pyarrow/pandas column) instead")
+        shm = rules.shm_warning(self.hardware, hints, workload, workers=config.num_workers
+                                if config.source != "rules" else None)
+        if shm is not None:
+            _warn_once(shm)
 
     def _build(self, dataset: Any, batch_size: int, training: bool, config: LoaderConfig,
                extra: dict[str, Any]) -> DataLoader:
@@ -197,6 +222,16 @@ class OptimalDataLoaderFactory:
         loader.autotune_config = config  # before __init__, which already checks worker counts
         loader.__init__(dataset, **kwargs, **extra)
         return loader
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Each distinct warning once per process, however many loaders are built."""
+    if message not in _warned:
+        _warned.add(message)
+        warn_user(message)
 
 
 def dataset_key(dataset: Any) -> str:

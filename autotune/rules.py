@@ -11,6 +11,7 @@ count with the shortest predicted epoch (start-up included) wins, the smallest w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -94,6 +95,10 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     budget = hw.cpu_budget
     batch = hints.batch_size or ASSUMED_BATCH_SIZE
     cap = max_workers(hw, hints, workload)
+    if cap == 0:
+        return 0, (f"one batch ({_mb(batch * workload.sample_bytes)}) is over "
+                   f"{SHM_FRACTION:.0%} of free /dev/shm ({_mb(hw.memory.shm_free_bytes)}): "
+                   "workers could die of a bus error, so batches are made in-process")
     if workload is None:
         if hints.dataset_size < SMALL_DATASET:
             return 0, (f"{hints.dataset_size} samples (< {SMALL_DATASET}) and no measurement: "
@@ -109,7 +114,7 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     epoch = {n: hints.dataset_size / rate + n * start for n, rate in rates.items()}
     best = min(epoch.values())
     n = min(k for k, t in epoch.items() if t <= best * NEAR_BEST)
-    best_pool = max(range(1, cap + 1), key=lambda k: rates[k])
+    best_pool = max(rates, key=lambda k: (k > 0, rates[k]))
     wait = 1 - workload.cpu_fraction
     detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting; "
               f"predicted {rates[n if n else best_pool]:,.0f} samples/s with "
@@ -149,15 +154,35 @@ def _worker_cpu_s(workload: WorkloadProfile) -> float:
 
 def max_workers(hw: HardwareInfo, hints: DatasetHints,
                 workload: WorkloadProfile | None) -> int:
-    """Most workers worth starting: per-CPU and absolute caps, memory, batches per epoch."""
+    """Most workers worth starting: per-CPU and absolute caps, batches per epoch, RAM, and
+    /dev/shm (0 when one batch per worker would not fit: workers would die of a bus error)."""
     cap = min(MAX_WORKERS, MAX_WORKERS_PER_CPU * hw.cpu_budget)
     batch = hints.batch_size or ASSUMED_BATCH_SIZE
     cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
-    room = memory_budget_bytes(hw)
-    if room is not None:
-        per_worker = WORKER_MEMORY_BYTES + (batch * workload.sample_bytes if workload else 0)
-        cap = min(cap, max(1, room // per_worker))
+    batch_bytes = batch * workload.sample_bytes if workload is not None else 0
+    if hw.memory.available_bytes is not None:
+        ram = int(hw.memory.available_bytes * RAM_FRACTION)
+        cap = min(cap, max(1, ram // (WORKER_MEMORY_BYTES + batch_bytes)))
+    if hw.memory.shm_free_bytes is not None and batch_bytes:
+        cap = min(cap, int(hw.memory.shm_free_bytes * SHM_FRACTION) // batch_bytes)
     return cap
+
+
+def shm_warning(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile | None,
+                *, workers: int | None = None) -> str | None:
+    """Why a small /dev/shm lowered the settings, with the fix; None when it did not."""
+    if workload is None or hw.memory.shm_free_bytes is None:
+        return None
+    roomy = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, shm_free_bytes=None))
+    got = recommend(hw, hints, workload, workers=workers)
+    want = recommend(roomy, hints, workload, workers=workers)
+    if (got.num_workers, got.prefetch_factor) == (want.num_workers, want.prefetch_factor):
+        return None
+    return (f"/dev/shm has only {_mb(hw.memory.shm_free_bytes)} free, so batches in flight "
+            f"were cut to {got.num_workers} worker(s) x prefetch {got.prefetch_factor or 0} "
+            f"(with room: {want.num_workers} x {want.prefetch_factor}). Give the container more "
+            "shared memory: `docker run --shm-size=8g ...` or `--ipc=host` (Kubernetes: an "
+            "emptyDir with medium: Memory mounted at /dev/shm)")
 
 
 def memory_budget_bytes(hw: HardwareInfo) -> int | None:

@@ -14,7 +14,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -39,7 +39,6 @@ class Trial:
     stall_fraction: float | None = None  # of the window spent waiting for data
     window_s: float | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def ok(self) -> bool:

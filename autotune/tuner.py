@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rules
-from .config import TORCH_HAS_IN_ORDER, LoaderConfig
+from .config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, LoaderConfig
 from .errors import InvalidConfigError
 from .hardware import HardwareInfo, probe_hardware
 from .profiles import ProfileEntry, check_key, save_entry
@@ -67,8 +67,8 @@ class TuningResult:
             "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             "torch": self.hardware.host.torch,
         }
-        path = save_entry(self.hardware, key,
-                          ProfileEntry(settings=self.best.settings(), measured=measured),
+        settings = {k: v for k, v in self.best.settings().items() if k in TUNED_SETTINGS}
+        path = save_entry(self.hardware, key, ProfileEntry(settings=settings, measured=measured),
                           profile_dir)
         self.best = self.best.replace(source="profile")
         self.key = key

@@ -170,3 +170,80 @@ class HangsInWorker(Dataset):
 def make_small() -> Sleepy:
     """For `autotune tune tests/datasets.py:make_small`."""
     return Sleepy(size=256, seconds=0.002)
+
+
+def add_noise(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A module-level augmentation: picklable, draws from the rng it is given."""
+    return x + torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+
+
+class Pairs(Dataset):
+    """(input, label) pairs of known statistics: input i is full of float(i)."""
+
+    def __init__(self, size: int = 64, shape: tuple[int, ...] = (3, 4, 4)) -> None:
+        self.size, self.shape = size, shape
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.full(self.shape, float(index)), index % 3
+
+
+class NaiveAugmented(Dataset):
+    """The bug AugmentedDataset fixes: one Generator made in __init__, copied into every worker."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        return add_noise(x, self.rng), y
+
+
+class WithLambda(Dataset):
+    """A transform holding a lambda: fine under fork, fails to pickle under spawn."""
+
+    class Transform:
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.transform = WithLambda.Transform(lambda x: x * 2)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform.fn(torch.tensor([index]))
+
+
+class ManyPaths(Dataset):
+    """File paths kept as a Python list: the copy-on-read pattern."""
+
+    def __init__(self, size: int = 600_000) -> None:
+        self.paths = [f"/data/images/{i:08d}.jpg" for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([len(self.paths[index])])
+
+
+class ArrayBacked(Dataset):
+    """The same data as a numpy array: workers read it without copying pages."""
+
+    def __init__(self, size: int = 600_000) -> None:
+        self.lengths = np.full(size, 23, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([int(self.lengths[index])])

@@ -11,8 +11,8 @@ DESIGN_NAMES = {"probe_hardware", "measure_workload", "OptimalDataLoaderFactory"
 def test_all_is_sorted_and_complete():
     assert autotune.__all__ == sorted(autotune.__all__)
     public = {name for name in dir(autotune) if not name.startswith("_")}
-    modules = {"cli", "config", "errors", "factory", "hardware", "profiles", "rules", "trial",
-               "tuner", "workload"}
+    modules = {"cli", "config", "datasets", "errors", "factory", "hardware", "profiles",
+               "rules", "safety", "trial", "tuner", "workload"}
     assert set(autotune.__all__) == public - modules
 
 
@@ -21,6 +21,6 @@ def test_design_names_exist():
 
 
 def test_every_error_is_an_autotune_error():
-    for name in ("InvalidConfigError", "ProfileError", "DatasetError"):
+    for name in ("InvalidConfigError", "ProfileError", "DatasetError", "WorkerSafetyError"):
         assert issubclass(getattr(autotune, name), autotune.AutotuneError)
     assert issubclass(autotune.InvalidConfigError, ValueError)

@@ -74,6 +74,10 @@ def test_save_merges_and_the_factory_applies_the_entry(tmp_path):
     assert loader.autotune_config.source == "profile"
     assert loader.num_workers == first.best.num_workers
     assert loader.autotune_config.settings() == first.best.settings()
+    val = factory.create_validation_loader(dataset, batch_size=16, profile_key="sleepy-a")
+    assert val.num_workers == first.best.num_workers and val.autotune_config.source == "profile"
+    assert not val.drop_last and not val.autotune_config.persistent_workers  # still validation
+    assert "drop_last" not in profile.loaders["sleepy-a"].settings  # semantics are not tuned
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,0 +1,145 @@
+"""Catch what would crash or quietly spoil a run with workers, before any worker starts.
+
+- ``check_worker_safety``: under spawn or forkserver (forkserver is Python 3.14's default on
+  Linux) every worker unpickles the dataset, collate_fn and worker_init_fn; a lambda or a
+  local function there fails in the worker with an unhelpful traceback. This pickles them
+  here and names the path to the offending object.
+- ``copy_on_read_risks``: large Python lists/dicts of objects in a dataset make every worker
+  copy the memory pages it reads (reference counts are writes), so memory grows with workers
+  and epochs. numpy arrays do not.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+import pickle
+import sys
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import WorkerSafetyError
+
+COPY_ON_READ_BYTES = 32 << 20  # Python objects taking this much are worth a warning
+_SCAN_DEPTH = 3
+
+
+def start_method(context: Any = None) -> str:
+    """The start method workers will use: the given one, else the process default."""
+    if context is None:
+        return (multiprocessing.get_start_method(allow_none=True)
+                or multiprocessing.get_all_start_methods()[0])
+    return context if isinstance(context, str) else context.get_start_method()
+
+
+def check_worker_safety(dataset: Any, *, collate_fn: Callable[..., Any] | None = None,
+                        worker_init_fn: Callable[[int], Any] | None = None,
+                        context: Any = None) -> None:
+    """Raise ``WorkerSafetyError`` if workers under ``context`` could not receive these."""
+    method = start_method(context)
+    if method == "fork":
+        return  # forked workers inherit memory; nothing is pickled
+    for name, obj in (("dataset", dataset), ("collate_fn", collate_fn),
+                      ("worker_init_fn", worker_init_fn)):
+        if obj is None or _pickles(obj):
+            continue
+        path, problem = _culprit(obj, name, 0, set())
+        raise WorkerSafetyError(path, problem, method)
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dump(obj, io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
+        return True
+    except Exception:
+        return False
+
+
+def _culprit(obj: Any, path: str, depth: int, seen: set[int]) -> tuple[str, str]:
+    """The deepest attribute path that fails to pickle, and what it is."""
+    seen.add(id(obj))
+    if depth < 8:
+        for child_path, child in _children(obj, path):
+            if id(child) not in seen and not _pickles(child):
+                return _culprit(child, child_path, depth + 1, seen)
+    return path, _describe(obj)
+
+
+def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(obj, functools.partial):
+        return [(f"{path}.func", obj.func), *((f"{path}.args[{i}]", a)
+                                              for i, a in enumerate(obj.args)),
+                *((f"{path}.keywords[{k!r}]", v) for k, v in obj.keywords.items())]
+    if isinstance(obj, Mapping):
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, types.MethodType):
+        return [(f"{path}.__self__", obj.__self__)]
+    state = getattr(obj, "__dict__", None)
+    children = [(f"{path}.{k}", v) for k, v in (state or {}).items()]
+    for slot in getattr(type(obj), "__slots__", ()):
+        if hasattr(obj, slot):
+            children.append((f"{path}.{slot}", getattr(obj, slot)))
+    return children
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", "")
+    if getattr(obj, "__name__", "") == "<lambda>":
+        return "is a lambda"
+    if "<locals>" in name:
+        return f"is a function defined inside another function ({name})"
+    if isinstance(obj, types.GeneratorType):
+        return "is a generator"
+    if isinstance(obj, io.IOBase):
+        return "is an open file (open it lazily in __getitem__ instead)"
+    if isinstance(obj, types.ModuleType):
+        return f"is a module ({obj.__name__})"
+    return f"is a {type(obj).__qualname__} that cannot be pickled"
+
+
+def copy_on_read_risks(dataset: Any, *, min_bytes: int = COPY_ON_READ_BYTES) -> list[str]:
+    """Attribute paths of lists/dicts/tuples/sets of Python objects taking ``min_bytes`` or more."""
+    found: list[str] = []
+    _scan(dataset, "dataset", 0, min_bytes, found, set())
+    return found
+
+
+def _scan(obj: Any, path: str, depth: int, min_bytes: int, found: list[str],
+          seen: set[int]) -> None:
+    if id(obj) in seen or depth > _SCAN_DEPTH:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple, dict, set)):
+        size = _estimated_bytes(obj)
+        if size >= min_bytes:
+            found.append(f"{path} is a {type(obj).__name__} of {len(obj):,} Python objects "
+                         f"(~{size / 2**20:,.0f} MiB)")
+        if len(obj) > 64:
+            return  # a big container's elements are not scanned one by one
+    for child_path, child in _children(obj, path):
+        if not isinstance(child, (str, bytes, int, float, bool, type(None))):
+            _scan(child, child_path, depth + 1, min_bytes, found, seen)
+
+
+def _estimated_bytes(container: Any) -> int:
+    """Container plus elements, from a sample of up to 100 elements (one level deep)."""
+    items = list(container.items() if isinstance(container, dict) else container)
+    if not items:
+        return sys.getsizeof(container)
+    step = max(1, len(items) // 100)
+    sample = items[::step][:100]
+    per_item = sum(_shallow(x) for x in sample) / len(sample)
+    return int(sys.getsizeof(container) + per_item * len(items))
+
+
+def _shallow(obj: Any) -> int:
+    if isinstance(obj, (tuple, list)):
+        return sys.getsizeof(obj) + sum(sys.getsizeof(x) for x in obj)
+    if isinstance(obj, dict):
+        return sys.getsizeof(obj) + sum(sys.getsizeof(k) + sys.getsizeof(v)
+                                        for k, v in obj.items())
+    return sys.getsizeof(obj)

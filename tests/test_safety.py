@@ -1,0 +1,193 @@
+"""Worker safety: pickling under spawn, per-worker randomness, wrappers, shm and copy-on-read.
+
+Each protection is shown against the failure it prevents.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from autotune import (AugmentedDataset, DatasetHints, OptimalDataLoaderFactory,
+                      StandardizedDataset, WorkerSafetyError, WorkloadProfile,
+                      check_worker_safety, compute_stats, copy_on_read_risks)
+from autotune import factory as factory_module
+from autotune import rules
+
+from datasets import (ArrayBacked, Indexed, ManyPaths, NaiveAugmented, Pairs, WithLambda,
+                      add_noise)
+from fakes import fake_hardware
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+# -- pickling under spawn / forkserver ------------------------------------------------------
+
+def test_lambda_is_named_by_its_path():
+    with pytest.raises(WorkerSafetyError) as err:
+        check_worker_safety(WithLambda(), context="spawn")
+    assert err.value.path == "dataset.transform.fn"
+    assert "is a lambda" in str(err.value) and "'spawn'" in str(err.value)
+    check_worker_safety(WithLambda(), context="fork")  # fork pickles nothing
+
+
+def test_local_function_and_partial_are_named():
+    def local_collate(batch):
+        return batch
+
+    with pytest.raises(WorkerSafetyError, match=r"collate_fn is a function defined inside"):
+        check_worker_safety(Indexed(4), collate_fn=local_collate, context="forkserver")
+    with pytest.raises(WorkerSafetyError) as err:
+        check_worker_safety(Indexed(4), worker_init_fn=functools.partial(lambda w, k: None,
+                                                                         k=1), context="spawn")
+    assert err.value.path == "worker_init_fn.func"
+
+
+def test_without_the_check_spawn_fails_obscurely_with_the_check_clearly():
+    plain = DataLoader(WithLambda(), batch_size=2, num_workers=1,
+                       multiprocessing_context="spawn")
+    with pytest.raises(Exception) as raw:
+        next(iter(plain))
+    assert "dataset.transform.fn" not in str(raw.value)  # torch cannot say where
+    factory = OptimalDataLoaderFactory(measure=False)
+    with pytest.raises(WorkerSafetyError, match=r"dataset\.transform\.fn is a lambda"):
+        factory.create_training_loader(WithLambda(), batch_size=2, num_workers=1,
+                                       multiprocessing_context="spawn")
+
+
+# -- per-worker randomness ----------------------------------------------------------------------
+
+def _epochs(dataset, *, seed: int, workers: int, context: str | None = None, epochs: int = 2):
+    factory = OptimalDataLoaderFactory(measure=False, seed=seed)
+    loader = factory.create_training_loader(dataset, batch_size=4, num_workers=workers,
+                                            persistent_workers=True,
+                                            multiprocessing_context=context)
+    return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
+
+
+def _noise_by_sample(epoch: torch.Tensor) -> torch.Tensor:
+    return epoch - epoch.round()  # inputs are whole numbers; what is left is the noise
+
+
+def test_shared_generator_repeats_across_workers_without_the_wrapper():
+    naive = _epochs(NaiveAugmented(Pairs(32)), seed=1, workers=8, epochs=1)[0]
+    noise = _noise_by_sample(naive).flatten(1)
+    assert len({tuple(row[:3].tolist()) for row in noise}) < len(noise)  # workers repeat draws
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_augmented_dataset_differs_across_workers_and_epochs_and_reproduces(context):
+    dataset = AugmentedDataset(Pairs(32), add_noise)
+    first = _epochs(dataset, seed=3, workers=8, context=context)
+    again = _epochs(dataset, seed=3, workers=8, context=context)
+    noise = _noise_by_sample(first[0]).flatten(1)
+    assert len({tuple(row[:3].tolist()) for row in noise}) == len(noise)  # all distinct
+    assert not torch.equal(first[0], first[1])  # epochs differ
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # same seed, same batches
+
+
+def test_augmentation_off_for_evaluation_and_wrappers_pickle():
+    plain = AugmentedDataset(Pairs(4), add_noise, training=False)
+    assert torch.equal(plain[2][0], Pairs(4)[2][0])
+    for dataset in (AugmentedDataset(Pairs(4), add_noise), StandardizedDataset(Pairs(4), 1.0, 2.0)):
+        assert len(pickle.loads(pickle.dumps(dataset))) == 4
+
+
+# -- standardization ----------------------------------------------------------------------------
+
+def test_compute_stats_in_chunks_matches_one_pass():
+    data = Pairs(50)
+    every = torch.stack([data[i][0] for i in range(50)]).double()
+    mean, std = compute_stats(data, chunk_size=7)
+    assert mean == pytest.approx(every.mean().item()) and std == pytest.approx(every.std().item())
+    per_channel = compute_stats(data, chunk_size=9, channel_dim=0)
+    assert per_channel[0].shape == (3,)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_standardized_dataset_with_8_workers(context):
+    data = Pairs(64)
+    mean, std = compute_stats(data)
+    dataset = StandardizedDataset(data, mean, std)
+    loader = OptimalDataLoaderFactory(measure=False).create_validation_loader(
+        dataset, batch_size=8, num_workers=8, multiprocessing_context=context)
+    values = torch.cat([x for x, _ in loader])
+    assert values.mean().item() == pytest.approx(0, abs=1e-5)
+    assert values.std().item() == pytest.approx(1, abs=1e-3)
+
+
+# -- /dev/shm -----------------------------------------------------------------------------------
+
+BIG = WorkloadProfile(samples=8, sec_per_sample=0.005, cpu_sec_per_sample=0.0001,
+                      sample_bytes=1 << 20, single_thread_sec_per_sample=0.005,
+                      single_thread_cpu_sec_per_sample=0.0001)
+
+
+def test_small_shm_lowers_settings_and_warns_with_the_fix():
+    hints = DatasetHints(dataset_size=10_000, batch_size=16)
+    small = fake_hardware(cpus=2, shm_free_bytes=64 << 20)
+    config = rules.recommend(small, hints, BIG)
+    assert config.num_workers * (config.prefetch_factor or 0) * 16 * (1 << 20) <= 32 << 20
+    assert rules.recommend(fake_hardware(cpus=2), hints, BIG).num_workers > config.num_workers
+    message = rules.shm_warning(small, hints, BIG)
+    assert "--shm-size" in message and "--ipc=host" in message
+    assert rules.shm_warning(fake_hardware(cpus=2), hints, BIG) is None
+
+
+def test_batch_larger_than_shm_means_no_workers():
+    hints = DatasetHints(dataset_size=10_000, batch_size=64)
+    config = rules.recommend(fake_hardware(cpus=2, shm_free_bytes=64 << 20), hints, BIG)
+    assert config.num_workers == 0 and "bus error" in config.reasons["num_workers"]
+
+
+def test_factory_warns_once_about_small_shm(monkeypatch):
+    monkeypatch.setattr(factory_module, "_warned", set())
+    factory = OptimalDataLoaderFactory(hardware=fake_hardware(cpus=2, shm_free_bytes=64 << 20))
+    with pytest.warns(UserWarning, match="--shm-size") as caught:
+        for _ in range(3):
+            factory.create_training_loader(Indexed(10_000), batch_size=16, workload=BIG)
+    assert sum("--shm-size" in str(w.message) for w in caught) == 1
+
+
+# -- copy-on-read -------------------------------------------------------------------------------
+
+def test_copy_on_read_risk_is_found_and_warned(monkeypatch):
+    risks = copy_on_read_risks(ManyPaths())
+    assert len(risks) == 1 and risks[0].startswith("dataset.paths is a list of 600,000")
+    assert copy_on_read_risks(ArrayBacked()) == []
+    assert copy_on_read_risks(torch.utils.data.Subset(Indexed(50_000), range(50_000))) == []
+    monkeypatch.setattr(factory_module, "_warned", set())
+    factory = OptimalDataLoaderFactory(measure=False)
+    with pytest.warns(UserWarning, match="numpy array"):
+        factory.create_training_loader(ManyPaths(), batch_size=64, num_workers=1)
+
+
+def _in_small_shm(mode: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).with_name("shm_script.py")
+    command = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && "
+               f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {mode}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_real_64mb_shm_plain_loader_dies_factory_loader_completes():
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare -m, root) for a real small /dev/shm")
+    plain = _in_small_shm("plain")
+    assert plain.returncode != 0
+    assert "shared memory" in plain.stderr or "Bus error" in plain.stderr
+    tuned = _in_small_shm("factory")
+    assert tuned.returncode == 0, tuned.stderr
+    assert "completed 96" in tuned.stdout
