@@ -5,6 +5,7 @@ A class rather than a closure so that it pickles under spawn and forkserver.
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +18,10 @@ _limits: list[Any] = []  # keeps threadpoolctl's limiter alive for the worker's 
 class WorkerInit:
     """``worker_init_fn`` for autotune's loaders.
 
-    Seeds ``random``, numpy's legacy global RNG and torch from the worker's seed (the
-    loader's base seed + worker id, new every epoch unless workers persist), sizes native
-    thread pools to ``threads`` (``limit_threads``), then calls ``user_fn``.
+    Freezes what the worker inherited out of the garbage collector's reach, seeds
+    ``random``, numpy's legacy global RNG and torch from the worker's seed (the loader's base
+    seed + worker id, new every epoch unless workers persist), sizes native thread pools to
+    ``threads`` (``limit_threads``), then calls ``user_fn``.
     """
 
     def __init__(self, *, threads: int | None = None,
@@ -31,6 +33,10 @@ class WorkerInit:
     def __call__(self, worker_id: int) -> None:
         import torch
 
+        # Objects inherited from the parent go to the permanent generation, so this
+        # worker's garbage collector never walks them: walking writes to their headers,
+        # and every page written is copied (memory would grow with the parent's heap).
+        gc.freeze()
         if self.seed:
             seed_worker(torch.utils.data.get_worker_info().seed)
         if self.threads is not None:
@@ -62,3 +68,32 @@ def limit_threads(threads: int) -> None:
 
     _limits.append(threadpool_limits(limits={"blas": threads, "openmp": 1}))
     torch.set_num_threads(1)
+
+
+class NamedErrors:
+    """Wraps a map-style dataset so an exception from ``dataset[i]`` says which ``i``.
+
+    The exception keeps its type and message; a note "autotune: raised by dataset[i]" is
+    added (Python 3.11+), which torch carries over from worker processes in its traceback.
+    Attributes not defined here come from the wrapped dataset.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"autotune: raised by dataset[{index!r}] "
+                             f"({type(self.dataset).__name__})")
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (during unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

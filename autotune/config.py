@@ -68,8 +68,8 @@ class LoaderConfig(Mapping):
         """Keywords ``torch.utils.data.DataLoader`` accepts as they are.
 
         Never a combination DataLoader rejects: no prefetch_factor, persistent_workers,
-        timeout or start method without workers. With workers and a thread budget it includes a
-        ``worker_init_fn`` that applies the budget, then calls yours if given.
+        timeout or start method without workers. With workers it includes a ``worker_init_fn``
+        (``WorkerInit``: seeds, thread budget, garbage-collector freeze) that then calls yours.
         """
         kwargs: dict[str, Any] = {
             "num_workers": self.num_workers,
@@ -85,9 +85,8 @@ class LoaderConfig(Mapping):
                 kwargs["multiprocessing_context"] = self.multiprocessing_context
             if not self.in_order and TORCH_HAS_IN_ORDER:
                 kwargs["in_order"] = False
-            if self.worker_threads is not None or worker_init_fn is not None:
-                kwargs["worker_init_fn"] = WorkerInit(threads=self.worker_threads,
-                                                      user_fn=worker_init_fn)
+            kwargs["worker_init_fn"] = WorkerInit(threads=self.worker_threads,
+                                                  user_fn=worker_init_fn)
         elif worker_init_fn is not None:
             kwargs["worker_init_fn"] = worker_init_fn
         return kwargs

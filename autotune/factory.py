@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import rules
 from ._warn import warn_user
+from ._worker import NamedErrors
 from .config import SETTINGS, TUNED_SETTINGS, LoaderConfig
 from .errors import InvalidConfigError, ProfileError
 from .hardware import HardwareInfo, probe_hardware
@@ -36,6 +37,9 @@ _PASS_THROUGH = frozenset(inspect.signature(DataLoader.__init__).parameters) - {
 
 class TunedDataLoader(DataLoader):
     """A plain ``DataLoader`` that remembers its ``LoaderConfig`` (``.autotune_config``).
+
+    Its ``dataset`` is the caller's, wrapped so that an exception names the sample's index
+    (``loader.dataset.dataset`` is the original; other attributes pass through).
 
     When the worker count was chosen by measurement (rules or profile), torch's warning
     about more workers than CPUs is skipped: here it is the point, and ``explain()`` says why.
@@ -220,7 +224,7 @@ class OptimalDataLoaderFactory:
                 extra.setdefault("shuffle", training)
         loader = TunedDataLoader.__new__(TunedDataLoader)
         loader.autotune_config = config  # before __init__, which already checks worker counts
-        loader.__init__(dataset, **kwargs, **extra)
+        loader.__init__(NamedErrors(dataset), **kwargs, **extra)
         return loader
 
 

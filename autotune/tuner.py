@@ -35,9 +35,11 @@ from .workload import WorkloadProfile, measure_workload
 DEFAULT_BUDGET_S = 60.0
 STALL_OK = 0.05  # a consumer waiting for data less than this share of the time keeps up
 NEAR_BEST = 0.95  # the ladder stops once a rung falls below this share of the best
-CONFIRM_TOP = 3  # leading candidates measured a second time
+CONFIRM_TOP = 3  # leading candidates measured a second time ...
+CONFIRM_WITHIN = 0.9  # ... if their first run came within this share of the leader's
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
 WINDOWS_PER_BUDGET = 30  # a trial's measuring window is about budget_s / this
+CONSUMER_STEPS = 10  # a trial with a consumer runs at least this many steps
 MIN_HANG_S = 10.0  # a batch slower than this (or 20x the measured batch time) is a hang
 
 
@@ -151,6 +153,7 @@ class Autotuner:
         self.max_workers = max_workers
         self.hang_timeout_s = hang_timeout_s
         self.key = check_key(key) if key is not None else dataset_key(dataset)
+        self.step_time_s = step_time_s
         self.consumer = _consumer(step_time_s, train_step)
         self.objective = ("throughput" if self.consumer is None else
                           f"no stall with a {step_time_s * 1e3:g} ms step"
@@ -172,7 +175,7 @@ class Autotuner:
         self.cap = cap if self.max_workers is None else min(cap, self.max_workers)
         batch_s = self.batch_size * max(workload.sec_per_sample,
                                         workload.single_thread_sec_per_sample or 0)
-        self.window_s = trial_window_s(self.budget_s, batch_s)
+        self.window_s = trial_window_s(self.budget_s, batch_s, self.step_time_s or 0.0)
         self.hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
 
         baseline = self._measure(LoaderConfig(reasons={}), "baseline")
@@ -180,7 +183,10 @@ class Autotuner:
         if ruled.num_workers > self.cap:
             ruled = self._config(self.cap)
         self._measure(ruled, "rules")
-        self._ladder(ruled.num_workers)
+        start = ruled.num_workers
+        if self.step_time_s:  # enough workers to hand over one batch per step, with margin
+            start = math.ceil(1.2 * batch_s / self.step_time_s)
+        self._ladder(start)
         best = self._leader()
         if best is not None and best.num_workers > 0:
             self._tune_threads(best)
@@ -227,18 +233,25 @@ class Autotuner:
         self._refine()
 
     def _refine(self) -> None:
-        """Geometric midpoints between the best worker count and its measured neighbours."""
+        """One geometric midpoint between the best worker count and its better neighbour."""
         leader = self._leader()
         if leader is None or leader.num_workers == 0:
             return
         n = leader.num_workers
-        counts = sorted({k[0] for k, trials in self._seen.items() if any(t.ok for t in trials)})
-        lower = [c for c in counts if c < n]
-        upper = [c for c in counts if c > n]
-        for other in ([lower[-1]] if lower else []) + ([upper[0]] if upper else []):
-            mid = round(math.sqrt(max(other, 1) * n))
-            if mid not in (n, other) and self._has_time():
-                self._measure(self._config(mid), "refine")
+        rate: dict[int, float] = {}
+        for trials in self._seen.values():
+            for t in trials:
+                if t.ok:
+                    count = t.config.num_workers
+                    rate[count] = max(rate.get(count, 0.0), t.samples_per_s or 0.0)
+        neighbours = [c for c in (max((c for c in rate if c < n), default=None),
+                                  min((c for c in rate if c > n), default=None)) if c is not None]
+        if not neighbours:
+            return
+        other = max(neighbours, key=rate.__getitem__)
+        mid = round(math.sqrt(max(other, 1) * n))
+        if mid not in (n, other) and self._has_time():
+            self._measure(self._config(mid), "refine")
 
     def _tune_threads(self, best: LoaderConfig) -> None:
         """Capped vs uncapped native thread pools, when samples used several threads."""
@@ -273,9 +286,14 @@ class Autotuner:
     def _confirm(self) -> None:
         """Measure the leading candidates again; the mean of all their runs decides."""
         ranked = sorted((trials[0].config for trials in self._seen.values()
-                         if any(t.ok for t in trials)), key=self._rank, reverse=True)
+                         if all(t.ok for t in trials)), key=self._rank, reverse=True)
+        if not ranked:
+            return
+        lead = _mean_rate(self._seen[_key(ranked[0])])
         for config in ranked[:CONFIRM_TOP]:
-            if len(self._seen[_key(config)]) < 2 and self._has_time(reserve=False):
+            close = _mean_rate(self._seen[_key(config)]) >= CONFIRM_WITHIN * lead
+            if (close or self.consumer is not None) and len(self._seen[_key(config)]) < 2 \
+                    and self._has_time(reserve=False):
                 self._measure(config, "confirm", force=True)
 
     # -- bookkeeping ----------------------------------------------------------------
@@ -334,9 +352,11 @@ class Autotuner:
         return self._elapsed() + per_trial + held <= self.budget_s
 
 
-def trial_window_s(budget_s: float, batch_s: float) -> float:
-    """How long one trial counts samples: a share of the budget, and several batches."""
-    return min(max(MIN_WINDOW_S, budget_s / WINDOWS_PER_BUDGET, 3 * batch_s),
+def trial_window_s(budget_s: float, batch_s: float, step_s: float = 0.0) -> float:
+    """How long one trial counts samples: a share of the budget, several batches, and
+    enough training steps that one slow batch does not decide whether a setting keeps up."""
+    return min(max(MIN_WINDOW_S, budget_s / WINDOWS_PER_BUDGET, 3 * batch_s,
+                   CONSUMER_STEPS * step_s),
                max(MAX_WINDOW_S, budget_s / 6))
 
 

@@ -106,3 +106,19 @@ def test_missing_file_is_none(tmp_path):
 
 def test_hostname_cannot_escape_the_directory(tmp_path):
     assert profile_path("../../etc/passwd", tmp_path).parent == tmp_path
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    hw = probe_hardware()
+    path = save_entry(hw, "kept", ProfileEntry(settings={"num_workers": 1}), tmp_path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped midway through the write
+
+    monkeypatch.setattr("autotune.profiles.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_entry(hw, "lost", ProfileEntry(settings={"num_workers": 2}), tmp_path)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert set(load_profile(path).loaders) == {"kept"}

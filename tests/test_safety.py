@@ -24,7 +24,7 @@ from autotune import (AugmentedDataset, DatasetHints, OptimalDataLoaderFactory,
 from autotune import factory as factory_module
 from autotune import rules
 
-from datasets import (ArrayBacked, Indexed, ManyPaths, NaiveAugmented, Pairs, WithLambda,
+from datasets import (ArrayBacked, FailsAt, Indexed, ManyPaths, NaiveAugmented, Pairs, WithLambda,
                       add_noise)
 from fakes import fake_hardware
 
@@ -191,3 +191,58 @@ def test_real_64mb_shm_plain_loader_dies_factory_loader_completes():
     tuned = _in_small_shm("factory")
     assert tuned.returncode == 0, tuned.stderr
     assert "completed 96" in tuned.stdout
+
+
+def _worker_uss(loader) -> list[int]:
+    import psutil
+
+    return [psutil.Process(w.pid).memory_full_info().uss for w in loader._iterator._workers]
+
+
+def test_soak_many_epochs_persistent_workers_bounded_memory():
+    """30 epochs through persistent workers: worker memory settles after the first epochs."""
+    loader = OptimalDataLoaderFactory(measure=False, seed=0).create_training_loader(
+        ArrayBacked(60_000), batch_size=500, num_workers=2)
+    readings = []
+    for epoch in range(30):
+        for _ in loader:
+            pass
+        if epoch in (2, 29):
+            readings.append(_worker_uss(loader))
+    growth = [late - early for early, late in zip(*readings)]
+    assert max(growth) < 8 << 20, f"worker memory grew by {[g >> 20 for g in growth]} MiB"
+
+
+@pytest.mark.filterwarnings("ignore:dataset.paths")
+def test_copy_on_read_is_real_for_python_lists():
+    """What the warning is about: workers copy the pages of a list of strings they read."""
+    lists = OptimalDataLoaderFactory(measure=False).create_training_loader(
+        ManyPaths(), batch_size=1000, num_workers=1)
+    arrays = OptimalDataLoaderFactory(measure=False).create_training_loader(
+        ArrayBacked(), batch_size=1000, num_workers=1)
+    grown = {}
+    for name, loader in (("lists", lists), ("arrays", arrays)):
+        iterator = iter(loader)
+        next(iterator)
+        before = _worker_uss(loader)[0]
+        for _ in iterator:
+            pass
+        grown[name] = _worker_uss(loader)[0] - before
+    assert grown["lists"] > grown["arrays"] + (16 << 20), grown
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes arrived in Python 3.11")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failing_sample_names_its_index(workers):
+    factory = OptimalDataLoaderFactory(measure=False)
+    loader = factory.create_validation_loader(FailsAt(bad_index=13, size=16), batch_size=4,
+                                              num_workers=workers)
+    with pytest.raises(ValueError) as err:
+        list(loader)
+    text = str(err.value) + "".join(getattr(err.value, "__notes__", []))
+    assert "dataset[13]" in text and "corrupt record" in text
+    plain = DataLoader(FailsAt(bad_index=13, size=16), batch_size=4, num_workers=workers)
+    with pytest.raises(ValueError) as raw:
+        list(plain)
+    assert "dataset[13]" not in str(raw.value) + "".join(getattr(raw.value, "__notes__", []))
+    assert loader.dataset.size == 16  # attributes pass through the wrapper
