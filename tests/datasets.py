@@ -10,41 +10,41 @@ import torch
 from torch.utils.data import Dataset
 
 
-class Indexed(Dataset):
+class Sized(Dataset):
+    """A map-style dataset of ``self.size`` samples."""
+
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Indexed(Sized):
     """Sample i is tensor([i]): lets a test check every sample arrives exactly once."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
 
-    def __len__(self) -> int:
-        return self.size
-
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.tensor([index])
 
 
-class Sleepy(Dataset):
+class Sleepy(Sized):
     """Waits like storage does: almost no CPU per sample."""
 
     def __init__(self, size: int = 64, seconds: float = 0.004) -> None:
         self.size, self.seconds = size, seconds
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         time.sleep(self.seconds)
         return torch.zeros(8)
 
 
-class Busy(Dataset):
+class Busy(Sized):
     """Computes in pure Python: CPU time close to wall time."""
 
     def __init__(self, size: int = 64, loops: int = 20_000) -> None:
         self.size, self.loops = size, loops
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         total = 0
@@ -53,14 +53,11 @@ class Busy(Dataset):
         return torch.tensor([float(total % 7)])
 
 
-class RandomDraws(Dataset):
+class RandomDraws(Sized):
     """Returns draws from random, numpy's legacy RNG, a numpy Generator and torch."""
 
     def __init__(self, size: int = 32) -> None:
         self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import torch.utils.data
@@ -70,12 +67,9 @@ class RandomDraws(Dataset):
                              np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
 
 
-class FailsAt(Dataset):
+class FailsAt(Sized):
     def __init__(self, bad_index: int, size: int = 16) -> None:
         self.bad_index, self.size = bad_index, size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index == self.bad_index:
@@ -100,14 +94,11 @@ def set_flag(worker_id: int) -> None:
     _FLAG = 100 + worker_id
 
 
-class ReportsWorker(Dataset):
+class ReportsWorker(Sized):
     """Returns (flag set by the user's init fn, torch threads, largest native pool size)."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         from threadpoolctl import threadpool_info
@@ -116,28 +107,22 @@ class ReportsWorker(Dataset):
         return torch.tensor([_FLAG, torch.get_num_threads(), max(pools)])
 
 
-class TorchMatmul(Dataset):
+class TorchMatmul(Sized):
     """A torch op big enough for torch to want a parallel region."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         x = torch.ones(256, 256)
         return (x @ x).sum().reshape(1)
 
 
-class KillsWorker(Dataset):
+class KillsWorker(Sized):
     """Fine in the main process; a worker process that touches it dies (like the OOM killer)."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import os
@@ -150,14 +135,11 @@ class KillsWorker(Dataset):
         return torch.zeros(4)
 
 
-class HangsInWorker(Dataset):
+class HangsInWorker(Sized):
     """Fine in the main process; never returns in a worker."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import torch.utils.data
@@ -177,14 +159,11 @@ def add_noise(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x + torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
 
 
-class Pairs(Dataset):
+class Pairs(Sized):
     """(input, label) pairs of known statistics: input i is full of float(i)."""
 
     def __init__(self, size: int = 64, shape: tuple[int, ...] = (3, 4, 4)) -> None:
         self.size, self.shape = size, shape
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.full(self.shape, float(index)), index % 3
@@ -205,7 +184,7 @@ class NaiveAugmented(Dataset):
         return add_noise(x, self.rng), y
 
 
-class WithLambda(Dataset):
+class WithLambda(Sized):
     """A transform holding a lambda: fine under fork, fails to pickle under spawn."""
 
     class Transform:
@@ -215,9 +194,6 @@ class WithLambda(Dataset):
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self.transform = WithLambda.Transform(lambda x: x * 2)
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.transform.fn(torch.tensor([index]))
