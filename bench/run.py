@@ -7,7 +7,7 @@ workers x prefetch. The grid and the tuner are timed; then every candidate is me
 interleaved, ``--rounds`` times with the same steady-state trial the tuner uses, and the
 means are compared with the grid best's. Results go to ``--out`` (bench/RESULTS.md).
 
-    python bench/run.py                       # everything (about 30 minutes on 2 CPUs)
+    python bench/run.py                       # everything (about 45 minutes on 2 CPUs)
     python bench/run.py --only tiny --budget-s 20
 """
 
@@ -36,6 +36,7 @@ from workloads import all_workloads  # noqa: E402
 GRID_WORKERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 GRID_PREFETCH = (1, 2, 4, 8)
 HANG_S = 30.0
+COMPARE_WINDOWS = 2  # the side-by-side runs count over twice the tuner's trial window
 CANDIDATES = ("torch defaults", "Lightning hint", "os.cpu_count()", "rules, no measuring",
               "rules + measure_workload", "autotuner", "grid best")
 
@@ -95,8 +96,8 @@ def bench_workload(hw, name, dataset, batch, args) -> dict:
     rates: dict[str, list[float]] = {k: [] for k in configs}
     for round_ in range(args.rounds):
         for label, config in configs.items():
-            trial = run_trial(dataset, batch, config, phase="compare", window_s=window,
-                              hang_s=HANG_S)
+            trial = run_trial(dataset, batch, config, phase="compare",
+                              window_s=COMPARE_WINDOWS * window, hang_s=HANG_S)
             rates[label].append(trial.samples_per_s if trial.ok else 0.0)
         log(f"   round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
     return {
@@ -122,10 +123,11 @@ def render(hw, results, args) -> str:
         f"{hw.host.os}, Python {hw.host.python}, torch {torch.__version__}; "
         f"`python bench/run.py --budget-s {args.budget_s:g} --rounds {args.rounds}`.",
         "",
-        "Samples/s in steady state (persistent workers, start-up and the prefetch burst "
-        "excluded), each the mean of "
-        f"{args.rounds} interleaved runs, as a fraction of the grid best's mean from the "
-        "same runs. The grid is workers "
+        "Samples/s in steady state (start-up and the prefetch burst excluded), each the mean "
+        f"of {args.rounds} interleaved runs of {COMPARE_WINDOWS}x the tuner's trial window, "
+        "as a fraction of the grid best's mean from the same runs. The grid (persistent "
+        "workers, same trial window as the tuner, so its time compares with the tuner's) is "
+        "workers "
         f"{{{', '.join(map(str, GRID_WORKERS))}}} x prefetch {{{', '.join(map(str, GRID_PREFETCH))}}} "
         "with torch's own thread settings.",
         "",

@@ -1,5 +1,8 @@
 """The benchmark's workloads: the kinds of data loading people have, made on this machine.
 
+Sizes are large enough that a measuring window spans few epoch boundaries even with
+64 workers (a persistent pool refills at each new epoch, which makes small datasets noisy).
+
 Each maker returns (name, dataset, batch size); datasets are module-level classes so they
 pickle, deterministic from the index, and make their files under a temporary directory.
 """
@@ -20,7 +23,7 @@ from torch.utils.data import Dataset
 class StorageLatency(Dataset):
     """Network storage: a heavy-tailed wait (lognormal, median ~2 ms, 1 in 100 over 20 ms)."""
 
-    def __init__(self, n: int = 8000) -> None:
+    def __init__(self, n: int = 40_000) -> None:
         rng = random.Random(0)
         self.waits = [min(0.2, rng.lognormvariate(np.log(0.002), 1.0)) for _ in range(n)]
 
@@ -35,7 +38,7 @@ class StorageLatency(Dataset):
 class JpegFiles(Dataset):
     """JPEG files decoded with Pillow, randomly cropped and flipped, scaled to float."""
 
-    def __init__(self, directory: Path, n: int = 3000, files: int = 256) -> None:
+    def __init__(self, directory: Path, n: int = 20_000, files: int = 256) -> None:
         from PIL import Image
 
         self.paths = []
@@ -97,7 +100,7 @@ class Hdf5Samples(Dataset):
 class BlasAugment(Dataset):
     """Numerical augmentation with BLAS: a random 384x384 rotation-like matmul per sample."""
 
-    def __init__(self, n: int = 2000) -> None:
+    def __init__(self, n: int = 8000) -> None:
         self.base = np.random.default_rng(0).random((384, 384))
         self.n = n
 
