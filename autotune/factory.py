@@ -200,9 +200,13 @@ class OptimalDataLoaderFactory:
         """Before any worker starts: can they receive the dataset, and what will they cost?"""
         check_worker_safety(dataset, collate_fn=extra.get("collate_fn"),
                             worker_init_fn=extra.get("worker_init_fn"),
-                            context=extra.get("multiprocessing_context")
-                            or config.multiprocessing_context)
-        for risk in copy_on_read_risks(dataset):
+                            context=config.multiprocessing_context)
+        try:
+            risks = copy_on_read_risks(dataset)
+        except Exception as exc:  # a hint is not worth failing a loader over
+            log.debug("copy-on-read scan failed: %s", exc)
+            risks = []
+        for risk in risks:
             _warn_once(f"{risk}: every worker copies the memory pages it reads from it, so "
                        "memory grows with workers and epochs (copy-on-read). Store it as a "
                        "numpy array (or pyarrow/pandas column) instead")

@@ -107,6 +107,8 @@ def test_malformed_profile_falls_back_to_rules_with_warning():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"batch_size": 0}, "batch_size=0"),
+    ({"batch_size": -4}, "batch_size=-4"),
+    ({"batch_size": 4, "prefetch_factor": 0}, "prefetch_factor=0"),
     ({"batch_size": 4, "num_wrokers": 2}, "num_wrokers"),
     ({"batch_size": 4, "num_workers": 1.5}, "num_workers=1.5"),
     ({"batch_size": 4, "profile_key": "../x"}, "profile key"),
