@@ -103,7 +103,7 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
     first_batch_s = time.perf_counter() - start
     burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
     for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
-        batch = _next(iterator, loader)
+        batch, iterator = _next(iterator, loader)
         if time.perf_counter() - start > window_s + first_batch_s:
             break
     del batch
@@ -113,7 +113,7 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
     began = time.perf_counter()
     while True:
         asked = time.perf_counter()
-        batch = _next(iterator, loader)
+        batch, iterator = _next(iterator, loader)
         waiting += time.perf_counter() - asked
         samples += batch_length(batch)
         if consumer is not None:
@@ -128,12 +128,14 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
             "window_s": elapsed}
 
 
-def _next(iterator: Any, loader: DataLoader) -> Any:
-    """The next batch, starting a new epoch (same persistent workers) at the end of one."""
+def _next(iterator: Any, loader: DataLoader) -> tuple[Any, Any]:
+    """(the next batch, the iterator to go on with): a new epoch (same persistent workers)
+    starts at the end of one."""
     try:
-        return next(iterator)
+        return next(iterator), iterator
     except StopIteration:
-        return next(iter(loader))
+        iterator = iter(loader)
+        return next(iterator), iterator
 
 
 def batch_length(batch: Any) -> int:

@@ -45,14 +45,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=60.0, help="the autotuner's budget")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", help="run the workloads whose name contains this")
+    parser.add_argument("--only", help="run the workloads whose name contains one of these "
+                        "comma-separated words")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
 
     hw = autotune.probe_hardware()
     with tempfile.TemporaryDirectory() as tmp:
+        words = args.only.split(",") if args.only else []
         workloads = [w for w in all_workloads(Path(tmp))
-                     if not args.only or args.only in w[0]]
+                     if not words or any(word in w[0] for word in words)]
         results = [bench_workload(hw, name, dataset, batch, args)
                    for name, dataset, batch in workloads]
     report = render(hw, results, args)
@@ -121,7 +123,8 @@ def render(hw, results, args) -> str:
         f"Measured {datetime.date.today()} on {cpu.model}, {cpu.usable} usable CPUs "
         f"({cpu.logical} logical), {hw.memory.total_bytes / 2**30:.0f} GiB RAM, "
         f"{hw.host.os}, Python {hw.host.python}, torch {torch.__version__}; "
-        f"`python bench/run.py --budget-s {args.budget_s:g} --rounds {args.rounds}`.",
+        f"`python bench/run.py --budget-s {args.budget_s:g} --rounds {args.rounds}"
+        f"{f' --only {args.only}' if args.only else ''}`.",
         "",
         "Samples/s in steady state (start-up and the prefetch burst excluded), each the mean "
         f"of {args.rounds} interleaved runs of {COMPARE_WINDOWS}x the tuner's trial window, "
