@@ -141,7 +141,19 @@ def predicted_rates(hw: HardwareInfo, workload: WorkloadProfile, batch_size: int
 
 
 def _worker_wall_s(workload: WorkloadProfile) -> float:
-    return workload.single_thread_sec_per_sample or workload.sec_per_sample
+    """Wall seconds per sample in a single-threaded worker: the capped pass's time, with
+    the longer of the two passes' waits.
+
+    Waiting (storage, network) is the same in both passes, and the longer mean is the
+    safer one: heavy-tailed waits make a small sample's mean low more often than high, and
+    too few workers for waiting data cost far more than too many.
+    """
+    wall = workload.single_thread_sec_per_sample
+    if wall is None:
+        return workload.sec_per_sample
+    cpu = workload.single_thread_cpu_sec_per_sample or 0.0
+    default_wait = workload.sec_per_sample - workload.cpu_sec_per_sample
+    return wall + max(0.0, default_wait - max(0.0, wall - cpu))
 
 
 def _worker_cpu_s(workload: WorkloadProfile) -> float:

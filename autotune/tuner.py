@@ -1,8 +1,9 @@
 """The autotuner: measure candidate settings on the real dataset and keep the winner.
 
 The search walks the space ``LoaderConfig`` expresses, starting from the rules' choice:
-a geometric ladder over workers (up and down from that choice) that stops once throughput
-falls, a refinement between the best rung and its neighbours, then the thread budget,
+a geometric ladder over workers (up from that choice, and down only when more workers did
+not pay) that stops once throughput falls, a refinement between the best rung and its
+better neighbour when they are far apart, then the thread budget,
 prefetch depth and ordering on the best; the leading candidates are measured again so noise
 does not crown a lucky trial. Every trial is a real DataLoader in steady state
 (``trial.run_trial``); failures are recorded and never chosen.
@@ -35,6 +36,7 @@ from .workload import WorkloadProfile, measure_workload
 DEFAULT_BUDGET_S = 60.0
 STALL_OK = 0.05  # a consumer waiting for data less than this share of the time keeps up
 NEAR_BEST = 0.95  # the ladder stops once a rung falls below this share of the best
+REFINE_SPAN = 1.25  # refine between worker counts further apart than this ratio
 CONFIRM_TOP = 3  # leading candidates measured a second time ...
 CONFIRM_WITHIN = 0.9  # ... if their first run came within this share of the leader's
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
@@ -213,19 +215,23 @@ class Autotuner:
     # -- search steps ---------------------------------------------------------------
 
     def _ladder(self, start: int) -> None:
-        """Geometric steps up and down from ``start`` while throughput does not fall."""
+        """Geometric steps up from ``start`` while throughput rises, then down unless a step
+        up beat the start (under a consumer, down while the setting still keeps up)."""
         start = min(max(1, start), self.cap) if self.cap else 0
         if start == 0:
             return
         first = self._measure(self._config(start), "ladder")
         n = start
+        went_up = False
         while n < self.cap and not self._keeps_up(first) and self._has_time():
             n = min(self.cap, n * 2)
             trial = self._measure(self._config(n), "ladder")
+            if trial.ok and (trial.samples_per_s or 0) > (first.samples_per_s or 0):
+                went_up = True  # more workers beat the start: fewer will not
             if self._keeps_up(trial) or not self._improves(trial):
                 break
         n = start
-        while n > 1 and self._has_time():
+        while n > 1 and not (went_up and self.consumer is None) and self._has_time():
             n = max(1, n // 2)
             trial = self._measure(self._config(n), "ladder")
             if not (self._keeps_up(trial) if self.consumer else self._improves(trial)):
@@ -249,6 +255,8 @@ class Autotuner:
         if not neighbours:
             return
         other = max(neighbours, key=rate.__getitem__)
+        if max(n, other) <= REFINE_SPAN * max(1, min(n, other)):
+            return  # neighbours this close leave nothing worth a trial between them
         mid = round(math.sqrt(max(other, 1) * n))
         if mid not in (n, other) and self._has_time():
             self._measure(self._config(mid), "refine")

@@ -15,9 +15,11 @@ from typing import Any
 
 from .errors import DatasetError, InvalidConfigError
 
-DEFAULT_SAMPLES = 32
+DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0
 MIN_TIMED_S = 0.01  # time cheap samples over at least this long
+KEEP_SAMPLES = 16  # per pass, for their size and collate cost; holding more (600 KB each)
+                   # changes how the allocator serves the next ones and what they cost
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,9 +88,9 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     default = None
     if time.perf_counter() < deadline:
         default = _time_pass(dataset, indices[0::2], deadline)
-    wall, cpu, kept = default or capped
+    wall, cpu, kept, _ = default or capped
     return WorkloadProfile(
-        samples=len(capped[2]) + (len(default[2]) if default else 0),
+        samples=capped[3] + (default[3] if default else 0),
         sec_per_sample=wall,
         cpu_sec_per_sample=cpu,
         sample_bytes=sum(sample_nbytes(s) for s in kept) // len(kept),
@@ -107,8 +109,8 @@ def _get(dataset: Any, index: int) -> Any:
 
 def _time_pass(dataset: Any, indices: list[int], deadline: float,
                cpu_clock: Callable[[], float] = time.process_time,
-               ) -> tuple[float, float, list[Any]]:
-    """(mean wall s, mean CPU s, the samples) per call over indices.
+               ) -> tuple[float, float, list[Any], int]:
+    """(mean wall s, mean CPU s, some of the samples, how many indices were timed).
 
     Cheap samples are timed over repeated passes (at least ``MIN_TIMED_S``), since a
     clock read per call would cost more than the call; slow ones stop at the deadline.
@@ -119,14 +121,14 @@ def _time_pass(dataset: Any, indices: list[int], deadline: float,
     while True:
         for index in indices:
             sample = _get(dataset, index)
-            if len(kept) < len(indices):
+            if len(kept) < min(len(indices), KEEP_SAMPLES):
                 kept.append(sample)
             calls += 1
             if time.perf_counter() >= deadline:
                 break
         wall = time.perf_counter() - wall0
         if wall >= MIN_TIMED_S or time.perf_counter() >= deadline:
-            return wall / calls, (cpu_clock() - cpu0) / calls, kept
+            return wall / calls, (cpu_clock() - cpu0) / calls, kept, min(calls, len(indices))
 
 
 class _single_thread:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -88,6 +89,19 @@ def test_io_bound_gets_more_workers_than_cpus():
     assert config.num_workers > 8
     assert "wait" in config.reasons["num_workers"]
     assert config.worker_threads is None  # measured single-threaded: nothing to cap
+
+
+def test_waiting_data_sizes_workers_from_the_slower_pass():
+    # Heavy-tailed waits: one pass saw 2 ms per sample, the other 4 ms. Too few workers cost
+    # far more than too many here, so the 4 ms figure sizes the pool.
+    split = dataclasses.replace(WORKLOADS["io"], sec_per_sample=4 * MS,
+                                single_thread_sec_per_sample=2 * MS)
+    slow = dataclasses.replace(split, single_thread_sec_per_sample=4 * MS)
+    fast = dataclasses.replace(split, sec_per_sample=2 * MS)
+    hints = DatasetHints(dataset_size=40_000, batch_size=64)
+    workers = {name: rules.num_workers(fake_hardware(cpus=2), hints, w)[0]
+               for name, w in {"split": split, "slow": slow, "fast": fast}.items()}
+    assert workers["split"] == workers["slow"] > workers["fast"], workers
 
 
 def test_tiny_and_large_cheap_samples_stay_in_process():

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 
 from autotune import Autotuner, InvalidConfigError, OptimalDataLoaderFactory
+from autotune import tuner as tuner_module
+from autotune.trial import Trial
+from autotune.workload import WorkloadProfile
 from autotune.profiles import load_profile, profile_path
 
 from datasets import HangsInWorker, Indexed, KillsWorker, Sleepy
+from fakes import fake_hardware
 
 HERE = Path(__file__).parent
 
@@ -78,6 +82,31 @@ def test_save_merges_and_the_factory_applies_the_entry(tmp_path):
     assert val.num_workers == first.best.num_workers and val.autotune_config.source == "profile"
     assert not val.drop_last and not val.autotune_config.persistent_workers  # still validation
     assert "drop_last" not in profile.loaders["sleepy-a"].settings  # semantics are not tuned
+
+
+def _curve_trial(rate_of_workers):
+    """A run_trial that reads samples/s off a known curve: tests the search, not the loader."""
+    def run(dataset, batch_size, config, *, phase, window_s, hang_s, collate_fn=None,
+            consumer=None):
+        return Trial(config=config, phase=phase, samples_per_s=rate_of_workers(
+            config.num_workers), stall_fraction=0.0, peak_memory_bytes=1, window_s=window_s)
+    return run
+
+
+def test_search_skips_fewer_workers_and_close_refinements_when_more_workers_pay(monkeypatch):
+    # A sample computes 0.5 ms of its 1 ms, so on 2 CPUs the rules start at 4 workers.
+    # Throughput here rises with every worker up to the cap of 10: the ladder climbs 4, 8,
+    # 10; fewer than 4 cannot win, and 9 (between 8 and 10) is not worth a trial.
+    workload = WorkloadProfile(samples=32, sec_per_sample=1e-3, cpu_sec_per_sample=5e-4,
+                               sample_bytes=64)
+    monkeypatch.setattr(tuner_module, "measure_workload", lambda *a, **k: workload)
+    monkeypatch.setattr(tuner_module, "run_trial", _curve_trial(lambda n: 100.0 * (n + 1)))
+    result = Autotuner(Indexed(1000), 10, budget_s=30, max_workers=10, progress=False,
+                       hardware=fake_hardware(cpus=2)).run()
+    counts = [t.config.num_workers for t in result.trials]
+    assert [t.config.num_workers for t in result.trials if t.phase == "rules"] == [4]
+    assert result.best.num_workers == 10
+    assert set(counts) == {0, 4, 8, 10}, counts
 
 
 @pytest.mark.parametrize("kwargs, match", [
