@@ -74,7 +74,7 @@ class NamedErrors:
     """Wraps a map-style dataset so an exception from ``dataset[i]`` says which ``i``.
 
     The exception keeps its type and message; a note "autotune: raised by dataset[i]" is
-    added (Python 3.11+), which torch carries over from worker processes in its traceback.
+    added, which torch carries over from worker processes in its traceback.
     Attributes not defined here come from the wrapped dataset.
     """
 
@@ -88,9 +88,7 @@ class NamedErrors:
         try:
             return self.dataset[index]
         except Exception as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"autotune: raised by dataset[{index!r}] "
-                             f"({type(self.dataset).__name__})")
+            exc.add_note(f"autotune: raised by dataset[{index!r}] ({type(self.dataset).__name__})")
             raise
 
     def __getattr__(self, name: str) -> Any:

@@ -8,6 +8,10 @@ venv="$root/.venv"
 py="${AUTOTUNE_PYTHON:-python3}"
 stamp="$venv/.autotune-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "autotune needs Python >= 3.11; $py is $("$py" -V 2>&1). Set AUTOTUNE_PYTHON=python3.12 (or another)" >&2
+    exit 1
+  fi
   if [ ! -x "$venv/bin/python" ]; then
     if "$py" -c 'import torch' >/dev/null 2>&1; then
       echo "autotune: using the torch that $py already has" >&2
