@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -147,7 +148,7 @@ def render(hw, results, args) -> str:
         worst = min(results, key=lambda r: r["mean"][k] / (r["mean"]["grid best"] or 1))
         lines.append(f"- {k}: {worst['mean'][k] / (worst['mean']['grid best'] or 1):.2f} "
                      f"({worst['name']})")
-    lines += ["", "## Per workload", ""]
+    lines += ["", "## Targets", "", *targets(results, args.budget_s), "", "## Per workload", ""]
     for r in results:
         lines += [f"### {r['name']} ({r['samples']} samples, batch {r['batch_size']}, "
                   f"window {r['window_s']:.1f} s)", "",
@@ -164,6 +165,40 @@ def render(hw, results, args) -> str:
         lines += ["", f"rules + measure_workload: {r['rules_reason']}",
                   f"autotuner: {r['tuned_reason']}; {r['tune_trials']} trials", ""]
     return "\n".join(lines) + "\n"
+
+
+TUNER_TARGET, RULES_TARGET, TIME_SHARE_TARGET = 0.95, 0.80, 0.20
+
+
+def targets(results: list[dict], budget_s: float) -> list[str]:
+    """Issue 3's targets, each met or missed per workload, from this run's figures."""
+    def share(r: dict, k: str) -> float:
+        return r["mean"][k] / (r["mean"]["grid best"] or 1.0)
+
+    def check(title: str, ok: Callable[[dict], bool], figure: Callable[[dict], str],
+              only: str = "") -> str:
+        rows = [r for r in results if only in r["name"]]
+        missed = [f"{r['name']} {figure(r)}" for r in rows if not ok(r)]
+        met = [f"{r['name']} {figure(r)}" for r in rows if ok(r)]
+        if not rows:
+            return f"- {title}: not measured in this run"
+        verdict = f"**missed on {'; '.join(missed)}**" if missed else "met on every workload"
+        return f"- {title}: {verdict}" + (f" (met: {'; '.join(met)})" if missed and met else "")
+
+    return [
+        check(f"autotuner >= {TUNER_TARGET} of the grid best",
+              lambda r: share(r, "autotuner") >= TUNER_TARGET,
+              lambda r: f"{share(r, 'autotuner'):.2f}"),
+        check("autotuner above the grid best where capping BLAS pools pays",
+              lambda r: share(r, "autotuner") > 1.0,
+              lambda r: f"{share(r, 'autotuner'):.2f}", only="BLAS"),
+        check(f"rules + measure_workload >= {RULES_TARGET} of the grid best",
+              lambda r: share(r, "rules + measure_workload") >= RULES_TARGET,
+              lambda r: f"{share(r, 'rules + measure_workload'):.2f}"),
+        check(f"tuning within {budget_s:g} s and {TIME_SHARE_TARGET:.0%} of the grid's time",
+              lambda r: r["tune_s"] <= budget_s and r["tune_s"] <= TIME_SHARE_TARGET * r["grid_s"],
+              lambda r: f"{r['tune_s']:.0f} s, {r['tune_s'] / r['grid_s']:.2f}"),
+    ]
 
 
 def short(config: LoaderConfig) -> str:
