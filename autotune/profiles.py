@@ -3,7 +3,7 @@
 A profile holds this host's hardware facts and fingerprint, and ``loaders``: for each key
 (a dataset name) the tuned settings and how they were measured. Read with safe YAML
 loading only (no tag ever constructs an object); written atomically (temporary file in the
-same directory, then rename) under a file lock, merging with what is on disk.
+same directory, then rename) under a lock on the directory, merging with what is on disk.
 """
 
 from __future__ import annotations
@@ -212,17 +212,35 @@ def save_entry(hw: HardwareInfo, key: str, entry: ProfileEntry,
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock for writers of ``path``, released when the block ends."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: writes stay atomic, merges may race
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = _lock_fd(path, fcntl)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock_fd(path: Path, fcntl: Any) -> int:
+    """flock the profile directory itself, so no lock file lands among the profiles teams
+    commit; where a directory cannot be locked (some network filesystems), a hidden file."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError:
+        os.close(fd)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,9 @@ def test_concurrent_writers_lose_no_entry(tmp_path):
     for w in writers:
         w.join(60)
         assert w.exitcode == 0
-    profile = load_profile(profile_path(probe_hardware().host.hostname, tmp_path))
-    assert len(profile.loaders) == 45
+    path = profile_path(probe_hardware().host.hostname, tmp_path)
+    assert len(load_profile(path).loaders) == 45
+    assert os.listdir(tmp_path) == [path.name]  # no lock or temporary file left to commit
 
 
 BAD = {
