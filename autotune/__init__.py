@@ -9,7 +9,7 @@
 from .config import LoaderConfig
 from .datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
-                     WorkerSafetyError)
+                     WorkerCrashError, WorkerSafetyError)
 from .factory import OptimalDataLoaderFactory, TunedDataLoader
 from .hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
@@ -41,6 +41,7 @@ __all__ = [
     "Trial",
     "TunedDataLoader",
     "TuningResult",
+    "WorkerCrashError",
     "WorkerSafetyError",
     "WorkloadProfile",
     "check_worker_safety",

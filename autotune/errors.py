@@ -4,6 +4,7 @@
     ├── InvalidConfigError(ValueError)  a setting or argument has a value that cannot work
     ├── ProfileError                    a YAML profile is unreadable, malformed or from a newer schema
     ├── DatasetError                    the user's dataset raised while autotune measured it
+    ├── WorkerCrashError(RuntimeError)  a factory loader's worker process died mid-epoch
     └── WorkerSafetyError               workers could not receive the dataset under spawn/forkserver
 
 Messages name the parameter (or file and field), show the value and say the fix.
@@ -39,6 +40,13 @@ class DatasetError(AutotuneError):
         super().__init__(
             f"dataset[{index}] raised {type(original).__name__}: {original}"
         )
+
+
+class WorkerCrashError(AutotuneError, RuntimeError):
+    """A loader's worker process died; names the worker, the signal and the likely fix.
+
+    A ``RuntimeError`` like torch's own error, so existing ``except RuntimeError`` still works.
+    """
 
 
 class WorkerSafetyError(AutotuneError):

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import rules
+from ._crash import CrashNamingIterator
 from ._warn import warn_user
 from ._worker import NamedErrors
 from .config import SETTINGS, TUNED_SETTINGS, LoaderConfig
@@ -46,6 +47,14 @@ class TunedDataLoader(DataLoader):
     """
 
     autotune_config: LoaderConfig | None = None
+
+    def __iter__(self) -> Any:
+        """torch's iterator; a worker that dies raises ``WorkerCrashError`` with the likely fix
+        instead of torch's bare "killed by signal: Killed" (``autotune._crash``)."""
+        iterator = super().__iter__()
+        if self.num_workers == 0:
+            return iterator
+        return CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
 
     def check_worker_number_rationality(self) -> None:
         config = self.autotune_config

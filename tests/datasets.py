@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import resource
+import signal
 import time
 
 import numpy as np
@@ -68,12 +71,12 @@ class RandomDraws(Sized):
 
 
 class FailsAt(Sized):
-    def __init__(self, bad_index: int, size: int = 16) -> None:
-        self.bad_index, self.size = bad_index, size
+    def __init__(self, bad_index: int, size: int = 16, error: type = ValueError) -> None:
+        self.bad_index, self.size, self.error = bad_index, size, error
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index == self.bad_index:
-            raise ValueError("corrupt record")
+            raise self.error("corrupt record")
         return torch.zeros(2)
 
 
@@ -132,6 +135,26 @@ class KillsWorker(Sized):
 
         if torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(4)
+
+
+class DiesInWorker(Sized):
+    """The worker process that loads ``bad_index`` dies of signal ``sig`` (SIGKILL is what the
+    out-of-memory killer sends), or exits with code 3 when ``sig`` is None. Each sample takes
+    10 ms, so the main process is waiting on the loader when the worker dies."""
+
+    def __init__(self, bad_index: int, sig: int | None = signal.SIGKILL, size: int = 32) -> None:
+        self.bad_index, self.sig, self.size = bad_index, sig, size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import torch.utils.data
+
+        time.sleep(0.01)
+        if index == self.bad_index and torch.utils.data.get_worker_info() is not None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from SIGSEGV
+            if self.sig is None:
+                os._exit(3)
+            os.kill(os.getpid(), self.sig)
         return torch.zeros(4)
 
 

@@ -21,6 +21,8 @@ def test_design_names_exist():
 
 
 def test_every_error_is_an_autotune_error():
-    for name in ("InvalidConfigError", "ProfileError", "DatasetError", "WorkerSafetyError"):
+    for name in ("InvalidConfigError", "ProfileError", "DatasetError", "WorkerCrashError",
+                 "WorkerSafetyError"):
         assert issubclass(getattr(autotune, name), autotune.AutotuneError)
     assert issubclass(autotune.InvalidConfigError, ValueError)
+    assert issubclass(autotune.WorkerCrashError, RuntimeError)  # as torch's own error is

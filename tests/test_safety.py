@@ -1,4 +1,5 @@
-"""Worker safety: pickling under spawn, per-worker randomness, wrappers, shm and copy-on-read.
+"""Worker safety: pickling under spawn, per-worker randomness, wrappers, shm, copy-on-read
+and workers that die.
 
 Each protection is shown against the failure it prevents.
 """
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import pickle
+import re
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -18,14 +21,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from autotune import (AugmentedDataset, DatasetHints, OptimalDataLoaderFactory,
-                      StandardizedDataset, WorkerSafetyError, WorkloadProfile,
+from autotune import (AugmentedDataset, AutotuneError, DatasetHints, OptimalDataLoaderFactory,
+                      StandardizedDataset, WorkerCrashError, WorkerSafetyError, WorkloadProfile,
                       check_worker_safety, compute_stats, copy_on_read_risks)
 from autotune import factory as factory_module
 from autotune import rules
+from autotune._crash import explain_crash
 
-from datasets import (ArrayBacked, FailsAt, Indexed, ManyPaths, NaiveAugmented, Pairs, WithLambda,
-                      add_noise)
+from datasets import (ArrayBacked, DiesInWorker, FailsAt, Indexed, ManyPaths, NaiveAugmented,
+                      Pairs, WithLambda, add_noise)
 from fakes import fake_hardware
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -246,3 +250,63 @@ def test_a_failing_sample_names_its_index(workers):
         list(plain)
     assert "dataset[13]" not in str(raw.value) + "".join(getattr(raw.value, "__notes__", []))
     assert loader.dataset.size == 16  # attributes pass through the wrapper
+
+
+# -- a worker that dies -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, words", [
+    (signal.SIGKILL, ["killed by SIGKILL", "out-of-memory", "dmesg"]),
+    (signal.SIGBUS, ["killed by SIGBUS", "/dev/shm", "--shm-size", "--ipc=host"]),
+    (signal.SIGSEGV, ["killed by SIGSEGV", "native library", "num_workers=0"]),
+    (None, ["exited with code 3", "num_workers=0"]),
+], ids=["SIGKILL", "SIGBUS", "SIGSEGV", "exit-3"])
+def test_a_dead_worker_is_named_with_the_likely_fix(sig, words):
+    loader = OptimalDataLoaderFactory(measure=False).create_training_loader(
+        DiesInWorker(bad_index=20, sig=sig), batch_size=4, num_workers=2)
+    iterator = iter(loader)
+    assert len(iterator) == len(loader) == 8 and iterator._num_workers == 2  # passes through
+    with pytest.raises(WorkerCrashError) as err:
+        for _ in iterator:
+            pass
+    text = str(err.value)
+    assert all(word in text for word in words), text
+    assert re.search(r"worker [01] \(pid \d+\)", text)
+    assert "num_workers=2, prefetch_factor=2" in text
+    assert isinstance(err.value, RuntimeError) and isinstance(err.value, AutotuneError)
+    # what torch raised is chained: its RuntimeError, or (when a batch the worker had sent
+    # could not be read) a ConnectionResetError or EOFError
+    assert isinstance(err.value.__cause__, (RuntimeError, OSError, EOFError))
+    # Shut the dead loader down now: the error's traceback would leave that to the garbage
+    # collector, which may run it late, or in a later test's newly forked worker.
+    iterator._shutdown_workers()
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError, FileNotFoundError])
+def test_a_sample_that_raises_in_a_worker_keeps_its_type(error):
+    loader = OptimalDataLoaderFactory(measure=False).create_validation_loader(
+        FailsAt(bad_index=5, size=16, error=error), batch_size=4, num_workers=2)
+    iterator = iter(loader)
+    with pytest.raises(error, match="corrupt record") as err:
+        list(iterator)
+    assert not isinstance(err.value, WorkerCrashError)
+    iterator._shutdown_workers()
+
+
+@pytest.mark.parametrize("torch_message, words", [  # the texts of torch 2.x's SIGCHLD handler
+    ("DataLoader worker (pid 123) is killed by signal: Killed. ", ["killed by SIGKILL", "dmesg"]),
+    ("DataLoader worker (pid 123) is killed by signal: Bus error. It is possible that "
+     "dataloader's workers are out of shared memory. Please try to raise your shared memory "
+     "limit.", ["killed by SIGBUS", "--shm-size"]),
+    ("DataLoader worker (pid 123) exited unexpectedly with exit code 1. Details are lost due "
+     "to multiprocessing. Rerunning with num_workers=0 may give better error trace.",
+     ["exited with code 1", "num_workers=0"]),
+    ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback", None),
+    ("Pin memory thread exited unexpectedly", None),
+], ids=["SIGKILL", "SIGBUS", "exit-1", "sample-error", "pin-thread"])
+def test_torch_crash_texts_are_recognized(torch_message, words):
+    message = explain_crash(torch_message, (), "num_workers=2, prefetch_factor=2")
+    if words is None:
+        assert message is None
+    else:
+        assert message.startswith("DataLoader worker (pid 123) ")
+        assert all(word in message for word in words) and "num_workers=2" in message
