@@ -7,7 +7,7 @@ workers x prefetch. The grid and the tuner are timed; then every candidate is me
 interleaved, ``--rounds`` times with the same steady-state trial the tuner uses, and the
 means are compared with the grid best's. Results go to ``--out`` (bench/RESULTS.md).
 
-    python bench/run.py                       # everything (about 45 minutes on 2 CPUs)
+    python bench/run.py                       # everything (about 50 minutes on 2 CPUs)
     python bench/run.py --only tiny --budget-s 20
 """
 
@@ -56,11 +56,13 @@ def main() -> None:
         words = args.only.split(",") if args.only else []
         workloads = [w for w in all_workloads(Path(tmp))
                      if not words or any(word in w[0] for word in words)]
-        results = [bench_workload(hw, name, dataset, batch, args)
-                   for name, dataset, batch in workloads]
-    report = render(hw, results, args)
-    Path(args.out).write_text(report)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        results: list[dict] = []
+        for name, dataset, batch in workloads:
+            results.append(bench_workload(hw, name, dataset, batch, args))
+            report = render(hw, results, args)  # after each workload: a cut-off run keeps some
+            Path(args.out).write_text(report)
+            Path(args.out).with_suffix(".json").write_text(
+                json.dumps(results, indent=1, default=str))
     print(report)
 
 

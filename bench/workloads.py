@@ -143,7 +143,7 @@ def all_workloads(directory: Path) -> list[tuple[str, Dataset, int]]:
         ("storage latency, heavy tail", StorageLatency(), 64),
         ("JPEG decode (Pillow)", JpegFiles(directory), 32),
         ("HDF5 per-sample reads (h5py)", Hdf5Samples(directory / "samples.h5"), 64),
-        ("BLAS augmentation (numpy)", BlasAugment(), 64),
         ("tiny samples", TinySamples(), 64),
         ("large cheap tensors (600 KB)", LargeTensors(), 64),
+        ("BLAS augmentation (numpy)", BlasAugment(), 64),  # last: its grid takes ~20 minutes
     ]
