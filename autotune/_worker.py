@@ -1,4 +1,7 @@
-"""What runs at the start of every worker process: seeds, thread budget, the user's hook.
+"""What runs at the start of every worker process: gc.freeze, thread budget, the user's hook.
+
+Seeding is torch's: each worker's ``random``, numpy global RNG and torch start from the
+loader's base seed + worker id (the factory seeds the loader's generator when asked to).
 
 A class rather than a closure so that it pickles under spawn and forkserver.
 """
@@ -6,7 +9,6 @@ A class rather than a closure so that it pickles under spawn and forkserver.
 from __future__ import annotations
 
 import gc
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -18,43 +20,27 @@ _limits: list[Any] = []  # keeps threadpoolctl's limiter alive for the worker's 
 class WorkerInit:
     """``worker_init_fn`` for autotune's loaders.
 
-    Freezes what the worker inherited out of the garbage collector's reach, seeds
-    ``random``, numpy's legacy global RNG and torch from the worker's seed (the loader's base
-    seed + worker id, new every epoch unless workers persist), sizes native thread pools to
-    ``threads`` (``limit_threads``), then calls ``user_fn``.
+    Freezes what the worker inherited out of the garbage collector's reach, sizes native
+    thread pools to ``threads`` (``limit_threads``), then calls ``user_fn``.
     """
 
     def __init__(self, *, threads: int | None = None,
-                 user_fn: Callable[[int], Any] | None = None, seed: bool = True) -> None:
+                 user_fn: Callable[[int], Any] | None = None) -> None:
         self.threads = threads
         self.user_fn = user_fn
-        self.seed = seed
 
     def __call__(self, worker_id: int) -> None:
-        import torch
-
         # Objects inherited from the parent go to the permanent generation, so this
         # worker's garbage collector never walks them: walking writes to their headers,
         # and every page written is copied (memory would grow with the parent's heap).
         gc.freeze()
-        if self.seed:
-            seed_worker(torch.utils.data.get_worker_info().seed)
         if self.threads is not None:
             limit_threads(self.threads)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
     def __repr__(self) -> str:
-        return f"WorkerInit(threads={self.threads}, user_fn={self.user_fn!r}, seed={self.seed})"
-
-
-def seed_worker(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
-    torch.manual_seed(seed)
+        return f"WorkerInit(threads={self.threads}, user_fn={self.user_fn!r})"
 
 
 def limit_threads(threads: int) -> None:

@@ -69,7 +69,7 @@ class LoaderConfig(Mapping):
 
         Never a combination DataLoader rejects: no prefetch_factor, persistent_workers,
         timeout or start method without workers. With workers it includes a ``worker_init_fn``
-        (``WorkerInit``: seeds, thread budget, garbage-collector freeze) that then calls yours.
+        (``WorkerInit``: thread budget, garbage-collector freeze) that then calls yours.
         """
         kwargs: dict[str, Any] = {
             "num_workers": self.num_workers,

@@ -135,7 +135,7 @@ class OptimalDataLoaderFactory:
                                profile_key: str | None = None,
                                workload: WorkloadProfile | None = None,
                                **dataloader_overrides: Any) -> DataLoader:
-        """Shuffled, full batches only, per-worker seeds and thread budget."""
+        """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed."""
         return self._create(dataset, batch_size, True, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import resource
@@ -156,6 +157,21 @@ class DiesInWorker(Sized):
                 os._exit(3)
             os.kill(os.getpid(), self.sig)
         return torch.zeros(4)
+
+
+class GcInWorker(Sized):
+    """Returns the worker's USS before and after a full garbage collection."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import psutil
+
+        before = psutil.Process().memory_full_info().uss
+        gc.collect()
+        after = psutil.Process().memory_full_info().uss
+        return torch.tensor([before, after], dtype=torch.int64)
 
 
 class HangsInWorker(Sized):

@@ -7,6 +7,7 @@ Each protection is shown against the failure it prevents.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import pickle
 import re
 import shlex
@@ -28,8 +29,8 @@ from autotune import factory as factory_module
 from autotune import rules
 from autotune._crash import explain_crash
 
-from datasets import (ArrayBacked, DiesInWorker, FailsAt, Indexed, ManyPaths, NaiveAugmented,
-                      Pairs, WithLambda, add_noise)
+from datasets import (ArrayBacked, DiesInWorker, FailsAt, GcInWorker, Indexed, ManyPaths,
+                      NaiveAugmented, Pairs, RandomDraws, WithLambda, add_noise)
 from fakes import fake_hardware
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -57,6 +58,7 @@ def test_local_function_and_partial_are_named():
     assert err.value.path == "worker_init_fn.func"
 
 
+@pytest.mark.filterwarnings("ignore:Got pickle error")  # torch's, from the plain loader
 def test_without_the_check_spawn_fails_obscurely_with_the_check_clearly():
     plain = DataLoader(WithLambda(), batch_size=2, num_workers=1,
                        multiprocessing_context="spawn")
@@ -250,6 +252,61 @@ def test_a_failing_sample_names_its_index(workers):
         list(plain)
     assert "dataset[13]" not in str(raw.value) + "".join(getattr(raw.value, "__notes__", []))
     assert loader.dataset.size == 16  # attributes pass through the wrapper
+
+
+# -- what the audit found untested: default start method, each RNG, epochs, gc.freeze -------
+
+@pytest.fixture(params=["spawn", "forkserver"])
+def default_start_method(request):
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(request.param, force=True)
+    yield request.param
+    multiprocessing.set_start_method(before, force=True)
+
+
+def test_lambda_is_refused_under_the_default_start_method(default_start_method):
+    # Python 3.14 makes forkserver the default on Linux: no multiprocessing_context passed
+    factory = OptimalDataLoaderFactory(measure=False)
+    with pytest.raises(WorkerSafetyError,
+                       match=rf"dataset\.transform\.fn is a lambda.*'{default_start_method}'"):
+        factory.create_training_loader(WithLambda(), batch_size=2, num_workers=1)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_each_rng_differs_across_workers_and_epochs(persistent):
+    loader = OptimalDataLoaderFactory(measure=False, seed=7).create_training_loader(
+        RandomDraws(32), batch_size=4, num_workers=2, persistent_workers=persistent)
+    epochs = [torch.cat(list(loader)) for _ in range(2)]
+
+    def first_draws(epoch, worker, column):  # the worker's first batch: its first 4 draws
+        return epoch[epoch[:, 1] == worker][:4, column]
+
+    for column, name in ((2, "random"), (3, "numpy"), (4, "torch")):
+        assert not torch.equal(first_draws(epochs[0], 0, column),
+                               first_draws(epochs[0], 1, column)), f"{name}: workers repeat"
+        assert not torch.equal(first_draws(epochs[0], 0, column),
+                               first_draws(epochs[1], 0, column)), f"{name}: epochs repeat"
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_augmentation_of_each_sample_changes_every_epoch(persistent):
+    # order fixed, so the check cannot pass merely because shuffling reordered the samples
+    loader = OptimalDataLoaderFactory(measure=False, seed=3).create_validation_loader(
+        AugmentedDataset(Pairs(32), add_noise), batch_size=4, num_workers=2,
+        persistent_workers=persistent)
+    first, second = (torch.cat([x for x, _ in loader]) for _ in range(2))
+    changed = (first - second).flatten(1).abs().amax(dim=1) > 0
+    assert changed.all(), f"samples {(~changed).nonzero().flatten().tolist()} repeat their noise"
+
+
+def test_worker_gc_does_not_copy_the_parents_heap():
+    heap = [[i] for i in range(500_000)]  # ~40 MB of objects the collector tracks
+    loader = OptimalDataLoaderFactory(measure=False).create_validation_loader(
+        GcInWorker(2), batch_size=1, num_workers=1)
+    (before, after), _ = (row.flatten().tolist() for row in loader)
+    grown = after - before
+    assert grown < 8 << 20, f"a collection in the worker copied {grown >> 20} MiB of the parent"
+    del heap
 
 
 # -- a worker that dies -------------------------------------------------------------------------
