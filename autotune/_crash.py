@@ -114,10 +114,7 @@ def _dead_worker(workers: Sequence[Any], wait_s: float) -> int | None:
     """The pid of a worker that has ended, or ends within ``wait_s``; None if all live on."""
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            ended = [process.pid for process in workers if process.exitcode is not None]
-        except ValueError:  # a closed multiprocessing.Process
-            return None
+        ended = [pid for pid, code in _exit_codes(workers).values() if code is not None]
         if ended:
             return ended[0]
         if time.monotonic() >= deadline:
@@ -127,10 +124,15 @@ def _dead_worker(workers: Sequence[Any], wait_s: float) -> int | None:
 
 def _worker(workers: Sequence[Any], pid: int) -> tuple[int | None, int | None]:
     """(worker id, exit code) of the worker process with this pid, if torch still has it."""
-    try:
-        for worker_id, process in enumerate(workers):
-            if process.pid == pid:
-                return worker_id, process.exitcode
-    except ValueError:  # a closed multiprocessing.Process
-        pass
+    for worker_id, (worker_pid, code) in _exit_codes(workers).items():
+        if worker_pid == pid:
+            return worker_id, code
     return None, None
+
+
+def _exit_codes(workers: Sequence[Any]) -> dict[int, tuple[int, int | None]]:
+    """{worker id: (pid, exit code or None while it runs)}; empty once torch closed them."""
+    try:
+        return {i: (process.pid, process.exitcode) for i, process in enumerate(workers)}
+    except ValueError:  # a closed multiprocessing.Process
+        return {}

@@ -21,6 +21,11 @@ from typing import Any
 
 import yaml
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 from .config import SETTINGS, LoaderConfig
 from .errors import InvalidConfigError, ProfileError
 from .hardware import HardwareInfo
@@ -213,19 +218,17 @@ def save_entry(hw: HardwareInfo, key: str, entry: ProfileEntry,
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock for writers of ``path``, released when the block ends."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform: writes stay atomic, merges may race
+    if fcntl is None:  # no flock on this platform: writes stay atomic, merges may race
         yield
         return
-    fd = _lock_fd(path, fcntl)
+    fd = _lock_fd(path)
     try:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _lock_fd(path: Path, fcntl: Any) -> int:
+def _lock_fd(path: Path) -> int:
     """flock the profile directory itself, so no lock file lands among the profiles teams
     commit; where a directory cannot be locked (some network filesystems), a hidden file."""
     fd = os.open(path.parent, os.O_RDONLY)
