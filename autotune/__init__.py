@@ -7,17 +7,17 @@
 """
 
 from .config import LoaderConfig
-from .datasets import AugmentedDataset, StandardizedDataset, compute_stats
+from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
                      WorkerCrashError, WorkerSafetyError)
-from .factory import OptimalDataLoaderFactory, TunedDataLoader
-from .hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
+from .loading.factory import OptimalDataLoaderFactory, TunedDataLoader
+from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
-from .rules import DatasetHints
-from .safety import check_worker_safety, copy_on_read_risks
-from .trial import Trial
-from .tuner import Autotuner, TuningResult
-from .workload import WorkloadProfile, measure_workload
+from .policy.rules import DatasetHints
+from .loading.safety import check_worker_safety, copy_on_read_risks
+from .measure.trial import Trial
+from .tuning.tuner import Autotuner, TuningResult
+from .measure.workload import WorkloadProfile, measure_workload
 
 __version__ = "0.1.0"
 

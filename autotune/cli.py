@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import AutotuneError
-from .hardware import HardwareInfo, probe_hardware
+from .system.hardware import HardwareInfo, probe_hardware
 from .profiles import load_profile, profile_path, save_hardware
 
 GIB = 1 << 30
@@ -120,7 +120,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .factory import OptimalDataLoaderFactory
+    from .loading.factory import OptimalDataLoaderFactory
 
     factory = OptimalDataLoaderFactory(measure=False)
     config = factory.get_optimal_config(
@@ -136,7 +136,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ._load import load_dataset
-    from .tuner import Autotuner
+    from .tuning.tuner import Autotuner
 
     dataset = load_dataset(args.target)
     tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
@@ -144,7 +144,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tuner.run()
     path = result.save(args.profile_dir)
     if args.plot:
-        from ._plot import plot_trials
+        from .tuning._plot import plot_trials
 
         plot_trials(result, args.plot)
     if args.json:

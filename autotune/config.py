@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ._worker import WorkerInit
+from .loading.worker import WorkerInit
 from .errors import InvalidConfigError
 
 START_METHODS = ("fork", "spawn", "forkserver")

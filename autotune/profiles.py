@@ -28,7 +28,7 @@ except ImportError:  # not on Windows
 
 from .config import SETTINGS, LoaderConfig
 from .errors import InvalidConfigError, ProfileError
-from .hardware import HardwareInfo
+from .system.hardware import HardwareInfo
 
 SCHEMA_VERSION = 1
 PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"

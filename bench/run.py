@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 import autotune  # noqa: E402
-from autotune import LoaderConfig, rules  # noqa: E402
-from autotune.trial import run_trial  # noqa: E402
-from autotune.tuner import trial_window_s  # noqa: E402
+from autotune import LoaderConfig  # noqa: E402
+from autotune.policy import rules  # noqa: E402
+from autotune.measure.trial import run_trial  # noqa: E402
+from autotune.tuning.tuner import trial_window_s  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
 GRID_WORKERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)

@@ -1,4 +1,4 @@
-"""Tests of autotune._sysparse (inline file text) and autotune.hardware (canned file trees).
+"""Tests of autotune.system._parse (inline file text) and autotune.system.hardware (canned file trees).
 
 The trees under tests/data/sys/<scenario>/ hold /proc and cgroup files as Linux writes them:
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import autotune
-from autotune import _sysparse as sp
-from autotune import hardware
-from autotune.hardware import HardwareInfo, SystemFiles, read_hardware
+from autotune.system import _parse as sp
+from autotune.system import hardware
+from autotune.system.hardware import HardwareInfo, SystemFiles, read_hardware
 from fakes import H100, FakeNvml, NVMLError_NotSupported, fake_gpu, fake_hardware
 
 GIB = 1 << 30

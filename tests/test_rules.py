@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from autotune import DatasetHints, LoaderConfig, WorkloadProfile
-from autotune import rules
-from autotune.rules import recommend
+from autotune.policy import rules
+from autotune.policy.rules import recommend
 
 from fakes import fake_hardware
 

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from autotune import (AugmentedDataset, AutotuneError, DatasetHints, OptimalDataLoaderFactory,
                       StandardizedDataset, WorkerCrashError, WorkerSafetyError, WorkloadProfile,
                       check_worker_safety, compute_stats, copy_on_read_risks)
-from autotune import factory as factory_module
-from autotune import rules
-from autotune._crash import explain_crash
+from autotune.loading import factory as factory_module
+from autotune.policy import rules
+from autotune.loading.crash import explain_crash
 
 from datasets import (ArrayBacked, DiesInWorker, FailsAt, GcInWorker, Indexed, ManyPaths,
                       NaiveAugmented, Pairs, RandomDraws, WithLambda, add_noise)

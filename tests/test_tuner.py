@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from autotune import Autotuner, InvalidConfigError, OptimalDataLoaderFactory
-from autotune import tuner as tuner_module
-from autotune.trial import Trial
-from autotune.workload import WorkloadProfile
+from autotune.tuning import tuner as tuner_module
+from autotune.measure.trial import Trial
+from autotune.measure.workload import WorkloadProfile
 from autotune.profiles import load_profile, profile_path
 
 from datasets import HangsInWorker, Indexed, KillsWorker, Sleepy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import AutotuneError
+from ..errors import AutotuneError
 
 if TYPE_CHECKING:
     from .tuner import TuningResult

@@ -20,7 +20,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import WorkerSafetyError
+from ..errors import WorkerSafetyError
 
 COPY_ON_READ_BYTES = 32 << 20  # Python objects taking this much are worth a warning
 _SCAN_DEPTH = 3

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import DatasetError, InvalidConfigError
+from ..errors import DatasetError, InvalidConfigError
 
 DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0

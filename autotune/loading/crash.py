@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import WorkerCrashError
+from ..errors import WorkerCrashError
 
 # torch's two texts: the SIGCHLD handler's (DataLoader.cpp, "killed by signal: Killed." or
 # "exited unexpectedly with exit code 1.") and _try_get_data's ("pid(s) 1, 2) exited ...").

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rules
-from .config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, LoaderConfig
-from .errors import InvalidConfigError
-from .hardware import HardwareInfo, probe_hardware
-from .profiles import ProfileEntry, check_key, save_entry
-from .trial import Trial, run_trial
-from .workload import WorkloadProfile, measure_workload
+from ..policy import rules
+from ..config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, LoaderConfig
+from ..errors import InvalidConfigError
+from ..system.hardware import HardwareInfo, probe_hardware
+from ..profiles import ProfileEntry, check_key, save_entry
+from ..measure.trial import Trial, run_trial
+from ..measure.workload import WorkloadProfile, measure_workload
 
 DEFAULT_BUDGET_S = 60.0
 STALL_OK = 0.05  # a consumer waiting for data less than this share of the time keeps up
@@ -145,7 +145,7 @@ class Autotuner:
                                      f"got {type(dataset).__name__}") from None
         if size < 1:
             raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
-        from .factory import dataset_key
+        from ..loading.factory import dataset_key
 
         self.dataset = dataset
         self.batch_size = batch_size

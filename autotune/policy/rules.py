@@ -15,10 +15,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .config import LoaderConfig
-from .errors import InvalidConfigError
-from .hardware import HardwareInfo
-from .workload import WorkloadProfile
+from ..config import LoaderConfig
+from ..errors import InvalidConfigError
+from ..system.hardware import HardwareInfo
+from ..measure.workload import WorkloadProfile
 
 # Costs measured on a 2-CPU AMD EPYC VM, torch 2.13 CPU (bench/RESULTS.md has the runs):
 TRANSFER_S_PER_BATCH = 1e-3  # CPU seconds to send one batch from a worker to the main process

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import _sysparse as parse
+from . import _parse as parse
 
 log = logging.getLogger(__name__)
 

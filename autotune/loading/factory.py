@@ -18,16 +18,16 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import rules
-from ._crash import CrashNamingIterator
-from ._warn import warn_user
-from ._worker import NamedErrors
-from .config import SETTINGS, TUNED_SETTINGS, LoaderConfig
-from .errors import InvalidConfigError, ProfileError
-from .hardware import HardwareInfo, probe_hardware
-from .profiles import Profile, ProfileEntry, check_key, load_profile, profile_path
+from ..policy import rules
+from .crash import CrashNamingIterator
+from .._warn import warn_user
+from .worker import NamedErrors
+from ..config import SETTINGS, TUNED_SETTINGS, LoaderConfig
+from ..errors import InvalidConfigError, ProfileError
+from ..system.hardware import HardwareInfo, probe_hardware
+from ..profiles import Profile, ProfileEntry, check_key, load_profile, profile_path
 from .safety import check_worker_safety, copy_on_read_risks
-from .workload import WorkloadProfile, measure_workload
+from ..measure.workload import WorkloadProfile, measure_workload
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 from torch.utils.data import DataLoader
 
-from .config import LoaderConfig
+from ..config import LoaderConfig
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
 MEMORY_SAMPLE_S = 0.25

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
 
 STATS_CHUNK = 1024
 

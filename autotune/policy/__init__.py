@@ -1,0 +1,1 @@
+"""Pure decisions: the rules, the resolver (explicit > profile > rules), the search."""
