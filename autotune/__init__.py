@@ -10,13 +10,15 @@ from .config import LoaderConfig
 from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
                      WorkerCrashError, WorkerSafetyError)
-from .loading.factory import OptimalDataLoaderFactory, TunedDataLoader
+from .loading.builder import TunedDataLoader
+from .loading.factory import OptimalDataLoaderFactory
 from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
 from .policy.rules import DatasetHints
 from .loading.safety import check_worker_safety, copy_on_read_risks
 from .measure.trial import Trial
-from .tuning.tuner import Autotuner, TuningResult
+from .tuning.result import TuningResult
+from .tuning.tuner import Autotuner
 from .measure.workload import WorkloadProfile, measure_workload
 
 __version__ = "0.1.0"

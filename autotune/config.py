@@ -16,6 +16,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .loading.worker import WorkerInit
+from ._check import check_bool, check_int, check_seconds
 from .errors import InvalidConfigError
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -44,22 +45,18 @@ class LoaderConfig(Mapping):
     source: str = "rules"
 
     def __post_init__(self) -> None:
-        _check_int("num_workers", self.num_workers, minimum=0)
+        check_int("num_workers", self.num_workers, minimum=0)
         if self.prefetch_factor is not None:
-            _check_int("prefetch_factor", self.prefetch_factor, minimum=1)
+            check_int("prefetch_factor", self.prefetch_factor, minimum=1)
         if self.worker_threads is not None:
-            _check_int("worker_threads", self.worker_threads, minimum=1)
+            check_int("worker_threads", self.worker_threads, minimum=1)
         for name in ("pin_memory", "persistent_workers", "in_order", "drop_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidConfigError(
-                    f"{name}={getattr(self, name)!r} must be True or False")
+            check_bool(name, getattr(self, name))
         if self.multiprocessing_context not in (None, *START_METHODS):
             raise InvalidConfigError(
                 f"multiprocessing_context={self.multiprocessing_context!r} must be None "
                 f"or one of {', '.join(START_METHODS)}")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
-                or self.timeout < 0:
-            raise InvalidConfigError(f"timeout={self.timeout!r} must be a number >= 0 (seconds)")
+        check_seconds("timeout", self.timeout, allow_zero=True)
         if self.source not in SOURCES:
             raise InvalidConfigError(f"source={self.source!r} must be one of {', '.join(SOURCES)}")
         object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
@@ -138,9 +135,3 @@ class LoaderConfig(Mapping):
     def __len__(self) -> int:
         return len(self.dataloader_kwargs())
 
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidConfigError(f"{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise InvalidConfigError(f"{name}={value!r} must be >= {minimum}")

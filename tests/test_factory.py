@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -85,14 +86,31 @@ def test_precedence_override_then_profile_then_rules(tmp_path):
     assert other_key.autotune_config.source == "rules"
 
 
-def test_profile_from_other_hardware_is_not_applied():
+def test_profile_from_other_hardware_is_not_applied_calmly(caplog):
+    # The quick start on a new kind of machine meets the developers' committed profile:
+    # one calm log line, no warning.
     hw = probe_hardware()
     path = save_entry(hw, "Indexed", ProfileEntry(settings={"num_workers": 1}))
     path.write_text(path.read_text().replace(hw.fingerprint, "ffffffffffffffff"))
-    with pytest.warns(UserWarning, match="other hardware"):
-        loader = OptimalDataLoaderFactory().create_training_loader(
-            Indexed(512), batch_size=32, workload=CHEAP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("INFO", logger="autotune"):
+            loader = OptimalDataLoaderFactory().create_training_loader(
+                Indexed(512), batch_size=32, workload=CHEAP)
     assert loader.autotune_config.source == "rules"
+    assert any("other hardware" in r.getMessage() for r in caplog.records)
+
+
+def test_profile_of_another_hostname_with_this_hardware_applies():
+    # A Kubernetes pod or Slurm job gets a new hostname every run.
+    hw = probe_hardware()
+    other = dataclasses.replace(hw, host=dataclasses.replace(hw.host, hostname="pod-7f9c"))
+    path = save_entry(other, "Indexed", ProfileEntry(settings={"num_workers": 1,
+                                                               "prefetch_factor": 3}))
+    assert path.name == "pod-7f9c.yaml"
+    loader = OptimalDataLoaderFactory().create_training_loader(Indexed(512), batch_size=32)
+    assert (loader.num_workers, loader.prefetch_factor) == (1, 3)
+    assert "pod-7f9c.yaml" in loader.autotune_config.reasons["num_workers"]
 
 
 def test_malformed_profile_falls_back_to_rules_with_warning():
@@ -112,10 +130,29 @@ def test_malformed_profile_falls_back_to_rules_with_warning():
     ({"batch_size": 4, "num_wrokers": 2}, "num_wrokers"),
     ({"batch_size": 4, "num_workers": 1.5}, "num_workers=1.5"),
     ({"batch_size": 4, "profile_key": "../x"}, "profile key"),
+    ({"batch_size": 4, "num_workers": -1}, "num_workers=-1 must be >= 0"),
+    ({"batch_size": 4, "timeout": -2}, "timeout=-2"),
+    ({"batch_size": True}, "batch_size=True"),
+    ({"batch_size": 4, "has_augmentation": "yes"}, "has_augmentation='yes'"),
+    ({"batch_size": 16}, r"batch_size=16 with drop_last=True over a dataset of 8"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, match):
     with pytest.raises(InvalidConfigError, match=match):
         OptimalDataLoaderFactory(measure=False).create_training_loader(Indexed(8), **kwargs)
+
+
+def test_a_validation_loader_keeps_a_partial_only_batch():
+    loader = OptimalDataLoaderFactory(measure=False).create_validation_loader(
+        Indexed(8), batch_size=16)
+    assert [len(b) for b in loader] == [8]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seed": -1}, "seed=-1"), ({"measure": "no"}, "measure='no'"), ({"device": 0}, "device=0"),
+])
+def test_factory_arguments_are_checked(kwargs, match):
+    with pytest.raises(InvalidConfigError, match=match):
+        OptimalDataLoaderFactory(**kwargs)
 
 
 def test_dataset_size_zero():

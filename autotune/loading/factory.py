@@ -18,49 +18,23 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..policy import rules
-from .crash import CrashNamingIterator
+from .._check import check_bool, check_int
 from .._warn import warn_user
-from .worker import NamedErrors
-from ..config import SETTINGS, TUNED_SETTINGS, LoaderConfig
+from ..config import SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError, ProfileError
-from ..system.hardware import HardwareInfo, probe_hardware
-from ..profiles import Profile, ProfileEntry, check_key, load_profile, profile_path
-from .safety import check_worker_safety, copy_on_read_risks
 from ..measure.workload import WorkloadProfile, measure_workload
+from ..policy import rules
+from ..policy.resolve import check_yields_a_batch, resolve
+from ..profiles import Profile, ProfileEntry, check_key, find_profile
+from ..system.hardware import HardwareInfo, probe_hardware
+from .builder import TunedDataLoader, build_loader
+from .safety import check_worker_safety, copy_on_read_risks
 
 log = logging.getLogger(__name__)
 
 # Keywords passed straight to DataLoader (everything it takes that is not ours to choose).
 _PASS_THROUGH = frozenset(inspect.signature(DataLoader.__init__).parameters) - {
     "self", "dataset", "batch_size", *SETTINGS}
-
-
-class TunedDataLoader(DataLoader):
-    """A plain ``DataLoader`` that remembers its ``LoaderConfig`` (``.autotune_config``).
-
-    Its ``dataset`` is the caller's, wrapped so that an exception names the sample's index
-    (``loader.dataset.dataset`` is the original; other attributes pass through).
-
-    When the worker count was chosen by measurement (rules or profile), torch's warning
-    about more workers than CPUs is skipped: here it is the point, and ``explain()`` says why.
-    """
-
-    autotune_config: LoaderConfig | None = None
-
-    def __iter__(self) -> Any:
-        """torch's iterator; a worker that dies raises ``WorkerCrashError`` with the likely fix
-        instead of torch's bare "killed by signal: Killed" (``autotune._crash``)."""
-        iterator = super().__iter__()
-        if self.num_workers == 0:
-            return iterator
-        return CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
-
-    def check_worker_number_rationality(self) -> None:
-        config = self.autotune_config
-        if config is not None and config.reasons.get("num_workers") != "set explicitly":
-            return
-        super().check_worker_number_rationality()
 
 
 class _on_instance_or_default:
@@ -91,12 +65,18 @@ class OptimalDataLoaderFactory:
                  seed: int | None = None, device: str | None = None) -> None:
         """``measure=False`` skips timing samples; ``seed`` makes shuffling and worker
         seeds reproducible; ``device`` is where batches go (default: what torch sees)."""
+        check_bool("measure", measure)
+        if seed is not None:
+            check_int("seed", seed, minimum=0)
+        if device is not None and not isinstance(device, str):
+            raise InvalidConfigError(f"device={device!r} must be a string like 'cuda:0' or None")
         self.hardware = hardware or probe_hardware()
         self.profile_dir = profile_dir
         self.measure = measure
         self.seed = seed
         self.device = device
         self._profile: Profile | None = None
+        self._profile_file: os.PathLike[str] | None = None
         self._profile_read = False
 
     @classmethod
@@ -111,31 +91,30 @@ class OptimalDataLoaderFactory:
                            has_standardization: bool = False, *, batch_size: int | None = None,
                            workload: WorkloadProfile | None = None, training: bool = True,
                            profile_key: str | None = None) -> LoaderConfig:
-        """The settings for a dataset of this size: profile entry if tuned here, else rules."""
+        """The settings for a dataset of this size: the profile entry if tuned for this
+        machine under ``profile_key``, else the rules (see ``policy.resolve``)."""
         hints = self._hints(dataset_size, has_augmentation, has_standardization, batch_size,
                             training)
         entry = self.profile_entry(profile_key) if profile_key is not None else None
-        if entry is None:
-            return rules.recommend(self.hardware, hints, workload)
-        # Validation keeps the rules' persistence and order: an entry is tuned for training.
-        tuned = {k: v for k, v in entry.settings.items() if k in TUNED_SETTINGS
-                 and (training or k not in ("persistent_workers", "in_order"))}
-        ruled = rules.recommend(self.hardware, hints, workload, workers=tuned.get("num_workers"))
-        return ruled.replace(source="profile", reason=entry.reason(profile_key), **tuned)
-
-    def _hints(self, dataset_size: int, has_augmentation: bool, has_standardization: bool,
-               batch_size: int | None, training: bool) -> rules.DatasetHints:
-        return rules.DatasetHints(
-            dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
-            has_standardization=has_standardization, training=training, device=self.device)
+        return self._resolve(hints, workload, entry, profile_key, {})
 
     @_on_instance_or_default
     def create_training_loader(self, dataset: Any, batch_size: int, *,
                                has_augmentation: bool = False, has_standardization: bool = False,
                                profile_key: str | None = None,
                                workload: WorkloadProfile | None = None,
-                               **dataloader_overrides: Any) -> DataLoader:
-        """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed."""
+                               **dataloader_overrides: Any) -> TunedDataLoader:
+        """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed.
+
+        Args:
+            dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+            batch_size: samples per batch, >= 1 and, with ``drop_last``, <= ``len(dataset)``.
+            has_augmentation, has_standardization: per-sample transforms (rules without a
+                measurement give them a worker per CPU).
+            profile_key: the tuned profile entry to apply (default: the dataset's class name).
+            workload: a measurement to use instead of timing a few samples here.
+            **dataloader_overrides: any ``DataLoader`` keyword; it wins over profile and rules.
+        """
         return self._create(dataset, batch_size, True, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides)
 
@@ -144,65 +123,78 @@ class OptimalDataLoaderFactory:
                                  has_augmentation: bool = False, has_standardization: bool = False,
                                  profile_key: str | None = None,
                                  workload: WorkloadProfile | None = None,
-                                 **dataloader_overrides: Any) -> DataLoader:
-        """In order, keeps the last partial batch, workers not held between passes."""
+                                 **dataloader_overrides: Any) -> TunedDataLoader:
+        """In order, keeps the last partial batch, workers not held between passes
+        (arguments as ``create_training_loader``)."""
         return self._create(dataset, batch_size, False, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides)
 
     def profile_entry(self, key: str) -> ProfileEntry | None:
-        """This host's tuned entry for key, if the profile exists, is valid and fits here."""
+        """The tuned entry for key in the profile that applies to this machine, if any."""
         check_key(key)
         profile = self.host_profile()
         return profile.loaders.get(key) if profile is not None else None
 
     def host_profile(self) -> Profile | None:
-        """This host's profile if it applies to this hardware; read once, warns otherwise."""
+        """The profile that applies to this machine (its hostname's, else one whose hardware
+        fingerprint matches); read once. An unusable file warns and leaves the rules."""
         if not self._profile_read:
             self._profile_read = True
-            path = profile_path(self.hardware.host.hostname, self.profile_dir)
             try:
-                profile = load_profile(path)
+                lookup = find_profile(self.hardware, self.profile_dir)
             except ProfileError as exc:
                 warn_user(f"{exc}; using the rules instead")
                 return None
-            if profile is not None and not profile.applies_to(self.hardware):
-                warn_user(f"{path} was tuned on other hardware (fingerprint "
-                          f"{profile.fingerprint} != {self.hardware.fingerprint}); using the "
-                          "rules instead. Re-run `autotune tune` on this machine.")
-                profile = None
-            self._profile = profile
+            log.info("autotune profile: %s", lookup.why)
+            self._profile, self._profile_file = lookup.profile, lookup.path
         return self._profile
+
+    def _hints(self, dataset_size: int, has_augmentation: bool, has_standardization: bool,
+               batch_size: int | None, training: bool) -> rules.DatasetHints:
+        check_bool("has_augmentation", has_augmentation)
+        check_bool("has_standardization", has_standardization)
+        return rules.DatasetHints(
+            dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
+            has_standardization=has_standardization, training=training, device=self.device)
+
+    def _resolve(self, hints: rules.DatasetHints, workload: WorkloadProfile | None,
+                 entry: ProfileEntry | None, key: str | None,
+                 explicit: dict[str, Any]) -> LoaderConfig:
+        reason = "tuned"
+        if entry is not None:
+            reason = entry.reason(key)
+            if self._profile_file is not None:
+                reason += f" in {self._profile_file}"
+        return resolve(self.hardware, hints, workload,
+                       entry=entry.settings if entry is not None else None,
+                       entry_reason=reason, explicit=explicit)
 
     def _create(self, dataset: Any, batch_size: int, training: bool, has_augmentation: bool,
                 has_standardization: bool, profile_key: str | None,
-                workload: WorkloadProfile | None, overrides: dict[str, Any]) -> DataLoader:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+                workload: WorkloadProfile | None, overrides: dict[str, Any]) -> TunedDataLoader:
+        check_int("batch_size", batch_size, minimum=1)
         unknown = set(overrides) - _PASS_THROUGH - set(SETTINGS)
         if unknown:
             raise InvalidConfigError(
                 f"unknown keyword(s) {sorted(unknown)}: DataLoader takes "
                 f"{', '.join(sorted(_PASS_THROUGH | set(SETTINGS)))}")
-        key = profile_key if profile_key is not None else dataset_key(dataset)
-        tuned = self.profile_entry(key) is not None
-        if workload is None and self.measure and not tuned and "num_workers" not in overrides:
+        size = dataset_size(dataset)
+        explicit = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
+        LoaderConfig(**explicit)  # a bad keyword fails now, not after measuring
+        hints = self._hints(size, has_augmentation, has_standardization, batch_size, training)
+        key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
+        entry = self.profile_entry(key)
+        if workload is None and self.measure and entry is None and "num_workers" not in explicit:
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
-        config = self.get_optimal_config(
-            len(dataset), has_augmentation, has_standardization, batch_size=batch_size,
-            workload=workload, training=training, profile_key=key if tuned else None)
-        settings = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
-        if "num_workers" in settings:  # the rest should follow the count the user chose
-            hints = self._hints(len(dataset), has_augmentation, has_standardization, batch_size,
-                                training)
-            config = rules.recommend(self.hardware, hints, workload,
-                                     workers=settings["num_workers"])
-        if settings:
-            config = config.replace(source="override", reason="set explicitly", **settings)
+        config = self._resolve(hints, workload, entry, key, explicit)
+        if "sampler" not in overrides and "batch_sampler" not in overrides:
+            check_yields_a_batch(config, size, batch_size)
         log.info("DataLoader for %s:\n%s", key, config.explain())
         if config.num_workers > 0:
-            self._check_workers(dataset, config, overrides, workload, self._hints(
-                len(dataset), has_augmentation, has_standardization, batch_size, training))
-        return self._build(dataset, batch_size, training, config, overrides)
+            self._check_workers(dataset, config, overrides, workload, hints)
+        if self.seed is not None and "generator" not in overrides:
+            overrides["generator"] = torch.Generator().manual_seed(self.seed)
+        return build_loader(dataset, batch_size, config, shuffle=training, extra=overrides)
 
     def _check_workers(self, dataset: Any, config: LoaderConfig, extra: dict[str, Any],
                        workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:
@@ -224,22 +216,6 @@ class OptimalDataLoaderFactory:
         if shm is not None:
             _warn_once(shm)
 
-    def _build(self, dataset: Any, batch_size: int, training: bool, config: LoaderConfig,
-               extra: dict[str, Any]) -> DataLoader:
-        kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))
-        if self.seed is not None and "generator" not in extra:
-            extra["generator"] = torch.Generator().manual_seed(self.seed)
-        if "batch_sampler" in extra:  # it decides batching, order and the last batch itself
-            kwargs.pop("drop_last")
-        else:
-            kwargs["batch_size"] = batch_size
-            if "sampler" not in extra:
-                extra.setdefault("shuffle", training)
-        loader = TunedDataLoader.__new__(TunedDataLoader)
-        loader.autotune_config = config  # before __init__, which already checks worker counts
-        loader.__init__(NamedErrors(dataset), **kwargs, **extra)
-        return loader
-
 
 _warned: set[str] = set()
 
@@ -249,6 +225,19 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warn_user(message)
+
+
+def dataset_size(dataset: Any) -> int:
+    """``len(dataset)``, or a clear error for datasets without one."""
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise InvalidConfigError(
+            f"dataset of type {type(dataset).__name__} has no len(): the factory needs a "
+            "map-style dataset (__len__ and __getitem__)") from None
+    if size < 1:
+        raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
+    return size
 
 
 def dataset_key(dataset: Any) -> str:

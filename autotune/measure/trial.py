@@ -1,8 +1,12 @@
 """One measurement: a LoaderConfig on the real dataset, in steady state.
 
-Builds a real DataLoader with persistent workers, discards the start-up and the first
-prefetch burst, then counts samples over a window, optionally feeding a consumer (a
-simulated step or the user's ``train_step``). Records samples/s, time to the first batch,
+Builds the loader users get (``loading.builder``: same wrapper, worker start-up, crash
+naming) with persistent workers, discards the start-up and the first prefetch burst, then
+counts samples over a window, optionally feeding a consumer (a simulated step or the user's
+``train_step``). Many workers on few CPUs finish their batches together, so batches come in
+bursts one round of workers apart: the window spans at least ``ROUNDS`` rounds
+(``ROUNDS x num_workers`` batches), so that one burst cannot pass for a fast setting. The
+workers are stopped when the trial ends, not when the garbage collector finds them. Records samples/s, time to the first batch,
 peak memory of the main process and its workers (PSS, so shared pages count once), CPU
 use and input stall. A trial that crashes, hangs or runs out of memory comes back failed,
 with the reason; it never raises.
@@ -10,7 +14,6 @@ with the reason; it never raises.
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +24,11 @@ import psutil
 from torch.utils.data import DataLoader
 
 from ..config import LoaderConfig
+from ..loading.builder import build_loader
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
+ROUNDS = 3  # a window holds at least this many batches per worker ...
+MAX_WINDOW_FACTOR = 3  # ... unless that takes longer than this many windows
 MEMORY_SAMPLE_S = 0.25
 
 
@@ -64,7 +70,7 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
     memory.start()
     runner.start()
     # The loader's own timeout catches hung workers; this catches a hang in this process.
-    runner.join(window_s + 4 * hang_s + 10)
+    runner.join((MAX_WINDOW_FACTOR + 1) * window_s + 4 * hang_s + 10)
     memory.stop()
     if runner.is_alive():
         return Trial(config=config, phase=phase, error=f"hung: no progress for {hang_s:.0f} s "
@@ -78,21 +84,23 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
 def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
                   window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
                   consumer: Callable[[Any], None] | None) -> None:
-    loader = iterator = None
+    loader = None
     try:
-        kwargs = config.dataloader_kwargs()
-        if config.num_workers > 0:
-            kwargs["timeout"] = hang_s
-        loader = _QuietLoader(dataset, batch_size=batch_size, shuffle=True,
-                              collate_fn=collate_fn, **kwargs)
+        built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
+        loader = build_loader(dataset, batch_size, built, shuffle=True,
+                              extra={"collate_fn": collate_fn})
         box["result"] = _steady_state(loader, config, window_s, consumer)
     except MemoryError:
         box["error"] = "out of memory in the main process"
     except Exception as exc:  # the dataset's, the workers' or the consumer's failure
         box["error"] = _one_line(exc)
     finally:
-        del iterator, loader
-        gc.collect()  # persistent workers exit when their iterator is collected
+        if loader is not None:
+            try:
+                loader.close()
+            except Exception as exc:  # workers that died already: keep what was measured
+                if "result" not in box:
+                    box.setdefault("error", _one_line(exc))
 
 
 def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
@@ -108,20 +116,22 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
             break
     del batch
     cpu = _CpuClock()
-    samples = 0
+    samples = batches = 0
     waiting = 0.0
+    rounds = ROUNDS * config.num_workers
     began = time.perf_counter()
     while True:
         asked = time.perf_counter()
         batch, iterator = _next(iterator, loader)
         waiting += time.perf_counter() - asked
         samples += batch_length(batch)
+        batches += 1
         if consumer is not None:
             consumer(batch)
         elapsed = time.perf_counter() - began
-        if elapsed >= window_s:
+        if elapsed >= MAX_WINDOW_FACTOR * window_s or (elapsed >= window_s
+                                                      and batches >= rounds):
             break
-    iterator = None
     return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
             "cpu_percent": cpu.percent(),
             "stall_fraction": waiting / elapsed if consumer is not None else None,
@@ -146,13 +156,6 @@ def batch_length(batch: Any) -> int:
         return batch_length(next(iter(batch.values())))
     shape = getattr(batch, "shape", None)
     return int(shape[0]) if shape else 1
-
-
-class _QuietLoader(DataLoader):
-    """Trials try more workers than CPUs on purpose; torch's warning about it is noise here."""
-
-    def check_worker_number_rationality(self) -> None:
-        return
 
 
 class _CpuClock:

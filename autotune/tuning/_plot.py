@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..errors import AutotuneError
 
 if TYPE_CHECKING:
-    from .tuner import TuningResult
+    from .result import TuningResult
 
 
 def plot_trials(result: TuningResult, path: str) -> None:

@@ -1,0 +1,37 @@
+"""Argument checks shared by every public entry point: the message names the field and value.
+
+``check_int("batch_size", 0, minimum=1)`` raises
+``InvalidConfigError("batch_size=0 must be an integer >= 1")``. Booleans are not numbers
+here, and NaN or infinity is never a valid count of seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import InvalidConfigError
+
+
+def check_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
+    """``value`` if it is an int >= ``minimum``; else ``InvalidConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(f"{name}={value!r} must be an integer >= {minimum}{hint}")
+    if value < minimum:
+        raise InvalidConfigError(f"{name}={value!r} must be >= {minimum}{hint}")
+    return value
+
+
+def check_seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A finite number of seconds, > 0 (or >= 0 with ``allow_zero``)."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidConfigError(f"{name}={value!r} must be a finite number of seconds {bound}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidConfigError(f"{name}={value!r} must be True or False")
+    return value

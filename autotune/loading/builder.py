@@ -1,0 +1,109 @@
+"""The one loader builder: the factory, every tuning trial and any later re-tuner call it, so
+a trial measures exactly the loader a user gets (same dataset wrapper, worker start-up,
+crash naming) and every loader has a lifecycle (``close()``, ``with``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from ..config import LoaderConfig
+from ..policy.resolve import EXPLICIT
+from .crash import CrashNamingIterator
+from .worker import NamedErrors
+
+
+class TunedDataLoader(DataLoader):
+    """A plain ``DataLoader`` that remembers its ``LoaderConfig`` (``.autotune_config``) and
+    releases its workers when told to.
+
+    Its ``dataset`` is the caller's, wrapped so that an exception names the sample's index
+    (``loader.dataset.dataset`` is the original; other attributes pass through).
+
+    ``close()`` (or leaving a ``with`` block) stops every worker process this loader
+    started, persistent ones included, at once rather than whenever the garbage collector
+    gets to them; iterating again afterwards starts fresh workers. Re-creating loaders in a
+    loop therefore does not pile up processes.
+
+    torch's warning about more workers than CPUs is kept for a count the caller set
+    explicitly; for a count the rules, a profile or a trial chose it is the point (waiting
+    data), and ``explain()`` says why.
+
+    Example::
+
+        with factory.create_training_loader(dataset, batch_size=64) as loader:
+            for batch in loader:
+                ...
+    """
+
+    autotune_config: LoaderConfig | None = None
+
+    def __iter__(self) -> Any:
+        """torch's iterator; a worker that dies raises ``WorkerCrashError`` with the likely fix
+        instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
+        iterator = super().__iter__()
+        if self.num_workers == 0:
+            return iterator
+        self._started().add(iterator)
+        return CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (idempotent)."""
+        for iterator in list(self._started()):
+            _shutdown(iterator)
+        persistent = getattr(self, "_iterator", None)
+        if persistent is not None:
+            _shutdown(persistent)
+            self._iterator = None
+
+    def __enter__(self) -> TunedDataLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _started(self) -> weakref.WeakSet[Any]:
+        """The multi-process iterators this loader made that are still alive."""
+        started = self.__dict__.get("_autotune_started")
+        if started is None:
+            started = self.__dict__["_autotune_started"] = weakref.WeakSet()
+        return started
+
+    def check_worker_number_rationality(self) -> None:
+        config = self.autotune_config
+        if config is None or (config.source == "override"
+                              and config.reasons.get("num_workers") == EXPLICIT):
+            super().check_worker_number_rationality()
+
+
+def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle: bool,
+                 extra: Mapping[str, Any] | None = None) -> TunedDataLoader:
+    """A ``TunedDataLoader`` over ``dataset`` with ``config``'s settings.
+
+    ``extra`` holds DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
+    ``generator``, ...); a ``worker_init_fn`` there runs after autotune's own.
+    With a ``batch_sampler`` it decides batching, order and the last batch itself.
+    """
+    extra = dict(extra or {})
+    kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))
+    if "batch_sampler" in extra:
+        kwargs.pop("drop_last")
+    else:
+        kwargs["batch_size"] = batch_size
+        if "sampler" not in extra:
+            extra.setdefault("shuffle", shuffle)
+    loader = TunedDataLoader.__new__(TunedDataLoader)
+    loader.autotune_config = config  # before __init__, which already checks worker counts
+    loader.__init__(NamedErrors(dataset), **kwargs, **extra)
+    return loader
+
+
+def _shutdown(iterator: Any) -> None:
+    """torch's own orderly worker shutdown (what its iterator's ``__del__`` calls)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
