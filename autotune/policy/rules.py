@@ -7,6 +7,12 @@ With a measured workload the worker count comes from a small cost model: a worke
 (its per-sample time + collate + the cost of shipping the batch back) per sample, N workers
 run N of those at once, and all of them together cannot use more than the CPU budget. The
 count with the shortest predicted epoch (start-up included) wins, the smallest within 5%.
+
+Data that mostly waits is sized with margin, because the misses cost far more than the
+extra workers: the wait per sample is the larger of the measured mean and a lognormal fit of
+the timed samples (a heavy tail's mean is usually under-measured), and the pool gets up to
+``WAIT_HEADROOM`` times the count the model needs (a pool at the model's knee, where the
+CPUs start to limit it, delivers less than predicted: waits vary, batches come in bursts).
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ SHM_FRACTION = 0.50  # ... and this much of free /dev/shm
 DEFAULT_PREFETCH = 2  # torch's own default
 PARALLEL_THRESHOLD = 1.1  # process CPU/wall above this: samples use several threads
 NEAR_BEST = 1.05  # the fewest workers whose predicted epoch is within 5% of the best
+# Waiting data (bench/RESULTS.md, storage latency with lognormal waits):
+WAIT_HEADROOM = 1.5  # workers for data that only waits, as a multiple of the model's count;
+                     # less in proportion to the share of time samples compute
+TAIL_MIN_WAIT = 0.5  # fit a heavy tail only to samples that wait at least this share of time
+TAIL_MAX_FACTOR = 2.0  # the fit may raise the measured mean wait at most this many times
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +77,9 @@ def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile |
 
     ``workers`` fixes the worker count (a user's or a profile's); the rest follows from it.
     """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 0):
+        raise InvalidConfigError(f"num_workers={workers!r} must be an integer >= 0")
     if workers is None:
         workers, why_workers = num_workers(hw, hints, workload)
     else:
@@ -116,13 +130,21 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     n = min(k for k, t in epoch.items() if t <= best * NEAR_BEST)
     best_pool = max(rates, key=lambda k: (k > 0, rates[k]))
     wait = 1 - workload.cpu_fraction
-    detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting; "
-              f"predicted {rates[n if n else best_pool]:,.0f} samples/s with "
-              f"{n or best_pool} worker(s) vs {rates[0]:,.0f} in-process")
+    needed = n
+    if n > budget:  # waiting-bound: margin above the knee, as much as the data waits
+        n = min(cap, max(n, round(n * (1 + (WAIT_HEADROOM - 1) * wait))))
+    shown = needed if needed else best_pool
+    detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting"
+              f"{_tail_note(workload)}; predicted {rates[shown]:,.0f} samples/s with "
+              f"{shown} worker(s) vs {rates[0]:,.0f} in-process")
     if n == 0:
         return 0, f"in-process is fastest: moving batches between processes costs more ({detail})"
     if n > budget:
-        return n, f"samples mostly wait on I/O, so {n} workers > {budget} CPUs ({detail})"
+        margin = (f"the cost model's {needed} and {n - needed} more as margin, since waits "
+                  "vary and a pool at its predicted limit delivers less" if n > needed else
+                  "as many as the cost model needs")
+        waits = "mostly wait on I/O" if wait >= 0.5 else f"wait {wait:.0%} of the time"
+        return n, f"samples {waits}, so {n} workers > {budget} CPUs: {margin} ({detail})"
     return n, f"{n} worker(s) for a {budget}-CPU budget ({detail})"
 
 
@@ -141,19 +163,52 @@ def predicted_rates(hw: HardwareInfo, workload: WorkloadProfile, batch_size: int
 
 
 def _worker_wall_s(workload: WorkloadProfile) -> float:
-    """Wall seconds per sample in a single-threaded worker: the capped pass's time, with
-    the longer of the two passes' waits.
+    """Wall seconds per sample in a single-threaded worker: the capped pass's CPU time plus
+    the longest of the waits measured (either pass) or fitted (``_tail_wait_s``).
 
-    Waiting (storage, network) is the same in both passes, and the longer mean is the
+    Waiting (storage, network) is the same in both passes, and the longer estimate is the
     safer one: heavy-tailed waits make a small sample's mean low more often than high, and
     too few workers for waiting data cost far more than too many.
     """
+    cpu, wait = _measured_parts(workload)
+    return cpu + max(wait, _tail_wait_s(workload) or 0.0)
+
+
+def _measured_parts(workload: WorkloadProfile) -> tuple[float, float]:
+    """(computing, waiting) seconds per sample in a worker, from the means measured: the
+    capped pass's CPU and the longer of the two passes' waits."""
     wall = workload.single_thread_sec_per_sample
     if wall is None:
-        return workload.sec_per_sample
-    cpu = workload.single_thread_cpu_sec_per_sample or 0.0
-    default_wait = workload.sec_per_sample - workload.cpu_sec_per_sample
-    return wall + max(0.0, default_wait - max(0.0, wall - cpu))
+        wall, cpu = workload.sec_per_sample, workload.cpu_sec_per_sample
+    else:
+        cpu = workload.single_thread_cpu_sec_per_sample or 0.0
+    wait = max(0.0, wall - cpu, workload.sec_per_sample - workload.cpu_sec_per_sample)
+    return min(wall, cpu), wait
+
+
+def _tail_wait_s(workload: WorkloadProfile) -> float | None:
+    """Wait per sample by a lognormal fit of the timed samples, for data that mostly waits.
+
+    At most ``TAIL_MAX_FACTOR`` times the measured mean wait: waits that are not lognormal
+    (a cache: most samples fast, some slow) can fit a tail far heavier than they have.
+    ``None`` without per-sample times, or for data that mostly computes.
+    """
+    fitted = workload.lognormal_sec_per_sample
+    if fitted is None or 1 - workload.cpu_fraction < TAIL_MIN_WAIT:
+        return None
+    cpu, wait = _measured_parts(workload)
+    return max(0.0, min(fitted - cpu, TAIL_MAX_FACTOR * wait))
+
+
+def _tail_note(workload: WorkloadProfile) -> str:
+    """For the reason text: the fitted tail, when it raised the wait workers are sized for."""
+    cpu, wait = _measured_parts(workload)
+    tail = _tail_wait_s(workload)
+    if tail is None or tail <= wait:
+        return ""
+    return (f"; sized for {(cpu + tail) * 1e3:.3f} ms: the waits fit a heavy tail (lognormal "
+            f"sigma {workload.wall_log_std:.2f}) that a mean of {workload.samples} "
+            f"samples under-measures")
 
 
 def _worker_cpu_s(workload: WorkloadProfile) -> float:

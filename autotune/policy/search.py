@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import TORCH_HAS_IN_ORDER, LoaderConfig
+from ..config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError
 from ..measure.trial import Trial
 
@@ -276,7 +276,7 @@ class Search:
         if self.keep_up:
             what = ("the fewest workers that keep up with the step" if chosen.keeps_up
                     else "none kept up with the step: the fastest")
-        elif _key(chosen.config) == _key(fastest.config):
+        elif setting_key(chosen.config) == setting_key(fastest.config):
             what = "the fastest"
         else:
             saving = ("fewer workers" if chosen.config.num_workers < fastest.config.num_workers
@@ -289,7 +289,7 @@ class Search:
     # -- bookkeeping ----------------------------------------------------------------
 
     def _measure(self, config: LoaderConfig, phase: str, *, again: bool = False) -> Trial:
-        key = _key(config)
+        key = setting_key(config)
         if key in self._runs and not again:
             return self._runs[key][-1]
         trial = self.measure(config, phase)
@@ -328,6 +328,10 @@ class Search:
         return elapsed + per_trial + held <= self.budget_s
 
 
-def _key(config: LoaderConfig) -> tuple[Any, ...]:
-    return tuple(config.settings().values())
+def setting_key(config: LoaderConfig) -> tuple[Any, ...]:
+    """What makes two settings measure differently: the tuned settings, and of those only
+    pinning when batches are made in-process (the rest are about workers)."""
+    if config.num_workers == 0:
+        return (0, config.pin_memory)
+    return tuple(getattr(config, name) for name in TUNED_SETTINGS)
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..config import TUNED_SETTINGS, LoaderConfig
 from ..measure.trial import Trial
 from ..measure.workload import WorkloadProfile
+from ..policy.search import setting_key
 from ..profiles import ProfileEntry, check_key, save_entry
 from ..system.hardware import HardwareInfo
 
@@ -68,15 +69,16 @@ class TuningResult:
                   f"{'in_order':>8} {'samples/s':>10} {'1st batch':>9} {'memory':>9} "
                   f"{'CPU':>5} {'stall':>6}")
         lines = [header]
-        chosen, fastest = _key(self.best), _key(self.fastest) if self.fastest else None
+        chosen = setting_key(self.best)
+        fastest = setting_key(self.fastest) if self.fastest else None
         for i, t in enumerate(self.trials, 1):
             c = t.config
             mark = ""
             if not t.ok:
                 mark = f"  FAILED: {t.error}"
-            elif _key(c) == chosen:
+            elif setting_key(c) == chosen:
                 mark = "  <- chosen"
-            elif _key(c) == fastest:
+            elif setting_key(c) == fastest:
                 mark = "  <- fastest"
             lines.append(
                 f"{i:>3} {t.phase:<9} {c.num_workers:>7} {_s(c.prefetch_factor):>8} "
@@ -111,10 +113,6 @@ class TuningResult:
 
 def _tuned(config: LoaderConfig) -> dict[str, Any]:
     return {k: v for k, v in config.settings().items() if k in TUNED_SETTINGS}
-
-
-def _key(config: LoaderConfig) -> tuple[Any, ...]:
-    return tuple(config.settings().values())
 
 
 def _mb_value(value: int | None) -> float | None:

@@ -22,7 +22,7 @@ from .._check import check_int, check_seconds
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
 from ..measure.trial import ROUNDS, Trial, run_trial
-from ..measure.workload import measure_workload
+from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.search import Search, SearchSpace
 from ..profiles import check_key
@@ -116,9 +116,6 @@ class Autotuner:
             cap = min(cap, self.max_workers)
         batch_s = self.batch_size * max(workload.sec_per_sample,
                                         workload.single_thread_sec_per_sample or 0.0)
-        batch_cpu_s = self.batch_size * (
-            (workload.single_thread_cpu_sec_per_sample or workload.cpu_sec_per_sample)
-            + (workload.collate_sec_per_sample or 0.0))
         hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
         ruled = rules.recommend(self.hardware, hints, workload)
         ladder_start = ruled.num_workers
@@ -131,9 +128,9 @@ class Autotuner:
         def measure(config: LoaderConfig, phase: str) -> Trial:
             number = len(trials) + 1
             self.progress.show(number, phase, config, time.perf_counter() - start)
-            window = trial_window_s(self.budget_s, batch_s, self.step_time_s or 0.0,
-                                    workers=config.num_workers, batch_cpu_s=batch_cpu_s,
-                                    cpus=self.hardware.cpu_budget)
+            window = window_for(workload, self.batch_size, config.num_workers,
+                                cpus=self.hardware.cpu_budget, budget_s=self.budget_s,
+                                step_s=self.step_time_s or 0.0)
             trial = run_trial(self.dataset, self.batch_size, config, phase=phase,
                               window_s=window, hang_s=hang_s, collate_fn=self.collate_fn,
                               consumer=self.consumer)
@@ -166,6 +163,18 @@ class Autotuner:
             trials=outcome.trials, elapsed_s=time.perf_counter() - start,
             batch_size=self.batch_size, key=self.key, objective=self.objective,
             workload=workload, hardware=self.hardware)
+
+
+def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus: int,
+               budget_s: float = DEFAULT_BUDGET_S, step_s: float = 0.0) -> float:
+    """The trial window for ``workers`` on this workload (``trial_window_s``'s inputs)."""
+    batch_s = batch_size * max(workload.sec_per_sample,
+                               workload.single_thread_sec_per_sample or 0.0)
+    batch_cpu_s = batch_size * (
+        (workload.single_thread_cpu_sec_per_sample or workload.cpu_sec_per_sample)
+        + (workload.collate_sec_per_sample or 0.0))
+    return trial_window_s(budget_s, batch_s, step_s, workers=workers, batch_cpu_s=batch_cpu_s,
+                          cpus=cpus)
 
 
 def trial_window_s(budget_s: float, batch_s: float, step_s: float = 0.0, *, workers: int = 0,
