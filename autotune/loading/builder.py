@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ..config import LoaderConfig
+from ..errors import InvalidConfigError
 from ..policy.resolve import EXPLICIT
 from .crash import CrashNamingIterator
 from .worker import NamedErrors
@@ -98,7 +99,10 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
             extra.setdefault("shuffle", shuffle)
     loader = TunedDataLoader.__new__(TunedDataLoader)
     loader.autotune_config = config  # before __init__, which already checks worker counts
-    loader.__init__(NamedErrors(dataset), **kwargs, **extra)
+    try:
+        loader.__init__(NamedErrors(dataset), **kwargs, **extra)
+    except (TypeError, ValueError) as exc:  # torch's own checks of the keywords it was given
+        raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc
     return loader
 
 
