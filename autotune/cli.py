@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import AutotuneError
 from .system.hardware import HardwareInfo, probe_hardware
-from .profiles import load_profile, profile_path, save_hardware
+from .profiles import check_writable, find_profile, load_profile, save_hardware
 
 GIB = 1 << 30
 
@@ -138,6 +138,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ._load import load_dataset
     from .tuning.tuner import Autotuner
 
+    check_writable(args.profile_dir)  # fail now, not after the whole budget was spent
     dataset = load_dataset(args.target)
     tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
                       step_time_s=args.step_time_s, max_workers=args.max_workers)
@@ -158,20 +159,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """Which profile applies to this machine, which file it came from and why."""
     hw = probe_hardware()
-    path = profile_path(hw.host.hostname, args.profile_dir)
-    profile = load_profile(path)
-    if profile is None:
-        raise AutotuneError(f"no profile for this host at {path}; run `autotune probe --save` "
-                            "or `autotune tune`")
-    applies = profile.applies_to(hw)
+    lookup = find_profile(hw, args.profile_dir)
+    if lookup.path is None:
+        raise AutotuneError(f"{lookup.why}; run `autotune probe --save` or `autotune tune`")
+    applies = lookup.profile is not None
+    profile = lookup.profile or load_profile(lookup.path)  # the host's file that did not apply
     if args.json:
-        _print_json({"path": str(path), "applies": applies, "profile": profile.to_dict()})
+        _print_json({"path": str(lookup.path), "applies": applies, "why": lookup.why,
+                     "profile": None if profile is None else profile.to_dict()})
         return 0
-    verdict = "applies to this machine" if applies else (
-        f"does NOT apply: tuned on fingerprint {profile.fingerprint}, this machine is "
-        f"{hw.fingerprint}")
-    print(f"{path}: {verdict}")
+    verdict = "applies to this machine" if applies else "does NOT apply to this machine"
+    print(f"{lookup.path}: {verdict}")
+    print(f"  why: {lookup.why}")
+    if profile is None:
+        return 0
     print(f"  updated {profile.updated}, {len(profile.loaders)} tuned loader(s)")
     for key, entry in sorted(profile.loaders.items()):
         settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())

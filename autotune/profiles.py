@@ -4,34 +4,37 @@ A profile holds this host's hardware facts and fingerprint, and ``loaders``: for
 (a dataset name) the tuned settings and how they were measured. Read with safe YAML
 loading only (no tag ever constructs an object); written atomically (temporary file in the
 same directory, then rename) under a lock on the directory, merging with what is on disk.
+
+Lookup (``find_profile``): this host's file if its fingerprint matches, else the newest file
+whose fingerprint matches, since containers and cluster jobs get a new hostname every run.
+Every filesystem failure (directory is a file, not writable, disk full, unreadable file)
+becomes one ``ProfileError`` line naming the path and the fix, never a raw ``OSError``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
-
+from ._profile_io import (ELSEWHERE, PROFILE_DIR_ENV, fs_error, locked, make_dir, write_all,
+                          write_atomic)
 from .config import SETTINGS, LoaderConfig
 from .errors import InvalidConfigError, ProfileError
 from .system.hardware import HardwareInfo
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
-PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"
 DEFAULT_PROFILE_DIR = "profiles"
 _KEY = re.compile(r"\w[\w.:+-]{0,127}")
 _TOP_LEVEL = {"schema_version", "hostname", "fingerprint", "updated", "hardware", "loaders"}
@@ -146,7 +149,11 @@ def check_key(key: Any) -> str:
 
 def profile_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """``directory`` if given, else ``$AUTOTUNE_PROFILE_DIR``, else ``./profiles``."""
-    return Path(directory or os.environ.get(PROFILE_DIR_ENV) or DEFAULT_PROFILE_DIR)
+    folder = directory or os.environ.get(PROFILE_DIR_ENV) or DEFAULT_PROFILE_DIR
+    if "\x00" in os.fspath(folder):
+        raise ProfileError(repr(os.fspath(folder)), None,
+                           f"a path cannot contain a NUL byte: {ELSEWHERE}")
+    return Path(folder)
 
 
 def profile_path(hostname: str, directory: str | os.PathLike[str] | None = None) -> Path:
@@ -161,7 +168,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ProfileError(path, None, f"cannot read: {exc.strerror}") from None
+        raise fs_error(exc, Path(path), "read") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -172,6 +179,109 @@ def load_profile(path: str | os.PathLike[str]) -> Profile | None:
     return Profile.from_dict(data, path=path)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ProfileLookup:
+    """Which profile applies to this machine, and why (``autotune show`` prints ``why``)."""
+
+    profile: Profile | None  # the profile that applies to this machine, or None
+    path: Path | None  # the file it came from (or the host's own file that did not apply)
+    why: str  # one calm line: which file applied and why, or why none did
+
+
+def find_profile(hw: HardwareInfo,
+                 directory: str | os.PathLike[str] | None = None) -> ProfileLookup:
+    """The profile for this machine: by hostname first, then by hardware fingerprint.
+
+    Containers and cluster jobs get a new hostname every run, so a file tuned in an earlier
+    pod is found again by its fingerprint (the newest by ``updated`` if several match).
+    Other hosts' unusable files are skipped; this host's own unusable file, or a directory
+    that cannot be listed, raises ``ProfileError``. A missing directory is no profile.
+
+    Args:
+        hw: this machine (``probe_hardware()``).
+        directory: the profile directory (default: ``$AUTOTUNE_PROFILE_DIR`` or ./profiles).
+    """
+    folder = profile_dir(directory)
+    own_path = profile_path(hw.host.hostname, directory)
+    host, fp = hw.host.hostname, hw.fingerprint
+    files = _yaml_files(folder)
+    if files is None:
+        return ProfileLookup(profile=None, path=None, why=f"no profile: {folder}/ does not "
+                                                         "exist yet (the first save creates it)")
+    own = load_profile(own_path) if own_path in files else None
+    if own is not None and own.applies_to(hw):
+        return ProfileLookup(profile=own, path=own_path,
+                             why=f"{own_path}: this host's profile (hostname {host}, "
+                                 f"fingerprint {fp})")
+    others = ((_other_host(path), path) for path in files if path != own_path)
+    matches = [(p, path) for p, path in others if p is not None and p.applies_to(hw)]
+    if matches:
+        profile, path = max(matches, key=lambda m: (_when(m[0].updated), m[1].name))
+        newest = f" (newest of {len(matches)})" if len(matches) > 1 else ""
+        own_note = (f"{own_path} is from other hardware (fingerprint {own.fingerprint})"
+                    if own is not None else f"no profile named for host {host}")
+        return ProfileLookup(profile=profile, path=path,
+                             why=f"{own_note}; {path} matches this hardware's fingerprint "
+                                 f"{fp}{newest}")
+    if own is not None:
+        return ProfileLookup(profile=None, path=own_path,
+                             why=f"{own_path} was tuned on other hardware (fingerprint "
+                                 f"{own.fingerprint}, this machine {fp}): not applied; "
+                                 "run `autotune tune` here")
+    return ProfileLookup(profile=None, path=None,
+                         why=f"no profile in {folder}/ matches this machine "
+                             f"(fingerprint {fp})")
+
+
+def _yaml_files(folder: Path) -> list[Path] | None:
+    """The ``*.yaml`` files in folder, ``None`` if it does not exist."""
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise fs_error(exc, folder, "list") from None
+    return [folder / n for n in names if n.endswith(".yaml") and not n.startswith(".")]
+
+
+def _other_host(path: Path) -> Profile | None:
+    """Another host's profile, or ``None`` if it cannot be used (not this host's problem)."""
+    try:
+        return load_profile(path)
+    except ProfileError as exc:
+        log.debug("skipping %s while looking for a matching profile: %s", path, exc)
+        return None
+
+
+def _when(updated: str | None) -> _dt.datetime:
+    """``updated`` as an aware time for 'newest wins'; missing or unreadable is oldest."""
+    try:
+        when = _dt.datetime.fromisoformat(str(updated))
+    except ValueError:
+        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
+
+def check_writable(directory: str | os.PathLike[str] | None = None) -> Path:
+    """Raise the ``ProfileError`` a save would, before a long ``autotune tune`` starts.
+
+    Creates the directory (parents too) if missing, as a save would, and writes and removes
+    a small temporary file in it. Returns the directory.
+    """
+    folder = make_dir(profile_dir(directory))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".autotune-check.", suffix=".tmp")
+        try:
+            write_all(fd, b"autotune write check\n")
+            os.fsync(fd)  # where allocation is delayed, a full disk shows only here
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as exc:
+        raise fs_error(exc, folder, "write") from None
+    return folder
+
+
 def new_profile(hw: HardwareInfo) -> Profile:
     return Profile(hostname=hw.host.hostname, fingerprint=hw.fingerprint, hardware=hw.to_dict())
 
@@ -180,11 +290,11 @@ def update_profile(path: str | os.PathLike[str],
                    change: Callable[[Profile | None], Profile]) -> Profile:
     """Read, change and write back under a lock, so concurrent writers lose no entry."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    make_dir(path.parent)
+    with locked(path):
         profile = change(load_profile(path))
         profile = dataclasses.replace(profile, updated=_now())
-        _write_atomic(path, yaml.safe_dump(profile.to_dict(), sort_keys=False))
+        write_atomic(path, yaml.safe_dump(profile.to_dict(), sort_keys=False))
     return profile
 
 
@@ -213,51 +323,6 @@ def save_entry(hw: HardwareInfo, key: str, entry: ProfileEntry,
 
     update_profile(path, change)
     return path
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock for writers of ``path``, released when the block ends."""
-    if fcntl is None:  # no flock on this platform: writes stay atomic, merges may race
-        yield
-        return
-    fd = _lock_fd(path)
-    try:
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _lock_fd(path: Path) -> int:
-    """flock the profile directory itself, so no lock file lands among the profiles teams
-    commit; where a directory cannot be locked (some network filesystems), a hidden file."""
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-    except OSError:
-        os.close(fd)
-    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _plain(value: Any) -> Any:

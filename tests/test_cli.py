@@ -7,15 +7,33 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from autotune import probe_hardware
 from autotune.cli import main
+from autotune.profiles import save_hardware
+
+TESTS = Path(__file__).parent
+# A target that cannot load: a profile problem must be reported before the dataset is touched.
+TUNE = ("tune", "no_such_module_here:make", "--batch-size", "8")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def run_with_fault(fault: str, fault_args: tuple[str, ...], *args: str
+                   ) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess with one filesystem fault of test_profiles installed first."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_profiles; "
+            f"test_profiles.{fault}(*{fault_args!r}); from autotune.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> None:
@@ -48,7 +66,8 @@ def test_probe_save_then_show(tmp_path):
     shown = run("show", "--profile-dir", str(tmp_path))
     assert shown.returncode == 0 and "applies to this machine" in shown.stdout
     as_json = json.loads(run("show", "--json", "--profile-dir", str(tmp_path)).stdout)
-    assert as_json["applies"] is True
+    assert as_json["applies"] is True and as_json["path"] == str(files[0])
+    assert "this host's profile" in as_json["why"]
 
 
 def test_show_without_profile_is_a_one_line_error(tmp_path):
@@ -91,3 +110,82 @@ def test_main_is_callable_from_python(capsys):
     assert main(["probe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cpu"]["usable"] >= 1
     assert main(["recommend"]) == 2
+
+
+# --- profiles on disk: every filesystem failure is one stderr line, exit 1, no traceback ----
+
+@pytest.mark.parametrize("command", [("probe", "--save"), ("show",), TUNE], ids=lambda c: c[0])
+def test_cli_profile_dir_that_is_a_file(command, tmp_path):
+    blocker = tmp_path / "profiles"
+    blocker.write_text("not a directory\n")
+    result = run(*command, "--profile-dir", str(blocker))
+    assert_one_line_error(result, 1)
+    assert f"{blocker}: is a file, not a directory: remove it or pass --profile-dir" \
+        in result.stderr
+
+
+@pytest.mark.parametrize("command", [("probe", "--save"), TUNE], ids=lambda c: c[0])
+def test_cli_unwritable_profile_dir(command, tmp_path):
+    directory = tmp_path / "profiles"
+    directory.mkdir()
+    result = run_with_fault("deny_writes", (str(directory),), *command,
+                            "--profile-dir", str(directory))
+    assert_one_line_error(result, 1)
+    assert f"{directory}: cannot write here (permission denied): make it writable" \
+        in result.stderr
+    assert os.listdir(directory) == []
+
+
+@pytest.mark.parametrize("command", [("probe", "--save"), TUNE], ids=lambda c: c[0])
+def test_cli_disk_full_keeps_the_old_profile(command, tmp_path):
+    path = save_hardware(probe_hardware(), tmp_path)
+    before = path.read_bytes()
+    result = run_with_fault("fill_disk", (), *command, "--profile-dir", str(tmp_path))
+    assert_one_line_error(result, 1)
+    assert f"{tmp_path}" in result.stderr and "disk full" in result.stderr
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+def test_cli_unreadable_profile(tmp_path):
+    path = save_hardware(probe_hardware(), tmp_path)
+    result = run_with_fault("deny_reads", (str(path),), "show", "--profile-dir", str(tmp_path))
+    assert_one_line_error(result, 1)
+    assert f"{path}: cannot read (permission denied): make it readable" in result.stderr
+
+
+def test_cli_missing_profile_dir(tmp_path):
+    directory = tmp_path / "a" / "b" / "profiles"
+    shown = run("show", "--profile-dir", str(directory))
+    assert_one_line_error(shown, 1)
+    assert f"{directory}/ does not exist yet" in shown.stderr and not directory.exists()
+    saved = run("probe", "--save", "--profile-dir", str(directory))
+    assert saved.returncode == 0, saved.stderr
+    assert [p.name for p in directory.glob("*.yaml")] == [f"{probe_hardware().host.hostname}.yaml"]
+
+
+# --- show: which file applied and why ---------------------------------------------------
+
+def test_show_finds_an_earlier_jobs_profile_by_fingerprint(tmp_path):
+    hw = probe_hardware()
+    pod = save_hardware(hw, tmp_path).rename(tmp_path / "pod-7f9c.yaml")  # an earlier hostname
+    shown = run("show", "--profile-dir", str(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    assert f"{pod}: applies to this machine" in shown.stdout
+    assert (f"no profile named for host {hw.host.hostname}; {pod} matches this hardware's "
+            f"fingerprint {hw.fingerprint}") in shown.stdout
+    data = json.loads(run("show", "--json", "--profile-dir", str(tmp_path)).stdout)
+    assert data["path"] == str(pod) and data["applies"] is True and "matches" in data["why"]
+    assert data["profile"]["fingerprint"] == hw.fingerprint
+
+
+def test_show_own_profile_from_other_hardware_is_calm(tmp_path):
+    hw = probe_hardware()
+    path = save_hardware(hw, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["fingerprint"] = "0123456789abcdef"
+    path.write_text(yaml.safe_dump(data))
+    shown = run("show", "--profile-dir", str(tmp_path))
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert f"{path}: does NOT apply to this machine" in shown.stdout
+    assert (f"{path} was tuned on other hardware (fingerprint 0123456789abcdef, this machine "
+            f"{hw.fingerprint}): not applied; run `autotune tune` here") in shown.stdout
