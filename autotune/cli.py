@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="simulate a training step of T seconds per batch: choose the "
                            "cheapest settings that keep up, not the fastest")
     tune.add_argument("--max-workers", type=_positive_int, metavar="N")
+    tune.add_argument("--hang-timeout-s", type=_positive_float, metavar="S",
+                      help="a batch (or, while measuring, a sample) slower than this counts "
+                           "as hung (default: 20x the measured batch time, at least 10 s)")
     tune.add_argument("--profile-dir", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tune.add_argument("--plot", metavar="FILE.png", help="draw samples/s of every trial "
@@ -102,8 +106,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    if not 0 <= value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
     return value
 
 
@@ -135,19 +139,24 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure, print every trial, then save: a failed save still shows what was measured."""
     from ._load import load_dataset
     from .tuning.tuner import Autotuner
 
     check_writable(args.profile_dir)  # fail now, not after the whole budget was spent
     dataset = load_dataset(args.target)
     tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
-                      step_time_s=args.step_time_s, max_workers=args.max_workers)
+                      step_time_s=args.step_time_s, max_workers=args.max_workers,
+                      hang_timeout_s=args.hang_timeout_s)
     result = tuner.run()
-    path = result.save(args.profile_dir)
-    if args.plot:
-        from .tuning._plot import plot_trials
-
-        plot_trials(result, args.plot)
+    try:
+        path = result.save(args.profile_dir)
+    except AutotuneError:
+        if args.json:
+            _print_json(result.to_dict())
+        else:
+            print(result.table())
+        raise
     if args.json:
         _print_json({**result.to_dict(), "profile": str(path)})
     else:
@@ -155,6 +164,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"saved key {result.key!r} to {path}")
         print(f"use it: factory.create_training_loader(dataset, batch_size={args.batch_size}, "
               f"profile_key={result.key!r})")
+    if args.plot:
+        from .tuning._plot import plot_trials
+
+        plot_trials(result, args.plot)
     return 0
 
 

@@ -38,5 +38,10 @@ def plot_trials(result: TuningResult, path: str) -> None:
     ax.set_title(f"autotune tune: {result.key}, batch {result.batch_size}")
     ax.set_xlabel("trial: workers, prefetch, threads (green: chosen, red: failed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:  # a bad path or an unknown file extension
+        raise AutotuneError(f"--plot {path}: cannot write the plot ({exc}); the profile "
+                            "was saved") from None
+    finally:
+        plt.close(fig)
