@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import signal
+import threading
 import time
 
 import numpy as np
@@ -262,3 +263,20 @@ class ArrayBacked(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.tensor([int(self.lengths[index])])
+
+
+class NeverReturns(Sized):
+    """One sample (index 0) that never returns, anywhere: a stuck network read."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 0:
+            threading.Event().wait()
+        return torch.zeros(4)
+
+
+def make_never_returns() -> NeverReturns:
+    """For `autotune tune tests/datasets.py:make_never_returns`."""
+    return NeverReturns()

@@ -128,3 +128,28 @@ def test_cli_tune_bad_target_is_one_line(target, words, tmp_path):
                   cwd=tmp_path)
     assert result.returncode == 1 and words in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.timeout(120)
+def test_cli_tune_a_sample_that_never_returns_is_one_line(tmp_path):
+    start = time.perf_counter()
+    result = _cli("tune", str(HERE / "datasets.py") + ":make_never_returns", "--batch-size", "4",
+                  "--hang-timeout-s", "2", "--profile-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "dataset[0]" in result.stderr and "2.0 s" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_factory_measurement_of_a_sample_that_never_returns_is_bounded():
+    from autotune import DatasetError
+    from autotune.measure.workload import DEFAULT_SAMPLE_TIMEOUT_S
+
+    from datasets import NeverReturns
+
+    start = time.perf_counter()
+    with pytest.raises(DatasetError, match=r"dataset\[0\]"):
+        OptimalDataLoaderFactory().create_training_loader(NeverReturns(), batch_size=4)
+    assert time.perf_counter() - start < DEFAULT_SAMPLE_TIMEOUT_S + 10
