@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._check import check_int
 from ..errors import InvalidConfigError
 
 STATS_CHUNK = 1024
@@ -28,8 +29,11 @@ def compute_stats(dataset: Any, *, chunk_size: int = STATS_CHUNK, item: int | No
     Accumulates in float64, chunk by chunk (Chan et al.'s parallel update), so memory stays
     at one chunk.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InvalidConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+    check_int("chunk_size", chunk_size, minimum=1)
+    if item is not None:
+        check_int("item", item, minimum=0, hint=" (or None: the sample is the input)")
+    if channel_dim is not None:
+        check_int("channel_dim", channel_dim, minimum=0, hint=" (or None: one scalar)")
     size = len(dataset)
     if size == 0:
         raise InvalidConfigError("compute_stats needs a non-empty dataset")

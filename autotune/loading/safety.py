@@ -20,6 +20,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._check import check_int
 from ..errors import WorkerSafetyError
 
 COPY_ON_READ_BYTES = 32 << 20  # Python objects taking this much are worth a warning
@@ -103,6 +104,7 @@ def _describe(obj: Any) -> str:
 
 def copy_on_read_risks(dataset: Any, *, min_bytes: int = COPY_ON_READ_BYTES) -> list[str]:
     """Attribute paths of lists/dicts/tuples/sets of Python objects taking ``min_bytes`` or more."""
+    check_int("min_bytes", min_bytes, minimum=0)
     found: list[str] = []
     _scan(dataset, "dataset", 0, min_bytes, found, set())
     return found
