@@ -15,10 +15,8 @@ from .errors import InvalidConfigError
 
 def check_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
     """``value`` if it is an int >= ``minimum``; else ``InvalidConfigError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidConfigError(f"{name}={value!r} must be an integer >= {minimum}{hint}")
-    if value < minimum:
-        raise InvalidConfigError(f"{name}={value!r} must be >= {minimum}{hint}")
     return value
 
 

@@ -130,7 +130,7 @@ def test_malformed_profile_falls_back_to_rules_with_warning():
     ({"batch_size": 4, "num_wrokers": 2}, "num_wrokers"),
     ({"batch_size": 4, "num_workers": 1.5}, "num_workers=1.5"),
     ({"batch_size": 4, "profile_key": "../x"}, "profile key"),
-    ({"batch_size": 4, "num_workers": -1}, "num_workers=-1 must be >= 0"),
+    ({"batch_size": 4, "num_workers": -1}, "num_workers=-1 must be an integer >= 0"),
     ({"batch_size": 4, "timeout": -2}, "timeout=-2"),
     ({"batch_size": True}, "batch_size=True"),
     ({"batch_size": 4, "has_augmentation": "yes"}, "has_augmentation='yes'"),

@@ -56,7 +56,7 @@ def test_precedence_table(name, hints, entry, explicit, source, expected):
 
 
 @pytest.mark.parametrize("explicit, match", [
-    ({"num_workers": -1}, "num_workers=-1 must be >= 0"),
+    ({"num_workers": -1}, "num_workers=-1 must be an integer >= 0"),
     ({"num_workers": 2.5}, "num_workers=2.5 must be an integer"),
     ({"prefetch_factor": 0}, "prefetch_factor=0"),
     ({"timeout": float("nan")}, "timeout=nan"),

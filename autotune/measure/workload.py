@@ -2,21 +2,33 @@
 
 Wall and CPU seconds per sample tell waiting (storage, network) apart from computing; a
 second pass with native thread pools capped at one thread shows what a worker process,
-which gets one core's share, will see. Bounded in time: slow samples stop it early.
+which gets one core's share, will see. Bounded in time: slow samples stop it early, and a
+sample that never returns is abandoned after ``sample_timeout_s`` with an error naming it
+(the timing runs in a daemon thread the caller watches).
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import DatasetError, InvalidConfigError
+from .._check import check_int, check_seconds
+from ..errors import AutotuneError, DatasetError, InvalidConfigError
 
 DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0
+DEFAULT_SAMPLE_TIMEOUT_S = 30.0  # one dataset[i] slower than this is taken for a hang
+POLL_S = 0.05  # how often the caller looks at the measuring thread
+# Samples cheaper than this, once all have returned in the measuring thread, are measured
+# again in the calling thread, where in-process loading runs them: a second thread allocates
+# from a fresh malloc arena and runs torch ops on a second OpenMP team, which cost a 600 KB
+# sample ~50 us more there on 2 CPUs; negligible next to a slower sample.
+RETIME_BELOW_S = 1e-3
 MIN_TIMED_S = 0.01  # time cheap samples over at least this long
 KEEP_SAMPLES = 16  # per pass, for their size and collate cost; holding more (600 KB each)
                    # changes how the allocator serves the next ones and what they cost
@@ -31,6 +43,10 @@ class WorkloadProfile:
     single_thread_sec_per_sample: float | None = None  # wall, thread pools capped at 1
     single_thread_cpu_sec_per_sample: float | None = None  # the calling thread's CPU only
     collate_sec_per_sample: float | None = None  # default_collate cost, per sample
+    # mean and standard deviation of ln(wall seconds) of the individually timed samples:
+    # a lognormal fit that shows a heavy tail (storage latency) the mean may have missed
+    wall_log_mean: float | None = None
+    wall_log_std: float | None = None
 
     @property
     def cpu_fraction(self) -> float:
@@ -43,6 +59,18 @@ class WorkloadProfile:
         if wall is None or cpu is None:
             wall, cpu = self.sec_per_sample, self.cpu_sec_per_sample
         return min(1.0, cpu / wall) if wall > 0 else 1.0
+
+    @property
+    def lognormal_sec_per_sample(self) -> float | None:
+        """Mean wall seconds per sample of a lognormal fitted to the timed samples.
+
+        ``exp(mu + sigma^2 / 2)``: with a heavy tail (sigma >= 1) a sample of 64-128 calls
+        usually misses the rare slow ones, and its plain mean is low more often than high.
+        ``None`` when fewer than two samples were timed one by one.
+        """
+        if self.wall_log_mean is None or self.wall_log_std is None:
+            return None
+        return math.exp(self.wall_log_mean + self.wall_log_std ** 2 / 2)
 
     @property
     def parallelism(self) -> float:
@@ -60,14 +88,41 @@ class WorkloadProfile:
 
 def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
                      max_seconds: float = DEFAULT_MAX_SECONDS,
+                     sample_timeout_s: float = DEFAULT_SAMPLE_TIMEOUT_S,
                      collate_fn: Callable[[list[Any]], Any] | None = None) -> WorkloadProfile:
     """Time up to ``samples`` ``dataset[i]`` calls, spread over the whole dataset.
 
     Half run with native thread pools capped at one thread (as in a worker), half as this
     process has them. Stops once ``max_seconds`` have passed (after at least one sample).
+    The calls run in a separate daemon thread of this process, so that one that never
+    returns cannot hang the caller; a dataset must not hold objects tied to the thread that
+    made them (an ``sqlite3`` connection with ``check_same_thread=True``). Cheap samples
+    (under ``RETIME_BELOW_S``), once every one has returned there, are timed again in the
+    calling thread, where in-process loading would run them.
+
+    Args:
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        samples: how many indices to time, at most; spread evenly over the dataset.
+        max_seconds: stop timing after this long (the slow samples' bound).
+        sample_timeout_s: give up on one ``dataset[i]`` call (or the ``collate_fn`` call)
+            that has not returned after this long, and raise ``DatasetError`` naming the
+            index. The call is left running in a daemon thread; it cannot be stopped.
+        collate_fn: what batches the samples (``default_collate`` when ``None``), to time it.
+
+    Raises:
+        InvalidConfigError: an argument is out of range, or the dataset is empty or has no
+            ``__len__``.
+        DatasetError: ``dataset[i]`` raised, or did not return within ``sample_timeout_s``.
+        AutotuneError: ``collate_fn`` did not return within ``sample_timeout_s``.
+
+    Example::
+
+        profile = measure_workload(dataset, samples=64, sample_timeout_s=10.0)
+        profile.sec_per_sample, profile.cpu_fraction, profile.lognormal_sec_per_sample
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidConfigError(f"samples={samples!r} must be an integer >= 1")
+    check_int("samples", samples, minimum=1)
+    check_seconds("max_seconds", max_seconds)
+    check_seconds("sample_timeout_s", sample_timeout_s)
     try:
         size = len(dataset)
     except TypeError:
@@ -78,94 +133,260 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
         raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
     count = min(samples, size)
     indices = sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)})
-    deadline = time.perf_counter() + max_seconds
-    # The capped pass first: once a BLAS pool has run multi-threaded its idle threads spin
-    # for a while, and would slow a single-threaded pass run right after it.
-    with _single_thread():
-        _get(dataset, indices[0])  # warm-up: lazy opens and first touches are not per-sample
-        capped = _time_pass(dataset, indices[1::2] or indices, deadline - max_seconds / 2,
-                            cpu_clock=time.thread_time)
-    default = None
-    if time.perf_counter() < deadline:
-        default = _time_pass(dataset, indices[0::2], deadline)
-    wall, cpu, kept, _ = default or capped
-    return WorkloadProfile(
-        samples=capped[3] + (default[3] if default else 0),
-        sec_per_sample=wall,
-        cpu_sec_per_sample=cpu,
-        sample_bytes=sum(sample_nbytes(s) for s in kept) // len(kept),
-        single_thread_sec_per_sample=capped[0],
-        single_thread_cpu_sec_per_sample=capped[1],
-        collate_sec_per_sample=_time_collate(kept, collate_fn or _default_collate()),
-    )
-
-
-def _get(dataset: Any, index: int) -> Any:
+    run = _Measurement(dataset, indices, max_seconds, collate_fn or _default_collate())
+    thread = threading.Thread(target=run.run, name="autotune-measure-workload", daemon=True)
+    thread.start()
     try:
-        return dataset[index]
-    except Exception as exc:
-        raise DatasetError(index, exc) from exc
+        run.watch(sample_timeout_s)
+    finally:
+        if not run.done.is_set():  # timed out, or the caller was interrupted (Ctrl-C)
+            run.abandon()
+    if run.error is not None:
+        raise run.error
+    thread.join(timeout=1.0)  # done: let it exit before anything is timed here
+    return run.result()
 
 
-def _time_pass(dataset: Any, indices: list[int], deadline: float,
+class _Abandoned(Exception):
+    """Unwinds the measuring thread once the caller has given up on it."""
+
+
+class _Measurement:
+    """One measurement, run by a daemon thread and watched by the caller.
+
+    The thread records what it is doing (``doing``: the index, or ``None`` for the
+    collate call, and since when); the caller polls it and gives up on a call that takes
+    longer than the bound. An abandoned thread stops at its next step; the process-wide
+    thread-pool limits it set are restored by the caller, not left to it.
+    """
+
+    def __init__(self, dataset: Any, indices: list[int], max_seconds: float,
+                 collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.dataset, self.indices, self.max_seconds = dataset, indices, max_seconds
+        self.collate_fn = collate_fn
+        self.doing: tuple[int | None, float] | None = None
+        self.done = threading.Event()
+        self.abandoned = False
+        self.capping = _single_thread()
+        self.profile: WorkloadProfile | None = None
+        self.error: BaseException | None = None
+        self.complete = False  # every index returned
+
+    # --- the measuring thread ---------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.profile = self._measure()
+        except _Abandoned:
+            pass
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller, raised there)
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _measure(self) -> WorkloadProfile:
+        indices, max_seconds = self.indices, self.max_seconds
+        deadline = time.perf_counter() + max_seconds
+        # The capped pass first: once a BLAS pool has run multi-threaded its idle threads
+        # spin for a while, and would slow a single-threaded pass run right after it.
+        with self.capping:
+            self.get(indices[0])  # warm-up: lazy opens and first touches are not per-sample
+            capped = _time_pass(self.get, indices[1::2] or indices,
+                                deadline - max_seconds / 2, cpu_clock=time.thread_time)
+        default = None
+        if time.perf_counter() < deadline and not self.abandoned:
+            default = _time_pass(self.get, indices[0::2], deadline)
+        self.complete = (capped[3] == len(indices[1::2] or indices)
+                         and default is not None and default[3] == len(indices[0::2]))
+        wall, cpu, kept, _, _ = default or capped
+        log_mean, log_std = _log_stats(capped[4] + (default[4] if default else []))
+        return WorkloadProfile(
+            samples=capped[3] + (default[3] if default else 0),
+            sec_per_sample=wall,
+            cpu_sec_per_sample=cpu,
+            sample_bytes=sum(sample_nbytes(s) for s in kept) // len(kept),
+            single_thread_sec_per_sample=capped[0],
+            single_thread_cpu_sec_per_sample=capped[1],
+            collate_sec_per_sample=self._time_collate(kept),
+            wall_log_mean=log_mean,
+            wall_log_std=log_std,
+        )
+
+    def get(self, index: int) -> tuple[Any, float]:
+        """``dataset[index]`` and the clock when it returned, watched by the caller."""
+        since = time.perf_counter()
+        self.doing = (index, since)
+        try:
+            sample = self.dataset[index]
+        except Exception as exc:
+            raise DatasetError(index, exc) from exc
+        finally:
+            self.doing = None
+        if self.abandoned:
+            raise _Abandoned
+        return sample, since
+
+    def _time_collate(self, samples: list[Any]) -> float | None:
+        """Seconds per sample to collate these samples; ``None`` if they do not collate."""
+        calls = 0
+        start = time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < MIN_TIMED_S / 2:
+            self.doing = (None, time.perf_counter())
+            try:
+                self.collate_fn(samples)
+            except Exception:  # ragged samples need the user's collate_fn; cost unknown then
+                return None
+            finally:
+                self.doing = None
+            if self.abandoned:
+                raise _Abandoned
+            calls += 1
+        return (time.perf_counter() - start) / calls / len(samples)
+
+    # --- the caller ---------------------------------------------------------------------
+
+    def result(self) -> WorkloadProfile:
+        """The measured profile; measured again in the calling thread if samples are cheap
+        (``RETIME_BELOW_S``) and every index has returned in the measuring thread."""
+        profile = self.profile
+        if profile is None:
+            raise AutotuneError("the measuring thread ended without a result")
+        cheap = max(profile.sec_per_sample,
+                    profile.single_thread_sec_per_sample or 0.0) < RETIME_BELOW_S
+        return self._measure() if cheap and self.complete else profile
+
+    def watch(self, timeout_s: float) -> None:
+        """Wait for the thread; raise once one call has taken longer than ``timeout_s``."""
+        poll = min(POLL_S, timeout_s / 4)
+        while not self.done.wait(poll):
+            doing = self.doing
+            if doing is None:
+                continue
+            index, since = doing
+            waited = time.perf_counter() - since
+            if waited <= timeout_s:
+                continue
+            fix = ("fix the dataset (or pass a larger sample_timeout_s if it is just slow), "
+                   "or pass workload=... / measure=False to skip measuring")
+            if index is None:
+                raise AutotuneError(
+                    f"collate_fn did not return within {waited:.1f} s while autotune "
+                    f"measured the workload (sample_timeout_s={timeout_s:g}); "
+                    f"{fix.replace('the dataset', 'the collate_fn')}")
+            raise DatasetError(index, TimeoutError(
+                f"did not return within {waited:.1f} s while autotune measured it "
+                f"(sample_timeout_s={timeout_s:g}); {fix}")) from None
+
+    def abandon(self) -> None:
+        """Stop at the thread's next step; undo its thread-pool limits now."""
+        self.abandoned = True
+        self.capping.close()
+
+
+def _time_pass(get: Callable[[int], tuple[Any, float]], indices: list[int], deadline: float,
                cpu_clock: Callable[[], float] = time.process_time,
-               ) -> tuple[float, float, list[Any], int]:
-    """(mean wall s, mean CPU s, some of the samples, how many indices were timed).
+               ) -> tuple[float, float, list[Any], int, list[float]]:
+    """(mean wall s, mean CPU s, some of the samples, how many indices were timed, the
+    wall seconds of each call in the first sweep).
 
-    Cheap samples are timed over repeated passes (at least ``MIN_TIMED_S``), since a
-    clock read per call would cost more than the call; slow ones stop at the deadline.
+    Cheap samples are timed over repeated sweeps (at least ``MIN_TIMED_S``), since the
+    mean of one sweep's calls would be mostly clock reads; slow ones stop at the deadline.
     """
     kept: list[Any] = []
+    walls: list[float] = []
     calls = 0
     wall0, cpu0 = time.perf_counter(), cpu_clock()
     while True:
         for index in indices:
-            sample = _get(dataset, index)
+            sample, since = get(index)
+            now = time.perf_counter()
+            if calls < len(indices):
+                walls.append(now - since)
             if len(kept) < min(len(indices), KEEP_SAMPLES):
                 kept.append(sample)
             calls += 1
-            if time.perf_counter() >= deadline:
+            if now >= deadline:
                 break
         wall = time.perf_counter() - wall0
         if wall >= MIN_TIMED_S or time.perf_counter() >= deadline:
-            return wall / calls, (cpu_clock() - cpu0) / calls, kept, min(calls, len(indices))
+            return (wall / calls, (cpu_clock() - cpu0) / calls, kept, min(calls, len(indices)),
+                    walls)
+
+
+def _log_stats(walls: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of ln(wall seconds); ``None`` under two calls."""
+    if len(walls) < 2:
+        return None, None
+    logs = [math.log(max(w, 1e-9)) for w in walls]
+    mean = sum(logs) / len(logs)
+    var = sum((x - mean) ** 2 for x in logs) / (len(logs) - 1)
+    return mean, math.sqrt(var)
 
 
 class _single_thread:
-    """Cap native thread pools and torch's to one thread, as a worker would have them."""
+    """Cap native thread pools and torch's to one thread, as a worker would have them.
+
+    The limits are process-wide, so ``close`` (from any thread) undoes them at once and
+    keeps a late ``__enter__`` from applying them: the caller restores them when it gives
+    up on a measuring thread that may never come back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._undo: tuple[int, Any, threading.Thread] | None = None
+        self._closed = False
 
     def __enter__(self) -> None:
         import torch
         from threadpoolctl import threadpool_limits
 
-        self._torch_threads = torch.get_num_threads()
-        self._limits = threadpool_limits(limits=1)
-        torch.set_num_threads(1)
+        with self._lock:
+            if self._closed:
+                return
+            threads = torch.get_num_threads()
+            limits = threadpool_limits(limits=1)
+            torch.set_num_threads(1)
+            self._undo = (threads, limits, threading.current_thread())
 
     def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._restore()
+
+    def _restore(self) -> None:
         import torch
 
-        torch.set_num_threads(self._torch_threads)
-        self._limits.restore_original_limits()
+        with self._lock:
+            undo, self._undo = self._undo, None
+            if undo is None:
+                return
+            threads, limits, owner = undo
+            elsewhere = threading.current_thread() is not owner
+            if elsewhere:  # threadpoolctl lets only the thread that set OpenBLAS's limit
+                _release_openblas(force=True)  # change it while that thread lives
+            torch.set_num_threads(threads)
+            limits.restore_original_limits()
+            _release_openblas(force=elsewhere)
+
+
+def _release_openblas(force: bool) -> None:
+    """Let any thread set OpenBLAS's (process-wide) limit again (threadpoolctl >= 3.6)."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=force)
 
 
 def _default_collate() -> Callable[[list[Any]], Any]:
     from torch.utils.data import default_collate
 
     return default_collate
-
-
-def _time_collate(samples: list[Any], collate_fn: Callable[[list[Any]], Any]) -> float | None:
-    """Seconds per sample to collate these samples; ``None`` if they do not collate."""
-    calls = 0
-    start = time.perf_counter()
-    while calls == 0 or time.perf_counter() - start < MIN_TIMED_S / 2:
-        try:
-            collate_fn(samples)
-        except Exception:  # ragged samples need the user's collate_fn; cost unknown then
-            return None
-        calls += 1
-    return (time.perf_counter() - start) / calls / len(samples)
 
 
 def sample_nbytes(sample: Any) -> int:

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .._check import check_bool, check_int
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
 from ..system.hardware import HardwareInfo
@@ -61,14 +62,11 @@ class DatasetHints:
     device: str | None = None  # where batches go; None: the accelerator torch sees
 
     def __post_init__(self) -> None:
-        if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) \
-                or self.dataset_size < 1:
-            raise InvalidConfigError(
-                f"dataset_size={self.dataset_size!r} must be an integer >= 1 (len(dataset))")
-        if self.batch_size is not None and (
-                isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
-                or self.batch_size < 1):
-            raise InvalidConfigError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        check_int("dataset_size", self.dataset_size, minimum=1, hint=" (len(dataset))")
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1)
+        for name in ("has_augmentation", "has_standardization", "training"):
+            check_bool(name, getattr(self, name))
 
 
 def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile | None = None,
@@ -77,13 +75,11 @@ def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile |
 
     ``workers`` fixes the worker count (a user's or a profile's); the rest follows from it.
     """
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 0):
-        raise InvalidConfigError(f"num_workers={workers!r} must be an integer >= 0")
     if workers is None:
         workers, why_workers = num_workers(hw, hints, workload)
     else:
-        why_workers = "set explicitly"
+        check_int("num_workers", workers, minimum=0)
+        why_workers = "fixed by the caller; the other settings follow from it"
     prefetch, why_prefetch = prefetch_factor(hw, hints, workload, workers)
     threads, why_threads = worker_threads(hw, workers, workload)
     pin, why_pin = pin_memory(hw, hints)
@@ -131,8 +127,9 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     best_pool = max(rates, key=lambda k: (k > 0, rates[k]))
     wait = 1 - workload.cpu_fraction
     needed = n
-    if n > budget:  # waiting-bound: margin above the knee, as much as the data waits
-        n = min(cap, max(n, round(n * (1 + (WAIT_HEADROOM - 1) * wait))))
+    if n > budget:  # waiting-bound: margin above the knee, as much as a worker would wait
+        headroom = 1 + (WAIT_HEADROOM - 1) * _worker_wait_share(workload)
+        n = min(cap, max(n, round(n * headroom)))
     shown = needed if needed else best_pool
     detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting"
               f"{_tail_note(workload)}; predicted {rates[shown]:,.0f} samples/s with "
@@ -174,6 +171,12 @@ def _worker_wall_s(workload: WorkloadProfile) -> float:
     return cpu + max(wait, _tail_wait_s(workload) or 0.0)
 
 
+def _worker_wait_share(workload: WorkloadProfile) -> float:
+    """Share of a worker's wall time per sample (``_worker_wall_s``) spent waiting."""
+    wall = _worker_wall_s(workload)
+    return 1 - min(1.0, _measured_parts(workload)[0] / wall) if wall > 0 else 0.0
+
+
 def _measured_parts(workload: WorkloadProfile) -> tuple[float, float]:
     """(computing, waiting) seconds per sample in a worker, from the means measured: the
     capped pass's CPU and the longer of the two passes' waits."""
@@ -207,8 +210,8 @@ def _tail_note(workload: WorkloadProfile) -> str:
     if tail is None or tail <= wait:
         return ""
     return (f"; sized for {(cpu + tail) * 1e3:.3f} ms: the waits fit a heavy tail (lognormal "
-            f"sigma {workload.wall_log_std:.2f}) that a mean of {workload.samples} "
-            f"samples under-measures")
+            f"sigma {workload.wall_log_std:.2f}) that the mean of {workload.samples} "
+            f"samples tends to under-measure")
 
 
 def _worker_cpu_s(workload: WorkloadProfile) -> float:
