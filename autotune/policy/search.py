@@ -99,7 +99,7 @@ class Candidate:
 class SearchOutcome:
     chosen: Candidate
     fastest: Candidate
-    baseline: Trial
+    baseline: Candidate  # torch's defaults, every run of them
     trials: tuple[Trial, ...]
     noise: float  # the relative spread the choice allowed for
     why: str  # one line: what was chosen over what
@@ -144,7 +144,9 @@ class Search:
             errors = sorted({t.error or "" for t in self._trials})
             raise InvalidConfigError("every trial failed: " + "; ".join(errors))
         fastest = max(self._candidates(), key=lambda c: c.samples_per_s)
-        return SearchOutcome(chosen=chosen, fastest=fastest, baseline=baseline,
+        runs = self._runs[setting_key(baseline.config)]
+        return SearchOutcome(chosen=chosen, fastest=fastest,
+                             baseline=Candidate(config=baseline.config, runs=tuple(runs)),
                              trials=tuple(self._trials), noise=self.noise(),
                              why=self._why(chosen, fastest))
 
