@@ -39,6 +39,9 @@ def _import(name: str) -> Any:
             raise AutotuneError(f"no such file: {path}")
         sys.path.insert(0, str(path.resolve().parent))  # its sibling imports work
         spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise AutotuneError(f"{path} is not a Python file: MODULE must be a .py file or "
+                                "a dotted module name")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module  # workers started by spawn find its classes by name
         try:
@@ -51,3 +54,5 @@ def _import(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         raise AutotuneError(f"cannot import {name!r}: {exc}") from exc
+    except Exception as exc:  # a relative name ("TypeError"), or the module's own error
+        raise AutotuneError(f"importing {name!r} raised {type(exc).__name__}: {exc}") from exc

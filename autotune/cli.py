@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autotune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `autotune probe --json | head -1`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-workers", type=_positive_int, metavar="N")
     tune.add_argument("--hang-timeout-s", type=_positive_float, metavar="S",
                       help="a batch (or, while measuring, a sample) slower than this counts "
-                           "as hung (default: 20x the measured batch time, at least 10 s)")
+                           "as hung (default: 20x the measured batch time, at least 10 s; "
+                           "30 s for a sample)")
     tune.add_argument("--profile-dir", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tune.add_argument("--plot", metavar="FILE.png", help="draw samples/s of every trial "
@@ -193,7 +198,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
         print(f"  {key}: {settings}")
         if entry.measured:
-            print("    measured: " + ", ".join(f"{k}={_short(v)}" for k, v in entry.measured.items()))
+            measured = ", ".join(f"{k}={_short(v)}" for k, v in entry.measured.items())
+            print(f"    measured: {measured}")
     return 0
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .loading.worker import WorkerInit
 from ._check import check_bool, check_int, check_seconds
 from .errors import InvalidConfigError
+from .loading.worker import WorkerInit
 
 START_METHODS = ("fork", "spawn", "forkserver")
+EXPLICIT = "set explicitly"  # the reason of a setting the caller passed by keyword
 SOURCES = ("rules", "tuned", "profile", "override")
 SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
             "multiprocessing_context", "worker_threads", "in_order", "drop_last", "timeout")

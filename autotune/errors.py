@@ -1,11 +1,13 @@
 """Every error autotune raises on purpose.
 
-    AutotuneError                     root: ``except autotune.AutotuneError`` catches them all
+    AutotuneError                       root: ``except autotune.AutotuneError`` catches all
     ├── InvalidConfigError(ValueError)  a setting or argument has a value that cannot work
-    ├── ProfileError                    a YAML profile is unreadable, malformed or from a newer schema
-    ├── DatasetError                    the user's dataset raised while autotune measured it
+    ├── ProfileError                    a profile or its directory cannot be read or written,
+    │                                   or a profile is malformed or from a newer schema
+    ├── DatasetError                    the dataset raised, or did not return in time, while
+    │                                   autotune measured it
     ├── WorkerCrashError(RuntimeError)  a factory loader's worker process died mid-epoch
-    └── WorkerSafetyError               workers could not receive the dataset under spawn/forkserver
+    └── WorkerSafetyError               workers could not receive the dataset (spawn/forkserver)
 
 Messages name the parameter (or file and field), show the value and say the fix.
 """

@@ -82,7 +82,8 @@ class Profile:
     def from_dict(cls, data: Any, *, path: object = "<profile>") -> Profile:
         """Validate plain data; every problem raises ``ProfileError`` naming the field."""
         if not isinstance(data, Mapping):
-            raise ProfileError(path, None, f"expected a mapping at the top, got {type(data).__name__}")
+            raise ProfileError(path, None,
+                               f"expected a mapping at the top, got {type(data).__name__}")
         version = data.get("schema_version")
         if isinstance(version, bool) or not isinstance(version, int):
             raise ProfileError(path, "schema_version", f"must be an integer, got {version!r}")
@@ -169,8 +170,14 @@ def load_profile(path: str | os.PathLike[str]) -> Profile | None:
         return None
     except OSError as exc:
         raise fs_error(exc, Path(path), "read") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                                       "a profile is YAML; delete it or re-run `autotune tune`"
+                           ) from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ProfileError(path, None, "not a profile: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from autotune import LoaderConfig, OptimalDataLoaderFactory, TunedDataLoader
+from autotune import AutotuneError, LoaderConfig, OptimalDataLoaderFactory, TunedDataLoader
 from autotune.loading.builder import build_loader
 from autotune.measure.trial import run_trial
 
@@ -103,3 +103,23 @@ def test_trials_measure_the_factory_loader():
         Indexed(8), batch_size=2, num_workers=1)
     assert isinstance(loader, TunedDataLoader)
     assert type(loader.dataset).__name__ == "NamedErrors"
+
+
+def test_closing_a_loader_mid_epoch_says_so_instead_of_ending_the_epoch(no_gc):
+    loader = build_loader(Indexed(64), 8, PERSISTENT, shuffle=False)
+    iterator = iter(loader)
+    next(iterator)
+    loader.close()
+    with pytest.raises(AutotuneError, match=r"closed .* iter\(loader\)"):
+        next(iterator)
+    assert len(list(loader)) == 8  # a new epoch, fresh workers
+    loader.close()
+
+
+def test_a_trial_whose_step_exits_is_a_failed_trial():
+    def step(batch):
+        raise SystemExit(3)
+
+    trial = run_trial(Indexed(64), 8, LoaderConfig(), phase="test", window_s=0.2, hang_s=5,
+                      consumer=step)
+    assert not trial.ok and trial.error.startswith("SystemExit")

@@ -189,3 +189,12 @@ def test_show_own_profile_from_other_hardware_is_calm(tmp_path):
     assert f"{path}: does NOT apply to this machine" in shown.stdout
     assert (f"{path} was tuned on other hardware (fingerprint 0123456789abcdef, this machine "
             f"{hw.fingerprint}): not applied; run `autotune tune` here") in shown.stdout
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    # `autotune probe --json | head -1`: the pipe closes before autotune writes.
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", "probe", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -415,3 +415,14 @@ def test_lookup_this_hosts_malformed_file_raises(text, tmp_path):
     (tmp_path / "vm.yaml").write_text(text)
     with pytest.raises(ProfileError, match="vm.yaml"):
         find_profile(HW, tmp_path)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfeh\x00o\x00s\x00t\x00", "not UTF-8 text"),  # a UTF-16 file
+    (b"[" * 20_000, "nested too deeply"),
+])
+def test_a_profile_that_is_not_yaml_text_is_one_error(content, words, tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ProfileError, match=words):
+        load_profile(path)

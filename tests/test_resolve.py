@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autotune import DatasetHints, InvalidConfigError, LoaderConfig, WorkloadProfile
-from autotune.policy.resolve import EXPLICIT, check_yields_a_batch, resolve
+from autotune.config import EXPLICIT
+from autotune.policy.resolve import check_yields_a_batch, resolve
 from autotune.policy.rules import recommend
 
 from fakes import fake_hardware

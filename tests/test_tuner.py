@@ -122,6 +122,7 @@ def test_cli_tune_writes_the_profile_and_show_lists_it(tmp_path):
 @pytest.mark.parametrize("target, words", [
     ("nocolon", "MODULE:CALLABLE"), ("no_such_module_xyz:f", "cannot import"),
     ("datasets:missing", "no attribute"), ("missing.py:f", "no such file"),
+    (".relative:f", "importing '.relative' raised TypeError"),
 ])
 def test_cli_tune_bad_target_is_one_line(target, words, tmp_path):
     result = _cli("tune", target, "--batch-size", "4", "--profile-dir", str(tmp_path),
@@ -153,3 +154,11 @@ def test_factory_measurement_of_a_sample_that_never_returns_is_bounded():
     with pytest.raises(DatasetError, match=r"dataset\[0\]"):
         OptimalDataLoaderFactory().create_training_loader(NeverReturns(), batch_size=4)
     assert time.perf_counter() - start < DEFAULT_SAMPLE_TIMEOUT_S + 10
+
+
+def test_cli_tune_a_target_that_is_not_python_is_one_line(tmp_path):
+    (tmp_path / "data.txt").write_text("not python")
+    result = _cli("tune", str(tmp_path / "data.txt") + ":f", "--batch-size", "4",
+                  "--profile-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and "is not a Python file" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

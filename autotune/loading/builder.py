@@ -11,9 +11,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..config import LoaderConfig
+from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
-from ..policy.resolve import EXPLICIT
 from .crash import CrashNamingIterator
 from .worker import NamedErrors
 
@@ -49,16 +48,21 @@ class TunedDataLoader(DataLoader):
         iterator = super().__iter__()
         if self.num_workers == 0:
             return iterator
-        self._started().add(iterator)
-        return CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
+        named = CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
+        self._started().add(named)
+        return named
 
     def close(self) -> None:
-        """Stop this loader's worker processes now (idempotent)."""
+        """Stop this loader's worker processes now (idempotent). An epoch still running in
+        this thread then raises instead of ending early; do not close a loader that another
+        thread is iterating (torch's iterator would wait for workers that are gone)."""
         for iterator in list(self._started()):
-            _shutdown(iterator)
+            iterator.close()
         persistent = getattr(self, "_iterator", None)
         if persistent is not None:
-            _shutdown(persistent)
+            shutdown = getattr(persistent, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             self._iterator = None
 
     def __enter__(self) -> TunedDataLoader:
@@ -105,9 +109,3 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
         raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc
     return loader
 
-
-def _shutdown(iterator: Any) -> None:
-    """torch's own orderly worker shutdown (what its iterator's ``__del__`` calls)."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import WorkerCrashError
+from ..errors import AutotuneError, WorkerCrashError
 
 # torch's two texts: the SIGCHLD handler's (DataLoader.cpp, "killed by signal: Killed." or
 # "exited unexpectedly with exit code 1.") and _try_get_data's ("pid(s) 1, 2) exited ...").
@@ -43,11 +43,23 @@ class CrashNamingIterator:
     def __init__(self, iterator: Any, num_workers: int, prefetch_factor: int | None) -> None:
         self._iterator = iterator
         self._settings = f"num_workers={num_workers}, prefetch_factor={prefetch_factor}"
+        self._closed = False
 
     def __iter__(self) -> CrashNamingIterator:
         return self
 
+    def close(self) -> None:
+        """Stop the workers now (torch's own orderly shutdown); ``next()`` then says so."""
+        self._closed = True
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def __next__(self) -> Any:
+        if self._closed:  # torch would end the epoch early without a word
+            raise AutotuneError("this DataLoader was closed (loader.close() or the end of its "
+                                "`with` block) while this epoch was running; call iter(loader) "
+                                "for a new epoch with fresh workers")
         try:
             return next(self._iterator)
         except (RuntimeError, OSError, EOFError) as exc:

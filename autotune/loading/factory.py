@@ -70,6 +70,8 @@ class OptimalDataLoaderFactory:
             check_int("seed", seed, minimum=0)
         if device is not None and not isinstance(device, str):
             raise InvalidConfigError(f"device={device!r} must be a string like 'cuda:0' or None")
+        if profile_dir is not None and not isinstance(profile_dir, (str, os.PathLike)):
+            raise InvalidConfigError(f"profile_dir={profile_dir!r} must be a path or None")
         self.hardware = hardware or probe_hardware()
         self.profile_dir = profile_dir
         self.measure = measure
@@ -235,6 +237,8 @@ def dataset_size(dataset: Any) -> int:
         raise InvalidConfigError(
             f"dataset of type {type(dataset).__name__} has no len(): the factory needs a "
             "map-style dataset (__len__ and __getitem__)") from None
+    except Exception as exc:  # __len__ itself failed
+        raise InvalidConfigError(f"len(dataset) raised {type(exc).__name__}: {exc}") from exc
     if size < 1:
         raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
     return size

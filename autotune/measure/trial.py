@@ -5,11 +5,11 @@ naming) with persistent workers, discards the start-up and the first prefetch bu
 counts samples over a window, optionally feeding a consumer (a simulated step or the user's
 ``train_step``). Many workers on few CPUs finish their batches together, so batches come in
 bursts one round of workers apart: the window spans at least ``ROUNDS`` rounds
-(``ROUNDS x num_workers`` batches), so that one burst cannot pass for a fast setting. The
-workers are stopped when the trial ends, not when the garbage collector finds them. Records samples/s, time to the first batch,
-peak memory of the main process and its workers (PSS, so shared pages count once), CPU
-use and input stall. A trial that crashes, hangs or runs out of memory comes back failed,
-with the reason; it never raises.
+(``ROUNDS x num_workers`` batches), so that one burst cannot pass for a fast setting.
+Records samples/s, time to the first batch, peak memory of the main process and its workers
+(PSS, so shared pages count once), CPU use and input stall. The workers are stopped when
+the trial ends, not when the garbage collector finds them. A trial that crashes, hangs or
+runs out of memory comes back failed, with the reason; it never raises.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..loading.builder import build_loader
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
 ROUNDS = 3  # a window holds at least this many batches per worker ...
+CONSUMER_STEPS = 10  # ... and, with a consumer, at least this many steps ...
 MAX_WINDOW_FACTOR = 3  # ... unless that takes longer than this many windows
 MEMORY_SAMPLE_S = 0.25
 
@@ -61,68 +62,75 @@ class Trial:
 def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str,
               window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None = None,
               consumer: Callable[[Any], None] | None = None) -> Trial:
-    """Measure ``config``; never raises for what the dataset or its workers do."""
+    """Measure ``config``; never raises for what the dataset, its workers or the consumer do."""
     box: dict[str, Any] = {}
+    stop = threading.Event()
     runner = threading.Thread(
         target=_measure_into, name="autotune-trial", daemon=True,
-        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer))
+        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop))
     memory = _PeakMemory()
     memory.start()
     runner.start()
-    # The loader's own timeout catches hung workers; this catches a hang in this process.
-    runner.join((MAX_WINDOW_FACTOR + 1) * window_s + 4 * hang_s + 10)
+    # The loader's own timeout catches hung workers; this catches a hang in this process
+    # (a sample made in-process, collate_fn or the consumer that never returns).
+    patience = (MAX_WINDOW_FACTOR + 1) * window_s + 4 * hang_s + 10
+    runner.join(patience)
+    stop.set()  # a runner that comes back later stops at once and closes its loader
     memory.stop()
     if runner.is_alive():
-        return Trial(config=config, phase=phase, error=f"hung: no progress for {hang_s:.0f} s "
-                     "in the main process (num_workers=0)", peak_memory_bytes=memory.peak)
-    if "error" in box:
-        return Trial(config=config, phase=phase, error=box["error"],
-                     peak_memory_bytes=memory.peak)
+        return Trial(config=config, phase=phase, peak_memory_bytes=memory.peak,
+                     error=f"hung: nothing came back for {patience:.0f} s (a sample made "
+                     "in-process, collate_fn or the training step blocks)")
+    if "result" not in box:
+        return Trial(config=config, phase=phase, peak_memory_bytes=memory.peak,
+                     error=box.get("error", "ended without a measurement"))
     return Trial(config=config, phase=phase, peak_memory_bytes=memory.peak, **box["result"])
 
 
 def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
                   window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
-                  consumer: Callable[[Any], None] | None) -> None:
+                  consumer: Callable[[Any], None] | None, stop: threading.Event) -> None:
     loader = None
     try:
         built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
         loader = build_loader(dataset, batch_size, built, shuffle=True,
                               extra={"collate_fn": collate_fn})
-        box["result"] = _steady_state(loader, config, window_s, consumer)
+        box["result"] = _steady_state(loader, config, window_s, consumer, stop)
     except MemoryError:
         box["error"] = "out of memory in the main process"
-    except Exception as exc:  # the dataset's, the workers' or the consumer's failure
+    except BaseException as exc:  # the dataset's, the workers' or the consumer's failure
         box["error"] = _one_line(exc)
     finally:
         if loader is not None:
             try:
                 loader.close()
             except Exception as exc:  # workers that died already: keep what was measured
-                if "result" not in box:
-                    box.setdefault("error", _one_line(exc))
+                box.setdefault("error", _one_line(exc))
 
 
 def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
-                  consumer: Callable[[Any], None] | None) -> dict[str, Any]:
+                  consumer: Callable[[Any], None] | None,
+                  stop: threading.Event) -> dict[str, Any]:
     start = time.perf_counter()
     iterator = iter(loader)
     batch = next(iterator)
     first_batch_s = time.perf_counter() - start
     burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
     for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
-        batch, iterator = _next(iterator, loader)
+        batch, iterator = _next(iterator, loader, stop)
         if time.perf_counter() - start > window_s + first_batch_s:
             break
     del batch
     cpu = _CpuClock()
     samples = batches = 0
     waiting = 0.0
-    rounds = ROUNDS * config.num_workers
+    enough = ROUNDS * config.num_workers
+    if consumer is not None:  # one slow step must not decide whether a setting keeps up
+        enough = max(enough, CONSUMER_STEPS)
     began = time.perf_counter()
     while True:
         asked = time.perf_counter()
-        batch, iterator = _next(iterator, loader)
+        batch, iterator = _next(iterator, loader, stop)
         waiting += time.perf_counter() - asked
         samples += batch_length(batch)
         batches += 1
@@ -130,7 +138,7 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
             consumer(batch)
         elapsed = time.perf_counter() - began
         if elapsed >= MAX_WINDOW_FACTOR * window_s or (elapsed >= window_s
-                                                      and batches >= rounds):
+                                                      and batches >= enough):
             break
     return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
             "cpu_percent": cpu.percent(),
@@ -138,9 +146,11 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
             "window_s": elapsed}
 
 
-def _next(iterator: Any, loader: DataLoader) -> tuple[Any, Any]:
+def _next(iterator: Any, loader: DataLoader, stop: threading.Event) -> tuple[Any, Any]:
     """(the next batch, the iterator to go on with): a new epoch (same persistent workers)
-    starts at the end of one."""
+    starts at the end of one. Raises once the trial was given up on."""
+    if stop.is_set():
+        raise TimeoutError("the trial was given up on")
     try:
         return next(iterator), iterator
     except StopIteration:

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import SETTINGS, TUNED_SETTINGS, LoaderConfig
+from ..config import EXPLICIT, SETTINGS, TUNED_SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError
 from ..measure.workload import WorkloadProfile
 from ..system.hardware import HardwareInfo
 from . import rules
 
-EXPLICIT = "set explicitly"
 _TRAINING_ONLY = ("persistent_workers", "in_order")
 
 

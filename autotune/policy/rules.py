@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from .._check import check_bool, check_int
 from ..config import LoaderConfig
-from ..errors import InvalidConfigError
-from ..system.hardware import HardwareInfo
 from ..measure.workload import WorkloadProfile
+from ..system.hardware import HardwareInfo
 
 # Costs measured on a 2-CPU AMD EPYC VM, torch 2.13 CPU (bench/RESULTS.md has the runs):
 TRANSFER_S_PER_BATCH = 1e-3  # CPU seconds to send one batch from a worker to the main process
@@ -271,7 +270,8 @@ def prefetch_factor(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadPro
         return None, "no workers, nothing to prefetch"
     room = memory_budget_bytes(hw)
     if workload is None or room is None:
-        return DEFAULT_PREFETCH, "torch's default; batch size in bytes unknown without a measurement"
+        return DEFAULT_PREFETCH, ("torch's default; batch size in bytes unknown without a "
+                                  "measurement")
     batch_bytes = max(1, workload.sample_bytes * (hints.batch_size or ASSUMED_BATCH_SIZE))
     fits = room // (workers * batch_bytes)
     if fits >= DEFAULT_PREFETCH:

@@ -183,7 +183,8 @@ class SystemFiles:
             return None
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
-    def first_in(self, dirs: list[str], name: str, parse_fn: Callable[[str | None], Any]) -> list[Any]:
+    def first_in(self, dirs: list[str], name: str,
+                 parse_fn: Callable[[str | None], Any]) -> list[Any]:
         """``parse_fn`` over ``name`` in every dir that has it, innermost first."""
         values = (parse_fn(self.read(f"{d}/{name}")) for d in dirs)
         return [v for v in values if v is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import AutotuneError
+from ..policy.search import setting_key
 
 if TYPE_CHECKING:
     from .result import TuningResult
@@ -18,7 +19,7 @@ def plot_trials(result: TuningResult, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AutotuneError("--plot needs matplotlib: pip install 'autotune[plot]'") from None
-    chosen = tuple(result.best.settings().values())
+    chosen = setting_key(result.best)
     labels, rates, colors = [], [], []
     for i, trial in enumerate(result.trials, 1):
         c = trial.config
@@ -26,7 +27,7 @@ def plot_trials(result: TuningResult, path: str) -> None:
                       f"{'' if c.worker_threads is None else f' t{c.worker_threads}'}")
         rates.append(trial.samples_per_s or 0)
         colors.append("tab:red" if not trial.ok else "tab:green"
-                      if tuple(c.settings().values()) == chosen else "tab:blue")
+                      if setting_key(c) == chosen else "tab:blue")
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rates)), 4))
     ax.bar(range(len(rates)), rates, color=colors)
     ax.set_xticks(range(len(rates)), labels, rotation=60, ha="right", fontsize=8)

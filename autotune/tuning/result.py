@@ -93,8 +93,8 @@ class TuningResult:
         if self.fastest is not None and fastest != chosen:
             lines.append(f"fastest: {self.fastest.num_workers} workers, "
                          f"{self.fastest_samples_per_s or 0:,.0f} samples/s, "
-                         f"{_mb(self.fastest_memory_bytes)} (within the noise of "
-                         f"{self.noise or 0:.0%}: not worth the workers)")
+                         f"{_mb(self.fastest_memory_bytes)}")
+        lines.append(f"why: {self.best.reasons.get('num_workers', '')}")
         lines.append(f"{len(self.trials)} trials in {self.elapsed_s:.1f} s ({self.objective})")
         return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from typing import Any
 from .._check import check_int, check_seconds
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
-from ..measure.trial import ROUNDS, Trial, run_trial
+from ..measure.trial import CONSUMER_STEPS, ROUNDS, Trial, run_trial
 from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.search import Search, SearchSpace
@@ -33,7 +33,6 @@ from .result import TuningResult
 DEFAULT_BUDGET_S = 60.0
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
 WINDOWS_PER_BUDGET = 30  # a trial's base measuring window is about budget_s / this
-CONSUMER_STEPS = 10  # a trial with a consumer runs at least this many steps
 MIN_HANG_S = 10.0  # a batch slower than this (or 20x the measured batch time) is a hang
 MEASURE_SHARE = 10  # the quick workload measurement takes at most budget_s / this
 
@@ -54,7 +53,8 @@ class Autotuner:
         progress: a progress line on stderr (default: only when stderr is a terminal).
         key: profile key for ``result.save()`` (default: the dataset's class name).
         hang_timeout_s: how long one batch, or one sample while measuring, may take before
-            it counts as hung (default: 20 times the measured batch time, at least 10 s).
+            it counts as hung (default: 20 times the measured batch time, at least 10 s;
+            while measuring samples, 30 s).
 
     Example::
 
@@ -171,7 +171,8 @@ def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus
     batch_s = batch_size * max(workload.sec_per_sample,
                                workload.single_thread_sec_per_sample or 0.0)
     batch_cpu_s = batch_size * (
-        (workload.single_thread_cpu_sec_per_sample or workload.cpu_sec_per_sample)
+        (workload.cpu_sec_per_sample if workload.single_thread_cpu_sec_per_sample is None
+         else workload.single_thread_cpu_sec_per_sample)
         + (workload.collate_sec_per_sample or 0.0))
     return trial_window_s(budget_s, batch_s, step_s, workers=workers, batch_cpu_s=batch_cpu_s,
                           cpus=cpus)
