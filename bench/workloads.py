@@ -22,9 +22,12 @@ from torch.utils.data import Dataset
 class StorageLatency(Dataset):
     """Network storage: a heavy-tailed wait (lognormal, median ~2 ms, 1 in 100 over 20 ms)."""
 
+    median_s, sigma, cap_s = 0.002, 1.0, 0.2
+
     def __init__(self, n: int = 40_000) -> None:
         rng = random.Random(0)
-        self.waits = [min(0.2, rng.lognormvariate(np.log(0.002), 1.0)) for _ in range(n)]
+        self.waits = [min(self.cap_s, rng.lognormvariate(np.log(self.median_s), self.sigma))
+                      for _ in range(n)]
 
     def __len__(self) -> int:
         return len(self.waits)
@@ -34,21 +37,12 @@ class StorageLatency(Dataset):
         return torch.full((256,), float(index))
 
 
-class HeavyTailLatency(Dataset):
+class HeavyTailLatency(StorageLatency):
     """Network storage with a heavier tail: lognormal waits, median 1 ms, sigma 1.5 (mean
     ~3.1 ms, 1 in 100 over 33 ms, capped at 0.5 s): a sample of 128 usually misses the
     slowest reads, so its mean is low more often than high."""
 
-    def __init__(self, n: int = 40_000) -> None:
-        rng = random.Random(0)
-        self.waits = [min(0.5, rng.lognormvariate(np.log(0.001), 1.5)) for _ in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.waits)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        time.sleep(self.waits[index])
-        return torch.full((256,), float(index))
+    median_s, sigma, cap_s = 0.001, 1.5, 0.5
 
 
 class JpegFiles(Dataset):
