@@ -33,3 +33,21 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidConfigError(f"{name}={value!r} must be True or False")
     return value
+
+
+def dataset_size(dataset: Any, *, who: str) -> int:
+    """``len(dataset)`` (>= 1), or one clear error: no ``__len__``, a failing one, or empty.
+
+    ``who`` names what needs the length, e.g. ``"the factory"``.
+    """
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise InvalidConfigError(
+            f"dataset of type {type(dataset).__name__} has no len(): {who} needs a "
+            "map-style dataset (__len__ and __getitem__)") from None
+    except Exception as exc:  # __len__ itself failed
+        raise InvalidConfigError(f"len(dataset) raised {type(exc).__name__}: {exc}") from exc
+    if size < 1:
+        raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
+    return size

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch.utils.data import Subset
 
 from ._profile_io import (ELSEWHERE, PROFILE_DIR_ENV, fs_error, locked, make_dir, write_all,
                           write_atomic)
@@ -146,6 +147,13 @@ def check_key(key: Any) -> str:
             f"profile key {key!r} must be 1-128 letters, digits or _.:+- "
             "(starting with a letter, digit or _), e.g. 'my-dataset'")
     return key
+
+
+def dataset_key(dataset: Any) -> str:
+    """Default profile key: the class name of the dataset under any ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return type(dataset).__name__
 
 
 def profile_dir(directory: str | os.PathLike[str] | None = None) -> Path:

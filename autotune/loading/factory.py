@@ -16,16 +16,16 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from .._check import check_bool, check_int
+from .._check import check_bool, check_int, dataset_size
 from .._warn import warn_user
 from ..config import SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError, ProfileError
 from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.resolve import check_yields_a_batch, resolve
-from ..profiles import Profile, ProfileEntry, check_key, find_profile
+from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
 from ..system.hardware import HardwareInfo, probe_hardware
 from .builder import TunedDataLoader, build_loader
 from .safety import check_worker_safety, copy_on_read_risks
@@ -180,7 +180,7 @@ class OptimalDataLoaderFactory:
             raise InvalidConfigError(
                 f"unknown keyword(s) {sorted(unknown)}: DataLoader takes "
                 f"{', '.join(sorted(_PASS_THROUGH | set(SETTINGS)))}")
-        size = dataset_size(dataset)
+        size = dataset_size(dataset, who="the factory")
         explicit = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
         LoaderConfig(**explicit)  # a bad keyword fails now, not after measuring
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training)
@@ -227,25 +227,3 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warn_user(message)
-
-
-def dataset_size(dataset: Any) -> int:
-    """``len(dataset)``, or a clear error for datasets without one."""
-    try:
-        size = len(dataset)
-    except TypeError:
-        raise InvalidConfigError(
-            f"dataset of type {type(dataset).__name__} has no len(): the factory needs a "
-            "map-style dataset (__len__ and __getitem__)") from None
-    except Exception as exc:  # __len__ itself failed
-        raise InvalidConfigError(f"len(dataset) raised {type(exc).__name__}: {exc}") from exc
-    if size < 1:
-        raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
-    return size
-
-
-def dataset_key(dataset: Any) -> str:
-    """Default profile key: the class name of the dataset under any ``Subset`` wrappers."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return type(dataset).__name__

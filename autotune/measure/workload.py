@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._check import check_int, check_seconds
-from ..errors import AutotuneError, DatasetError, InvalidConfigError
+from .._check import check_int, check_seconds, dataset_size
+from ..errors import AutotuneError, DatasetError
 
 DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0
@@ -123,14 +123,8 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     check_int("samples", samples, minimum=1)
     check_seconds("max_seconds", max_seconds)
     check_seconds("sample_timeout_s", sample_timeout_s)
-    try:
-        size = len(dataset)
-    except TypeError:
-        raise InvalidConfigError(
-            f"measure_workload needs a map-style dataset with __len__, got "
-            f"{type(dataset).__name__}; pass workload=... or measure=False") from None
-    if size < 1:
-        raise InvalidConfigError(f"len(dataset)={size}: the dataset is empty")
+    size = dataset_size(dataset, who="measure_workload (pass workload=... or measure=False "
+                                     "to skip it)")
     count = min(samples, size)
     indices = sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)})
     run = _Measurement(dataset, indices, max_seconds, collate_fn or _default_collate())

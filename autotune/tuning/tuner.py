@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._check import check_int, check_seconds
+from .._check import check_int, check_seconds, dataset_size
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
 from ..measure.trial import CONSUMER_STEPS, ROUNDS, Trial, run_trial
 from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.search import Search, SearchSpace
-from ..profiles import check_key
+from ..profiles import check_key, dataset_key
 from ..system.hardware import HardwareInfo, probe_hardware
 from ._progress import Progress
 from .result import TuningResult
@@ -70,8 +70,6 @@ class Autotuner:
                  hardware: HardwareInfo | None = None, max_workers: int | None = None,
                  progress: bool | None = None, key: str | None = None,
                  hang_timeout_s: float | None = None) -> None:
-        from ..loading.factory import dataset_key, dataset_size
-
         check_int("batch_size", batch_size, minimum=1)
         check_seconds("budget_s", budget_s)
         if step_time_s is not None:
@@ -87,7 +85,7 @@ class Autotuner:
         if progress is not None and not isinstance(progress, bool):
             raise InvalidConfigError(f"progress={progress!r} must be True, False or None")
         self.dataset = dataset
-        self.size = dataset_size(dataset)
+        self.size = dataset_size(dataset, who="the autotuner")
         self.batch_size = batch_size
         self.budget_s = float(budget_s)
         self.collate_fn = collate_fn
@@ -114,8 +112,7 @@ class Autotuner:
         cap = rules.max_workers(self.hardware, hints, workload)
         if self.max_workers is not None:
             cap = min(cap, self.max_workers)
-        batch_s = self.batch_size * max(workload.sec_per_sample,
-                                        workload.single_thread_sec_per_sample or 0.0)
+        batch_s = _batch_s(workload, self.batch_size)
         hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
         ruled = rules.recommend(self.hardware, hints, workload)
         ladder_start = ruled.num_workers
@@ -168,14 +165,19 @@ class Autotuner:
 def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus: int,
                budget_s: float = DEFAULT_BUDGET_S, step_s: float = 0.0) -> float:
     """The trial window for ``workers`` on this workload (``trial_window_s``'s inputs)."""
-    batch_s = batch_size * max(workload.sec_per_sample,
-                               workload.single_thread_sec_per_sample or 0.0)
+    batch_s = _batch_s(workload, batch_size)
     batch_cpu_s = batch_size * (
         (workload.cpu_sec_per_sample if workload.single_thread_cpu_sec_per_sample is None
          else workload.single_thread_cpu_sec_per_sample)
         + (workload.collate_sec_per_sample or 0.0))
     return trial_window_s(budget_s, batch_s, step_s, workers=workers, batch_cpu_s=batch_cpu_s,
                           cpus=cpus)
+
+
+def _batch_s(workload: WorkloadProfile, batch_size: int) -> float:
+    """Wall seconds one worker takes to make a batch (the slower of the two passes)."""
+    return batch_size * max(workload.sec_per_sample,
+                            workload.single_thread_sec_per_sample or 0.0)
 
 
 def trial_window_s(budget_s: float, batch_s: float, step_s: float = 0.0, *, workers: int = 0,
