@@ -12,6 +12,7 @@ from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileErr
                      WorkerCrashError, WorkerSafetyError)
 from .loading.builder import TunedDataLoader
 from .loading.factory import OptimalDataLoaderFactory
+from .sources.sharding import ShardedIterable, shard_iterable
 from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
 from .policy.rules import DatasetHints
@@ -20,6 +21,8 @@ from .measure.trial import Trial
 from .tuning.result import TuningResult
 from .tuning.tuner import Autotuner
 from .measure.workload import WorkloadProfile, measure_workload
+
+create_dataloaders = OptimalDataLoaderFactory.create_dataloaders  # on the default factory
 
 __version__ = "0.1.0"
 
@@ -39,6 +42,7 @@ __all__ = [
     "MemoryInfo",
     "OptimalDataLoaderFactory",
     "ProfileError",
+    "ShardedIterable",
     "StandardizedDataset",
     "Trial",
     "TunedDataLoader",
@@ -49,6 +53,8 @@ __all__ = [
     "check_worker_safety",
     "compute_stats",
     "copy_on_read_risks",
+    "create_dataloaders",
     "measure_workload",
     "probe_hardware",
+    "shard_iterable",
 ]

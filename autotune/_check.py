@@ -35,17 +35,29 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def dataset_size(dataset: Any, *, who: str) -> int:
+def is_stream(dataset: Any) -> bool:
+    """A ``torch.utils.data.IterableDataset``: items come from ``iter()``, not by index."""
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
+
+
+def dataset_size(dataset: Any, *, who: str) -> int | None:
     """``len(dataset)`` (>= 1), or one clear error: no ``__len__``, a failing one, or empty.
 
+    An ``IterableDataset`` without a length is a stream of unknown size: ``None``.
     ``who`` names what needs the length, e.g. ``"the factory"``.
     """
+    stream = is_stream(dataset)
     try:
         size = len(dataset)
-    except TypeError:
+    except (TypeError, NotImplementedError):
+        if stream:
+            return None
         raise InvalidConfigError(
             f"dataset of type {type(dataset).__name__} has no len(): {who} needs a "
-            "map-style dataset (__len__ and __getitem__)") from None
+            "map-style dataset (__len__ and __getitem__) or a "
+            "torch.utils.data.IterableDataset (__iter__)") from None
     except Exception as exc:  # __len__ itself failed
         raise InvalidConfigError(f"len(dataset) raised {type(exc).__name__}: {exc}") from exc
     if size < 1:

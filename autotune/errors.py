@@ -7,7 +7,8 @@
     ├── DatasetError                    the dataset raised, or did not return in time, while
     │                                   autotune measured it
     ├── WorkerCrashError(RuntimeError)  a factory loader's worker process died mid-epoch
-    └── WorkerSafetyError               workers could not receive the dataset (spawn/forkserver)
+    └── WorkerSafetyError               workers could not receive the dataset (spawn/forkserver),
+                                        or a stream would give every worker the same items
 
 Messages name the parameter (or file and field), show the value and say the fix.
 """
@@ -34,14 +35,14 @@ class ProfileError(AutotuneError):
 
 
 class DatasetError(AutotuneError):
-    """The dataset raised while autotune was measuring it; names the index."""
+    """The dataset raised while autotune was measuring it; names the index (for a stream,
+    the item's position in the iteration)."""
 
-    def __init__(self, index: int, original: BaseException) -> None:
+    def __init__(self, index: int, original: BaseException, *, stream: bool = False) -> None:
         self.index = index
         self.original = original
-        super().__init__(
-            f"dataset[{index}] raised {type(original).__name__}: {original}"
-        )
+        what = f"item {index} of the stream" if stream else f"dataset[{index}]"
+        super().__init__(f"{what} raised {type(original).__name__}: {original}")
 
 
 class WorkerCrashError(AutotuneError, RuntimeError):
@@ -52,11 +53,17 @@ class WorkerCrashError(AutotuneError, RuntimeError):
 
 
 class WorkerSafetyError(AutotuneError):
-    """What a worker needs cannot be sent to it under this start method; names the path."""
+    """Workers would fail or quietly spoil the data: what they need cannot be sent to them
+    under this start method (``unpicklable``, names the path), or a stream would hand every
+    worker the same items."""
 
-    def __init__(self, path: str, problem: str, context: str) -> None:
-        self.path = path
-        super().__init__(
+    @classmethod
+    def unpicklable(cls, path: str, problem: str, context: str) -> WorkerSafetyError:
+        error = cls(
             f"{path} {problem}, so workers started with {context!r} cannot receive it. "
             "Fix: define it with `def` at module level (or functools.partial of one), "
             "or pass multiprocessing_context='fork' where the platform has it")
+        error.path = path
+        return error
+
+    path: str | None = None

@@ -11,10 +11,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .._check import is_stream
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
 from .crash import CrashNamingIterator
-from .worker import NamedErrors
+from .worker import NamedErrors, NamedStreamErrors
 
 
 class TunedDataLoader(DataLoader):
@@ -92,19 +93,28 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
     ``extra`` holds DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
     ``generator``, ...); a ``worker_init_fn`` there runs after autotune's own.
     With a ``batch_sampler`` it decides batching, order and the last batch itself.
+    An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it.
     """
     extra = dict(extra or {})
+    stream = is_stream(dataset)
+    if stream:
+        given = sorted({"sampler", "batch_sampler"} & set(extra))
+        if given:
+            raise InvalidConfigError(
+                f"{given[0]}= was given for an IterableDataset ({type(dataset).__name__}), "
+                "which decides its own order: shuffle or shard inside its __iter__ instead")
     kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))
     if "batch_sampler" in extra:
         kwargs.pop("drop_last")
     else:
         kwargs["batch_size"] = batch_size
-        if "sampler" not in extra:
+        if "sampler" not in extra and not stream:
             extra.setdefault("shuffle", shuffle)
     loader = TunedDataLoader.__new__(TunedDataLoader)
     loader.autotune_config = config  # before __init__, which already checks worker counts
     try:
-        loader.__init__(NamedErrors(dataset), **kwargs, **extra)
+        wrapped = NamedStreamErrors(dataset) if stream else NamedErrors(dataset)
+        loader.__init__(wrapped, **kwargs, **extra)
     except (TypeError, ValueError) as exc:  # torch's own checks of the keywords it was given
         raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc
     return loader

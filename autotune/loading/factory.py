@@ -12,13 +12,13 @@ import inspect
 import logging
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
 
-from .._check import check_bool, check_int, dataset_size
+from .._check import check_bool, check_int, dataset_size, is_stream
 from .._warn import warn_user
 from ..config import SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError, ProfileError
@@ -26,9 +26,13 @@ from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.resolve import check_yields_a_batch, resolve
 from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
+from ..sources.sharding import ShardedIterable
+from ..system.distributed import Ranks, current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from .builder import TunedDataLoader, build_loader
-from .safety import check_worker_safety, copy_on_read_risks
+from .safety import check_stream_sharding, check_worker_safety, copy_on_read_risks
+from .samplers import EpochDistributedSampler, ShardSampler
+from .splits import DEFAULT_SPLITS, split_dataset
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +112,16 @@ class OptimalDataLoaderFactory:
                                **dataloader_overrides: Any) -> TunedDataLoader:
         """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed.
 
+        Under torch.distributed (a process group, or torchrun's ``WORLD_SIZE`` > 1) a
+        map-style dataset gets a ``DistributedSampler`` seeded from the factory's seed whose
+        epoch advances by itself at every pass (``set_epoch`` calls still win).
+
         Args:
-            dataset: a map-style dataset (``__len__`` and ``__getitem__``).
-            batch_size: samples per batch, >= 1 and, with ``drop_last``, <= ``len(dataset)``.
+            dataset: a map-style dataset (``__len__`` and ``__getitem__``) or an
+                ``IterableDataset`` (which must split its items by worker and rank itself,
+                or be wrapped in ``autotune.shard_iterable``; checked before workers start).
+            batch_size: samples per batch (per rank), >= 1 and, with ``drop_last``, <= the
+                samples per rank.
             has_augmentation, has_standardization: per-sample transforms (rules without a
                 measurement give them a worker per CPU).
             profile_key: the tuned profile entry to apply (default: the dataset's class name).
@@ -127,9 +138,38 @@ class OptimalDataLoaderFactory:
                                  workload: WorkloadProfile | None = None,
                                  **dataloader_overrides: Any) -> TunedDataLoader:
         """In order, keeps the last partial batch, workers not held between passes
-        (arguments as ``create_training_loader``)."""
+        (arguments as ``create_training_loader``). Under torch.distributed each rank gets
+        every world-size-th sample, without the padding duplicates that would count some
+        samples twice in a metric (ranks may run one batch more or less than another)."""
         return self._create(dataset, batch_size, False, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides)
+
+    @_on_instance_or_default
+    def create_dataloaders(self, dataset: Any, batch_size: int, *,
+                           splits: Sequence[float | None] = DEFAULT_SPLITS, seed: int = 0,
+                           **keywords: Any) -> tuple[TunedDataLoader | None, ...]:
+        """(train, val, test) loaders over a reproducible split of one dataset.
+
+        The workload is measured once, on the whole dataset, and shared by the three.
+        A split of ``None`` or 0 gives ``None`` in its place.
+
+        Args:
+            dataset: a map-style dataset.
+            batch_size: samples per batch for all three loaders.
+            splits: fractions of the samples for train, val and test (``split_dataset``).
+            seed: the split's permutation seed (the same split on every run and rank).
+            **keywords: what ``create_training_loader`` takes (also given to the other two).
+
+        Example::
+
+            train, val, test = autotune.create_dataloaders(dataset, 64, splits=(0.8, 0.2, None))
+        """
+        train, val, test = split_dataset(dataset, splits, seed=seed)
+        if keywords.get("workload") is None:
+            keywords["workload"] = self._measure_once(dataset, keywords)
+        return (train and self.create_training_loader(train, batch_size, **keywords),
+                val and self.create_validation_loader(val, batch_size, **keywords),
+                test and self.create_validation_loader(test, batch_size, **keywords))
 
     def profile_entry(self, key: str) -> ProfileEntry | None:
         """The tuned entry for key in the profile that applies to this machine, if any."""
@@ -151,7 +191,7 @@ class OptimalDataLoaderFactory:
             self._profile, self._profile_file = lookup.profile, lookup.path
         return self._profile
 
-    def _hints(self, dataset_size: int, has_augmentation: bool, has_standardization: bool,
+    def _hints(self, dataset_size: int | None, has_augmentation: bool, has_standardization: bool,
                batch_size: int | None, training: bool) -> rules.DatasetHints:
         check_bool("has_augmentation", has_augmentation)
         check_bool("has_standardization", has_standardization)
@@ -165,6 +205,7 @@ class OptimalDataLoaderFactory:
         reason = "tuned"
         if entry is not None:
             reason = entry.reason(key)
+            _check_ranks_tuned_for(entry, key)
             if self._profile_file is not None:
                 reason += f" in {self._profile_file}"
         return resolve(self.hardware, hints, workload,
@@ -183,20 +224,43 @@ class OptimalDataLoaderFactory:
         size = dataset_size(dataset, who="the factory")
         explicit = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
         LoaderConfig(**explicit)  # a bad keyword fails now, not after measuring
+        ranks = current_ranks()
+        ordered = "sampler" in overrides or "batch_sampler" in overrides
+        if ranks.distributed and not is_stream(dataset) and not ordered:
+            overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
+            size = len(overrides["sampler"])
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training)
         key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
         entry = self.profile_entry(key)
-        if workload is None and self.measure and entry is None and "num_workers" not in explicit:
+        if workload is None and self._needs_measuring(entry, explicit):
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         config = self._resolve(hints, workload, entry, key, explicit)
-        if "sampler" not in overrides and "batch_sampler" not in overrides:
+        if not ordered and size is not None:
             check_yields_a_batch(config, size, batch_size)
         log.info("DataLoader for %s:\n%s", key, config.explain())
         if config.num_workers > 0:
             self._check_workers(dataset, config, overrides, workload, hints)
+        if is_stream(dataset) and ranks.distributed and not isinstance(dataset, ShardedIterable):
+            _warn_once(f"{type(dataset).__name__} is an IterableDataset on {ranks.world_size} "
+                       "ranks: each rank iterates it, so unless its __iter__ splits the items "
+                       "by rank every rank trains on the same data. autotune.shard_iterable("
+                       "dataset) splits them by rank and worker")
         if self.seed is not None and "generator" not in overrides:
-            overrides["generator"] = torch.Generator().manual_seed(self.seed)
+            # worker seeds differ across ranks; a DistributedSampler orders by its own seed
+            overrides["generator"] = torch.Generator().manual_seed(self.seed + ranks.rank)
         return build_loader(dataset, batch_size, config, shuffle=training, extra=overrides)
+
+    def _needs_measuring(self, entry: ProfileEntry | None, explicit: Mapping[str, Any]) -> bool:
+        """The rules need a measurement unless a profile entry or the caller sets workers."""
+        return self.measure and entry is None and "num_workers" not in explicit
+
+    def _measure_once(self, dataset: Any, keywords: Mapping[str, Any]) -> WorkloadProfile | None:
+        """The measurement the loaders for ``dataset`` would each take, taken once."""
+        key = keywords.get("profile_key")
+        entry = self.profile_entry(check_key(key) if key is not None else dataset_key(dataset))
+        if not self._needs_measuring(entry, keywords):
+            return None
+        return measure_workload(dataset, collate_fn=keywords.get("collate_fn"))
 
     def _check_workers(self, dataset: Any, config: LoaderConfig, extra: dict[str, Any],
                        workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:
@@ -204,6 +268,8 @@ class OptimalDataLoaderFactory:
         check_worker_safety(dataset, collate_fn=extra.get("collate_fn"),
                             worker_init_fn=extra.get("worker_init_fn"),
                             context=config.multiprocessing_context)
+        if is_stream(dataset) and config.num_workers > 1:
+            check_stream_sharding(dataset)
         try:
             risks = copy_on_read_risks(dataset)
         except Exception as exc:  # a hint is not worth failing a loader over
@@ -217,6 +283,27 @@ class OptimalDataLoaderFactory:
                                 if config.source != "rules" else None)
         if shm is not None:
             _warn_once(shm)
+
+
+def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,
+                  seed: int | None) -> EpochDistributedSampler | ShardSampler:
+    """This rank's share: shuffled and reshuffled every epoch for training, in order and
+    unpadded for evaluation."""
+    if training:
+        return EpochDistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank,
+                                       shuffle=True, seed=seed or 0)
+    return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def _check_ranks_tuned_for(entry: ProfileEntry, key: str | None) -> None:
+    """A profile tuned with another number of ranks per host measured other contention."""
+    tuned_for = entry.measured.get("local_world_size", 1)
+    here = current_ranks().local_world_size
+    if isinstance(tuned_for, int) and tuned_for != here:
+        _warn_once(f"profile key {key!r} was tuned with {tuned_for} rank(s) on this host and "
+                   f"this run has {here}: each rank's share of CPUs and memory differs, so the "
+                   "tuned settings may be wrong here. Re-tune with `torchrun --nproc_per_node "
+                   f"{here} -m autotune tune ...`")
 
 
 _warned: set[str] = set()

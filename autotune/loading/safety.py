@@ -4,6 +4,9 @@
   Linux) every worker unpickles the dataset, collate_fn and worker_init_fn; a lambda or a
   local function there fails in the worker with an unhelpful traceback. This pickles them
   here and names the path to the offending object.
+- ``check_stream_sharding``: an ``IterableDataset`` that ignores ``get_worker_info()``
+  yields every item once per worker, a silent classic bug; caught by iterating its first
+  items as two different workers.
 - ``copy_on_read_risks``: large Python lists/dicts of objects in a dataset make every worker
   copy the memory pages it reads (reference counts are writes), so memory grows with workers
   and epochs. numpy arrays do not.
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import multiprocessing
 import pickle
@@ -47,7 +51,7 @@ def check_worker_safety(dataset: Any, *, collate_fn: Callable[..., Any] | None =
         if obj is None or _pickles(obj):
             continue
         path, problem = _culprit(obj, name, 0, set())
-        raise WorkerSafetyError(path, problem, method)
+        raise WorkerSafetyError.unpicklable(path, problem, method)
 
 
 def _pickles(obj: Any) -> bool:
@@ -145,3 +149,86 @@ def _shallow(obj: Any) -> int:
         return sys.getsizeof(obj) + sum(sys.getsizeof(k) + sys.getsizeof(v)
                                         for k, v in obj.items())
     return sys.getsizeof(obj)
+
+
+SHARD_CHECK_ITEMS = 8  # items compared between two simulated workers
+SHARD_CHECK_TIMEOUT_S = 30.0
+
+
+def check_stream_sharding(dataset: Any, *, items: int = SHARD_CHECK_ITEMS,
+                          timeout_s: float = SHARD_CHECK_TIMEOUT_S) -> None:
+    """Raise ``WorkerSafetyError`` if an ``IterableDataset`` ignores ``get_worker_info()``.
+
+    Iterates the first ``items`` items twice in this process, once as worker 0 of 2 and
+    once as worker 1 of 2; identical items mean every worker would yield the whole stream
+    (each item once per worker per epoch). Streams that shard, or draw at random, differ.
+    Bounded: a stream that does not yield ``items`` items within ``timeout_s`` raises.
+    """
+    from ..sources.sharding import ShardedIterable
+
+    if isinstance(dataset, ShardedIterable):
+        return
+    seen = [_first_items(dataset, items, worker, timeout_s) for worker in (0, 1)]
+    if seen[0] and seen[0] == seen[1]:
+        raise WorkerSafetyError(
+            f"{type(dataset).__name__} yields the same items in every DataLoader worker (its "
+            f"first {len(seen[0])} items as worker 0 of 2 and as worker 1 of 2 are identical), "
+            "so an epoch would repeat each item once per worker. Fix: split the items by "
+            "torch.utils.data.get_worker_info() in __iter__, or wrap it: "
+            "autotune.shard_iterable(dataset); or use num_workers=0 or 1")
+
+
+def _first_items(dataset: Any, items: int, worker: int, timeout_s: float) -> list[str]:
+    """Fingerprints of the first items the stream yields as worker ``worker`` of 2."""
+    from torch.utils.data import _utils
+
+    from .._bounded import run_bounded
+
+    def first() -> list[str]:
+        found = []
+        for item in dataset:
+            found.append(fingerprint(item))
+            if len(found) >= items:
+                break
+        return found
+
+    state = _utils.worker._worker_info  # what get_worker_info() returns, process-wide
+    _utils.worker._worker_info = _utils.worker.WorkerInfo(
+        id=worker, num_workers=2, seed=worker, dataset=dataset)
+    try:
+        return run_bounded(first, timeout_s, f"iterating the first {items} items of "
+                           f"{type(dataset).__name__} (to check that workers get different "
+                           "items)")
+    finally:
+        _utils.worker._worker_info = state
+
+
+def fingerprint(item: Any) -> str:
+    """A digest of an item's content: tensors and arrays by dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, item)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, item: Any) -> None:
+    import torch
+
+    if isinstance(item, torch.Tensor):
+        data = item.detach().cpu().contiguous()
+        digest.update(f"T{data.dtype}{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif hasattr(item, "tobytes") and hasattr(item, "dtype"):  # numpy
+        digest.update(f"A{item.dtype}{getattr(item, 'shape', '')}".encode())
+        digest.update(item.tobytes())
+    elif isinstance(item, Mapping):
+        for key, value in item.items():
+            digest.update(repr(key).encode())
+            _feed(digest, value)
+    elif isinstance(item, (list, tuple)):
+        digest.update(f"L{len(item)}".encode())
+        for value in item:
+            _feed(digest, value)
+    elif isinstance(item, (bytes, bytearray)):
+        digest.update(bytes(item))
+    else:
+        digest.update(repr(item).encode())

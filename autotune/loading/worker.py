@@ -9,8 +9,10 @@ A class rather than a closure so that it pickles under spawn and forkserver.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
 
 from threadpoolctl import threadpool_limits  # imported here so forked workers inherit it
 
@@ -79,5 +81,38 @@ class NamedErrors:
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not yet set (during unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class NamedStreamErrors(IterableDataset):
+    """``NamedErrors`` for an ``IterableDataset``: an exception while iterating says which
+    item it was making (counted per worker) and in which worker. Keeps the length, if any."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        where = f" in worker {info.id}" if info is not None else ""
+        count = 0
+        iterator = iter(self.dataset)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                exc.add_note(f"autotune: raised making item {count}{where} of the stream "
+                             f"({type(self.dataset).__name__})")
+                raise
+            count += 1
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)

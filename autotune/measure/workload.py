@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._check import check_int, check_seconds, dataset_size
-from ..errors import AutotuneError, DatasetError
+from .._check import check_int, check_seconds, dataset_size, is_stream
+from ..errors import AutotuneError, DatasetError, InvalidConfigError
 
 DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0
@@ -90,7 +90,9 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
                      max_seconds: float = DEFAULT_MAX_SECONDS,
                      sample_timeout_s: float = DEFAULT_SAMPLE_TIMEOUT_S,
                      collate_fn: Callable[[list[Any]], Any] | None = None) -> WorkloadProfile:
-    """Time up to ``samples`` ``dataset[i]`` calls, spread over the whole dataset.
+    """Time up to ``samples`` ``dataset[i]`` calls, spread over the whole dataset (for an
+    ``IterableDataset``: its first items, iterated as one process would, starting over at
+    the end of the stream).
 
     Half run with native thread pools capped at one thread (as in a worker), half as this
     process has them. Stops once ``max_seconds`` have passed (after at least one sample).
@@ -101,7 +103,8 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     calling thread, where in-process loading would run them.
 
     Args:
-        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``) or an
+            ``IterableDataset``.
         samples: how many indices to time, at most; spread evenly over the dataset.
         max_seconds: stop timing after this long (the slow samples' bound).
         sample_timeout_s: give up on one ``dataset[i]`` call (or the ``collate_fn`` call)
@@ -125,9 +128,14 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     check_seconds("sample_timeout_s", sample_timeout_s)
     size = dataset_size(dataset, who="measure_workload (pass workload=... or measure=False "
                                      "to skip it)")
-    count = min(samples, size)
-    indices = sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)})
-    run = _Measurement(dataset, indices, max_seconds, collate_fn or _default_collate())
+    stream = is_stream(dataset)
+    count = min(samples, size) if size is not None else samples
+    if stream:  # the first items, in the stream's own order
+        indices = list(range(count))
+    else:
+        indices = sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)})
+    run = _Measurement(dataset, indices, max_seconds, collate_fn or _default_collate(),
+                       stream=stream)
     thread = threading.Thread(target=run.run, name="autotune-measure-workload", daemon=True)
     thread.start()
     try:
@@ -155,8 +163,10 @@ class _Measurement:
     """
 
     def __init__(self, dataset: Any, indices: list[int], max_seconds: float,
-                 collate_fn: Callable[[list[Any]], Any]) -> None:
+                 collate_fn: Callable[[list[Any]], Any], *, stream: bool = False) -> None:
         self.dataset, self.indices, self.max_seconds = dataset, indices, max_seconds
+        self.stream = stream
+        self._items: Any = None  # the stream's iterator
         self.collate_fn = collate_fn
         self.doing: tuple[int | None, float] | None = None
         self.done = threading.Event()
@@ -211,14 +221,28 @@ class _Measurement:
         since = time.perf_counter()
         self.doing = (index, since)
         try:
-            sample = self.dataset[index]
+            sample = self._next_item() if self.stream else self.dataset[index]
+        except AutotuneError:
+            raise
         except Exception as exc:
-            raise DatasetError(index, exc) from exc
+            raise DatasetError(index, exc, stream=self.stream) from exc
         finally:
             self.doing = None
         if self.abandoned:
             raise _Abandoned
         return sample, since
+
+    def _next_item(self) -> Any:
+        """The stream's next item; at its end, the first item of a new pass."""
+        for _ in range(2):
+            if self._items is None:
+                self._items = iter(self.dataset)
+            try:
+                return next(self._items)
+            except StopIteration:
+                self._items = None
+        raise InvalidConfigError(
+            f"the IterableDataset {type(self.dataset).__name__} yielded no items")
 
     def _time_collate(self, samples: list[Any]) -> float | None:
         """Seconds per sample to collate these samples; ``None`` if they do not collate."""
@@ -269,7 +293,7 @@ class _Measurement:
                     f"{fix.replace('the dataset', 'the collate_fn')}")
             raise DatasetError(index, TimeoutError(
                 f"did not return within {waited:.1f} s while autotune measured it "
-                f"(sample_timeout_s={timeout_s:g}); {fix}")) from None
+                f"(sample_timeout_s={timeout_s:g}); {fix}"), stream=self.stream) from None
 
     def abandon(self) -> None:
         """Stop at the thread's next step; undo its thread-pool limits now."""

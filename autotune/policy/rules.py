@@ -35,6 +35,7 @@ WORKER_MEMORY_BYTES = 24 << 20  # PSS of one forked torch worker: ~13 MB measure
 MAX_WORKERS = 64  # waiting-bound data may want many more workers than CPUs, up to this
 MAX_WORKERS_PER_CPU = 32
 SMALL_DATASET = 1024  # without a measurement, fewer samples than this get no workers
+STREAM_SAMPLES = 1_000_000  # a stream of unknown length: worker start-up is negligible
 ASSUMED_BATCH_SIZE = 32  # for estimates when no batch size is given
 ASSUMED_EPOCHS = 10  # persistent workers' start-up is spread over this many epochs
 RAM_FRACTION = 0.10  # batches in flight may take this much of available RAM ...
@@ -53,7 +54,7 @@ TAIL_MAX_FACTOR = 2.0  # the fit may raise the measured mean wait at most this m
 class DatasetHints:
     """What the caller tells us about the data and how it will be used."""
 
-    dataset_size: int
+    dataset_size: int | None  # None: a stream of unknown length
     batch_size: int | None = None
     has_augmentation: bool = False
     has_standardization: bool = False
@@ -61,7 +62,8 @@ class DatasetHints:
     device: str | None = None  # where batches go; None: the accelerator torch sees
 
     def __post_init__(self) -> None:
-        check_int("dataset_size", self.dataset_size, minimum=1, hint=" (len(dataset))")
+        if self.dataset_size is not None:
+            check_int("dataset_size", self.dataset_size, minimum=1, hint=" (len(dataset))")
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1)
         for name in ("has_augmentation", "has_standardization", "training"):
@@ -109,7 +111,7 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
                    f"{SHM_FRACTION:.0%} of free /dev/shm ({_mb(hw.memory.shm_free_bytes)}): "
                    "workers could die of a bus error, so batches are made in-process")
     if workload is None:
-        if hints.dataset_size < SMALL_DATASET:
+        if hints.dataset_size is not None and hints.dataset_size < SMALL_DATASET:
             return 0, (f"{hints.dataset_size} samples (< {SMALL_DATASET}) and no measurement: "
                        "worker start-up would not pay off")
         if hints.has_augmentation or hints.has_standardization:
@@ -120,7 +122,8 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     rates = predicted_rates(hw, workload, batch, cap)
     # Persistent (training) workers start once for many epochs; validation's every pass.
     start = WORKER_START_S["fork"] / (ASSUMED_EPOCHS if hints.training else 1)
-    epoch = {n: hints.dataset_size / rate + n * start for n, rate in rates.items()}
+    size = hints.dataset_size or STREAM_SAMPLES
+    epoch = {n: size / rate + n * start for n, rate in rates.items()}
     best = min(epoch.values())
     n = min(k for k, t in epoch.items() if t <= best * NEAR_BEST)
     best_pool = max(rates, key=lambda k: (k > 0, rates[k]))
@@ -227,7 +230,8 @@ def max_workers(hw: HardwareInfo, hints: DatasetHints,
     /dev/shm (0 when one batch per worker would not fit: workers would die of a bus error)."""
     cap = min(MAX_WORKERS, MAX_WORKERS_PER_CPU * hw.cpu_budget)
     batch = hints.batch_size or ASSUMED_BATCH_SIZE
-    cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
+    if hints.dataset_size is not None:
+        cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
     batch_bytes = batch * workload.sample_bytes if workload is not None else 0
     if hw.memory.available_bytes is not None:
         ram = int(hw.memory.available_bytes * RAM_FRACTION)

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._check import check_int, check_seconds, dataset_size
+from .._check import check_int, check_seconds, dataset_size, is_stream
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
+from ..loading.safety import check_stream_sharding
 from ..measure.trial import CONSUMER_STEPS, ROUNDS, Trial, run_trial
 from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
@@ -41,7 +42,9 @@ class Autotuner:
     """Finds the leanest fast DataLoader settings for ``dataset`` on this machine by measuring.
 
     Args:
-        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``) or an
+            ``IterableDataset`` that splits its items by worker (trials run across the
+            stream's own epochs).
         batch_size: samples per batch, as training will use it.
         budget_s: seconds to spend; the run stops starting trials before it would pass.
         collate_fn: the ``collate_fn`` training will use, if not torch's default.
@@ -108,6 +111,8 @@ class Autotuner:
         if self.hang_timeout_s is not None:
             measuring["sample_timeout_s"] = self.hang_timeout_s
         workload = measure_workload(self.dataset, collate_fn=self.collate_fn, **measuring)
+        if is_stream(self.dataset) and (self.max_workers is None or self.max_workers > 1):
+            check_stream_sharding(self.dataset)  # else more workers would count duplicates
         hints = rules.DatasetHints(dataset_size=self.size, batch_size=self.batch_size)
         cap = rules.max_workers(self.hardware, hints, workload)
         if self.max_workers is not None:

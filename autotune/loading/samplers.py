@@ -1,0 +1,52 @@
+"""Samplers the factory uses when a process is one rank of several (torchrun, DDP).
+
+- ``EpochDistributedSampler``: torch's ``DistributedSampler`` (each rank a disjoint share,
+  padded so every rank gets as many) that moves to the next epoch by itself each time an
+  epoch starts. With torch's, a user who forgets ``set_epoch`` trains every epoch in the
+  same order. A ``set_epoch(n)`` call still wins: the next epoch is ``n``.
+- ``ShardSampler``: rank r gets samples r, r + world, r + 2 x world, ... in order, with no
+  padding, so evaluation counts every sample exactly once (ranks may get one sample more
+  or less than each other; torch's sampler pads with duplicates instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch.utils.data import DistributedSampler, Sampler
+
+from .._check import check_int
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` whose every ``iter()`` is a new epoch (0, 1, 2, ...)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._next_epoch = self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._next_epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        return super().__iter__()
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's indices of ``range(size)`` in order, without padding."""
+
+    def __init__(self, size: int, *, rank: int, world_size: int) -> None:
+        check_int("size", size, minimum=0)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"rank={rank} must be < world_size={world_size}")
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))

@@ -1,0 +1,1 @@
+"""Data sources: iterable sharding (and, later, chunked HDF5)."""
