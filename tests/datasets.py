@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 
 class Sized(Dataset):
@@ -280,3 +280,70 @@ class NeverReturns(Sized):
 def make_never_returns() -> NeverReturns:
     """For `autotune tune tests/datasets.py:make_never_returns`."""
     return NeverReturns()
+
+
+class Stream(IterableDataset):
+    """Items tensor([i]) for i < size, split across workers by get_worker_info()."""
+
+    def __init__(self, size: int = 96, seconds: float = 0.0) -> None:
+        self.size, self.seconds = size, seconds
+
+    def __iter__(self):
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(worker, self.size, workers):
+            if self.seconds:
+                time.sleep(self.seconds)
+            yield torch.tensor([i])
+
+
+class SizedStream(Stream):
+    """A stream that knows its length."""
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class UnshardedStream(IterableDataset):
+    """The classic bug: every worker yields the whole stream."""
+
+    def __init__(self, size: int = 96) -> None:
+        self.size = size
+
+    def __iter__(self):
+        return (torch.tensor([i]) for i in range(self.size))
+
+
+class StreamFailsAt(IterableDataset):
+    def __init__(self, bad_item: int, size: int = 32) -> None:
+        self.bad_item, self.size = bad_item, size
+
+    def __iter__(self):
+        for i in range(self.size):
+            if i == self.bad_item:
+                raise ValueError("corrupt record")
+            yield torch.tensor([i])
+
+
+class EmptyStream(IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+class StuckStream(IterableDataset):
+    """Yields one item, then blocks forever (a stuck network read)."""
+
+    def __iter__(self):
+        yield torch.tensor([0])
+        threading.Event().wait()
+
+
+def make_stream() -> Stream:
+    """For `autotune tune tests/datasets.py:make_stream`."""
+    return Stream(size=512, seconds=0.001)
+
+
+def make_unsharded_stream() -> UnshardedStream:
+    return UnshardedStream()

@@ -1,0 +1,51 @@
+"""Run under `torchrun --nproc_per_node 2`: what each rank's factory loaders yield.
+
+Rank 0 writes every rank's items (gathered over gloo) to the JSON file named by argv[1].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import autotune  # noqa: E402
+from datasets import Indexed, Stream, UnshardedStream  # noqa: E402
+
+
+def items(loader) -> list[int]:
+    return torch.cat([batch.view(-1) for batch in loader]).tolist()
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    factory = autotune.OptimalDataLoaderFactory(seed=5)
+    seen: dict[str, object] = {}
+    with factory.create_training_loader(Indexed(640), batch_size=16, num_workers=1) as train:
+        seen["sampler"] = type(train.sampler).__name__
+        seen["epochs"] = [items(train) for _ in range(3)]  # no set_epoch call: the factory's
+    val = factory.create_validation_loader(Indexed(63), batch_size=8, num_workers=0)
+    seen["val"] = items(val)
+    stream = autotune.shard_iterable(UnshardedStream(101))
+    with factory.create_training_loader(stream, batch_size=4, num_workers=2,
+                                        drop_last=False) as loader:
+        seen["stream"] = items(loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        factory.create_training_loader(Stream(32), batch_size=4, num_workers=0)
+    seen["warnings"] = [str(w.message) for w in caught]
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, seen)
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(everyone))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The factory's loaders under a real `torchrun --nproc_per_node 2` (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp") / "seen.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(HERE / "ddp_factory_script.py"), str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_training_ranks_get_disjoint_covering_shares_reshuffled_every_epoch(ranks):
+    assert [r["sampler"] for r in ranks] == ["EpochDistributedSampler"] * 2
+    for epoch in range(3):
+        zero, one = ranks[0]["epochs"][epoch], ranks[1]["epochs"][epoch]
+        assert len(zero) == len(one) == 320
+        assert not set(zero) & set(one)
+        assert sorted(zero + one) == list(range(640))
+    for rank in ranks:  # set_epoch was never called, yet every epoch has its own order
+        orders = [tuple(epoch) for epoch in rank["epochs"]]
+        assert len(set(orders)) == 3
+        assert len({frozenset(o) for o in orders}) == 3  # and its own share of samples
+
+
+def test_evaluation_counts_every_sample_once_across_ranks(ranks):
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(63))
+    assert ranks[0]["val"] == sorted(ranks[0]["val"])  # in order
+
+
+def test_a_stream_through_shard_iterable_is_split_by_rank_and_worker(ranks):
+    assert sorted(ranks[0]["stream"] + ranks[1]["stream"]) == list(range(101))
+
+
+def test_a_plain_stream_under_ranks_gets_a_warning_naming_the_fix(ranks):
+    for rank in ranks:
+        assert any("IterableDataset on 2 ranks" in w and "shard_iterable" in w
+                   for w in rank["warnings"])
