@@ -268,3 +268,18 @@ def test_fixed_worker_count_keeps_other_rules():
 def test_hints_validate(bad):
     with pytest.raises(ValueError):
         DatasetHints(**bad)
+
+
+def test_ranks_on_one_host_share_its_memory_and_shm():
+    big = WorkloadProfile(samples=8, sec_per_sample=0.01, cpu_sec_per_sample=1e-4,
+                          sample_bytes=4 << 20)
+    hints = DatasetHints(dataset_size=10**6, batch_size=64)
+    alone = fake_hardware(cpus=64, shm_free_bytes=4 << 30)
+    four = fake_hardware(cpus=64, shm_free_bytes=4 << 30, local_world_size=4)
+    assert rules.memory_budget_bytes(four) == rules.memory_budget_bytes(alone) // 4
+    assert rules.max_workers(four, hints, big) == rules.max_workers(alone, hints, big) // 4
+
+
+def test_a_stream_says_what_drop_last_costs_it():
+    value, why = rules.drop_last(DatasetHints(dataset_size=None, stream=True))
+    assert value and "each worker drops its own partial last batch" in why

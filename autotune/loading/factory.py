@@ -192,12 +192,14 @@ class OptimalDataLoaderFactory:
         return self._profile
 
     def _hints(self, dataset_size: int | None, has_augmentation: bool, has_standardization: bool,
-               batch_size: int | None, training: bool) -> rules.DatasetHints:
+               batch_size: int | None, training: bool,
+               stream: bool = False) -> rules.DatasetHints:
         check_bool("has_augmentation", has_augmentation)
         check_bool("has_standardization", has_standardization)
         return rules.DatasetHints(
             dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
-            has_standardization=has_standardization, training=training, device=self.device)
+            has_standardization=has_standardization, training=training, device=self.device,
+            stream=stream)
 
     def _resolve(self, hints: rules.DatasetHints, workload: WorkloadProfile | None,
                  entry: ProfileEntry | None, key: str | None,
@@ -229,7 +231,8 @@ class OptimalDataLoaderFactory:
         if ranks.distributed and not is_stream(dataset) and not ordered:
             overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
             size = len(overrides["sampler"])
-        hints = self._hints(size, has_augmentation, has_standardization, batch_size, training)
+        hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
+                            stream=is_stream(dataset))
         key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
         entry = self.profile_entry(key)
         if workload is None and self._needs_measuring(entry, explicit):

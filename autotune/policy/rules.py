@@ -60,13 +60,14 @@ class DatasetHints:
     has_standardization: bool = False
     training: bool = True
     device: str | None = None  # where batches go; None: the accelerator torch sees
+    stream: bool = False  # an IterableDataset: items come from iter(), split per worker
 
     def __post_init__(self) -> None:
         if self.dataset_size is not None:
             check_int("dataset_size", self.dataset_size, minimum=1, hint=" (len(dataset))")
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1)
-        for name in ("has_augmentation", "has_standardization", "training"):
+        for name in ("has_augmentation", "has_standardization", "training", "stream"):
             check_bool(name, getattr(self, name))
 
 
@@ -233,12 +234,18 @@ def max_workers(hw: HardwareInfo, hints: DatasetHints,
     if hints.dataset_size is not None:
         cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
     batch_bytes = batch * workload.sample_bytes if workload is not None else 0
+    ranks = _ranks_here(hw)
     if hw.memory.available_bytes is not None:
-        ram = int(hw.memory.available_bytes * RAM_FRACTION)
+        ram = int(hw.memory.available_bytes * RAM_FRACTION) // ranks
         cap = min(cap, max(1, ram // (WORKER_MEMORY_BYTES + batch_bytes)))
     if hw.memory.shm_free_bytes is not None and batch_bytes:
-        cap = min(cap, int(hw.memory.shm_free_bytes * SHM_FRACTION) // batch_bytes)
+        cap = min(cap, int(hw.memory.shm_free_bytes * SHM_FRACTION) // ranks // batch_bytes)
     return cap
+
+
+def _ranks_here(hw: HardwareInfo) -> int:
+    """Processes torchrun put on this host: they share its RAM and /dev/shm."""
+    return hw.distributed.local_world_size or 1
 
 
 def shm_warning(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile | None,
@@ -259,12 +266,13 @@ def shm_warning(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile
 
 
 def memory_budget_bytes(hw: HardwareInfo) -> int | None:
-    """Bytes that batches in flight may take: a fraction of RAM and of free /dev/shm."""
+    """Bytes that this rank's batches in flight may take: a fraction of RAM and of free
+    /dev/shm, shared among the ranks on this host."""
     limits = []
     if hw.memory.available_bytes is not None:
-        limits.append(int(hw.memory.available_bytes * RAM_FRACTION))
+        limits.append(int(hw.memory.available_bytes * RAM_FRACTION) // _ranks_here(hw))
     if hw.memory.shm_free_bytes is not None:
-        limits.append(int(hw.memory.shm_free_bytes * SHM_FRACTION))
+        limits.append(int(hw.memory.shm_free_bytes * SHM_FRACTION) // _ranks_here(hw))
     return min(limits) if limits else None
 
 
@@ -314,6 +322,10 @@ def persistent_workers(hints: DatasetHints, workers: int) -> tuple[bool, str]:
 
 
 def drop_last(hints: DatasetHints) -> tuple[bool, str]:
+    if hints.training and hints.stream:
+        return True, ("training: every step sees a full batch (a stream: each worker drops "
+                      "its own partial last batch, up to batch_size - 1 items per worker and "
+                      "epoch; drop_last=False keeps them)")
     if hints.training:
         return True, "training: every step sees a full batch"
     return False, "evaluation: every sample counts"
