@@ -347,3 +347,21 @@ def make_stream() -> Stream:
 
 def make_unsharded_stream() -> UnshardedStream:
     return UnshardedStream()
+
+
+class RankStream(IterableDataset):
+    """Splits its items by rank and by worker itself (as WebDataset's split_by_node does)."""
+
+    def __init__(self, size: int = 40) -> None:
+        self.size = size
+
+    def __iter__(self):
+        import torch.distributed as dist
+        import torch.utils.data
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
+            else (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from (torch.tensor([i]) for i in range(rank * workers + worker, self.size,
+                                                     world * workers))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 import autotune  # noqa: E402
-from datasets import Indexed, Stream, UnshardedStream  # noqa: E402
+from datasets import Indexed, RankStream, Stream, UnshardedStream  # noqa: E402
 
 
 def items(loader) -> list[int]:
@@ -36,9 +36,18 @@ def main() -> None:
     with factory.create_training_loader(stream, batch_size=4, num_workers=2,
                                         drop_last=False) as loader:
         seen["stream"] = items(loader)
+    try:
+        factory.create_training_loader(Stream(32), batch_size=4, num_workers=0)
+    except autotune.WorkerSafetyError as exc:
+        seen["same_on_every_rank"] = str(exc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        factory.create_training_loader(Stream(32), batch_size=4, num_workers=0)
+        with factory.create_training_loader(RankStream(40), batch_size=4, num_workers=2,
+                                            drop_last=False) as loader:
+            seen["rank_stream"] = items(loader)
+        autotune.loading.safety.RANK_CHECK_WAIT_S = 1.0
+        if dist.get_rank() == 0:  # the other rank builds no loader: nothing to compare
+            factory.create_validation_loader(Stream(32), batch_size=4, num_workers=0)
     seen["warnings"] = [str(w.message) for w in caught]
     everyone: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, seen)

@@ -47,7 +47,18 @@ def test_a_stream_through_shard_iterable_is_split_by_rank_and_worker(ranks):
     assert sorted(ranks[0]["stream"] + ranks[1]["stream"]) == list(range(101))
 
 
-def test_a_plain_stream_under_ranks_gets_a_warning_naming_the_fix(ranks):
+def test_a_stream_that_is_the_same_on_every_rank_is_refused_with_the_fix(ranks):
     for rank in ranks:
-        assert any("IterableDataset on 2 ranks" in w and "shard_iterable" in w
-                   for w in rank["warnings"])
+        message = rank["same_on_every_rank"]
+        assert "Stream yields the same items on all 2 ranks" in message
+        assert "torch.distributed.get_rank()" in message and "shard_iterable" in message
+
+
+def test_a_stream_that_splits_by_rank_itself_passes_quietly(ranks):
+    assert sorted(ranks[0]["rank_stream"] + ranks[1]["rank_stream"]) == list(range(40))
+    assert not any("IterableDataset" in w for w in ranks[1]["warnings"])
+
+
+def test_a_stream_built_on_one_rank_only_gets_a_warning_not_a_hang(ranks):
+    assert any("could not compare across ranks" in w and "shard_iterable" in w
+               for w in ranks[0]["warnings"])

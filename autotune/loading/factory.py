@@ -30,7 +30,8 @@ from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from .builder import TunedDataLoader, build_loader
-from .safety import check_stream_sharding, check_worker_safety, copy_on_read_risks
+from .safety import (check_stream_ranks, check_stream_sharding, check_worker_safety,
+                     copy_on_read_risks)
 from .samplers import EpochDistributedSampler, ShardSampler
 from .splits import DEFAULT_SPLITS, split_dataset
 
@@ -243,11 +244,8 @@ class OptimalDataLoaderFactory:
         log.info("DataLoader for %s:\n%s", key, config.explain())
         if config.num_workers > 0:
             self._check_workers(dataset, config, overrides, workload, hints)
-        if is_stream(dataset) and ranks.distributed and not isinstance(dataset, ShardedIterable):
-            _warn_once(f"{type(dataset).__name__} is an IterableDataset on {ranks.world_size} "
-                       "ranks: each rank iterates it, so unless its __iter__ splits the items "
-                       "by rank every rank trains on the same data. autotune.shard_iterable("
-                       "dataset) splits them by rank and worker")
+        if is_stream(dataset) and ranks.distributed:
+            _check_stream_ranks(dataset, ranks)
         if self.seed is not None and "generator" not in overrides:
             # worker seeds differ across ranks; a DistributedSampler orders by its own seed
             overrides["generator"] = torch.Generator().manual_seed(self.seed + ranks.rank)
@@ -296,6 +294,18 @@ def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,
         return EpochDistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank,
                                        shuffle=True, seed=seed or 0)
     return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def _check_stream_ranks(dataset: Any, ranks: Ranks) -> None:
+    """A stream on several ranks must split by rank: compared across ranks when a process
+    group allows it (raises if they all start alike), else a warning naming the fix."""
+    if isinstance(dataset, ShardedIterable) or (ranks.group and check_stream_ranks(dataset)):
+        return
+    _warn_once(f"{type(dataset).__name__} is an IterableDataset on {ranks.world_size} ranks "
+               "that autotune could not compare across ranks (no process group, or the other "
+               "ranks built no loader): each rank iterates it, so unless its __iter__ splits "
+               "the items by rank every rank trains on the same data. "
+               "autotune.shard_iterable(dataset) splits them by rank and worker")
 
 
 def _check_ranks_tuned_for(entry: ProfileEntry, key: str | None) -> None:

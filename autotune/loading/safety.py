@@ -6,7 +6,7 @@
   here and names the path to the offending object.
 - ``check_stream_sharding``: an ``IterableDataset`` that ignores ``get_worker_info()``
   yields every item once per worker, a silent classic bug; caught by iterating its first
-  items as two different workers.
+  items as two different workers; ``check_stream_ranks`` compares them across ranks.
 - ``copy_on_read_risks``: large Python lists/dicts of objects in a dataset make every worker
   copy the memory pages it reads (reference counts are writes), so memory grows with workers
   and epochs. numpy arrays do not.
@@ -153,6 +153,7 @@ def _shallow(obj: Any) -> int:
 
 SHARD_CHECK_ITEMS = 8  # items compared between two simulated workers
 SHARD_CHECK_TIMEOUT_S = 30.0
+RANK_CHECK_WAIT_S = 10.0  # how long a rank waits for the others' first items
 
 
 def check_stream_sharding(dataset: Any, *, items: int = SHARD_CHECK_ITEMS,
@@ -168,7 +169,7 @@ def check_stream_sharding(dataset: Any, *, items: int = SHARD_CHECK_ITEMS,
 
     if isinstance(dataset, ShardedIterable):
         return
-    seen = [_first_items(dataset, items, worker, timeout_s) for worker in (0, 1)]
+    seen = [_first_items(dataset, items, timeout_s, worker) for worker in (0, 1)]
     if seen[0] and seen[0] == seen[1]:
         raise WorkerSafetyError(
             f"{type(dataset).__name__} yields the same items in every DataLoader worker (its "
@@ -178,8 +179,35 @@ def check_stream_sharding(dataset: Any, *, items: int = SHARD_CHECK_ITEMS,
             "autotune.shard_iterable(dataset); or use num_workers=0 or 1")
 
 
-def _first_items(dataset: Any, items: int, worker: int, timeout_s: float) -> list[str]:
-    """Fingerprints of the first items the stream yields as worker ``worker`` of 2."""
+def check_stream_ranks(dataset: Any, *, items: int = SHARD_CHECK_ITEMS,
+                       timeout_s: float = SHARD_CHECK_TIMEOUT_S,
+                       wait_s: float | None = None) -> bool:
+    """Under a process group: raise ``WorkerSafetyError`` if every rank's stream starts with
+    the same items (each rank would train on the same data). ``False`` when the other ranks
+    did not build a loader within ``wait_s`` (default ``RANK_CHECK_WAIT_S``; nothing to
+    compare), else ``True``."""
+    from ..sources.sharding import ShardedIterable
+    from ..system.distributed import exchange
+
+    if isinstance(dataset, ShardedIterable):
+        return True
+    mine = _first_items(dataset, items, timeout_s)
+    everyone = exchange("\n".join(mine).encode(),
+                        RANK_CHECK_WAIT_S if wait_s is None else wait_s)
+    if everyone is None:
+        return False
+    if mine and len(set(everyone)) == 1:
+        raise WorkerSafetyError(
+            f"{type(dataset).__name__} yields the same items on all {len(everyone)} ranks (the "
+            f"first {len(mine)} are identical), so every rank would train on the same data. "
+            "Fix: split the items by torch.distributed.get_rank() in __iter__ (as well as by "
+            "worker), or wrap it: autotune.shard_iterable(dataset)")
+    return True
+
+
+def _first_items(dataset: Any, items: int, timeout_s: float,
+                 worker: int | None = None) -> list[str]:
+    """Fingerprints of the first items the stream yields (as worker ``worker`` of 2)."""
     from torch.utils.data import _utils
 
     from .._bounded import run_bounded
@@ -193,12 +221,13 @@ def _first_items(dataset: Any, items: int, worker: int, timeout_s: float) -> lis
         return found
 
     state = _utils.worker._worker_info  # what get_worker_info() returns, process-wide
-    _utils.worker._worker_info = _utils.worker.WorkerInfo(
-        id=worker, num_workers=2, seed=worker, dataset=dataset)
+    if worker is not None:
+        _utils.worker._worker_info = _utils.worker.WorkerInfo(
+            id=worker, num_workers=2, seed=worker, dataset=dataset)
     try:
         return run_bounded(first, timeout_s, f"iterating the first {items} items of "
-                           f"{type(dataset).__name__} (to check that workers get different "
-                           "items)")
+                           f"{type(dataset).__name__} (to check that workers and ranks get "
+                           "different items)")
     finally:
         _utils.worker._worker_info = state
 

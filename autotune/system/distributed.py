@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,3 +53,25 @@ def process_group_ready() -> bool:
     except ImportError:
         return False
     return dist.is_available() and dist.is_initialized()
+
+
+_exchanges = 0  # calls so far in this process: ranks that make the same calls pair up
+
+
+def exchange(value: bytes, timeout_s: float) -> list[bytes] | None:
+    """Every rank's ``value`` (indexed by rank), through the process group's key-value store;
+    ``None`` when not every rank posted within ``timeout_s`` (it may never: a loader built on
+    rank 0 only). Not a collective: no rank hangs on one that never calls."""
+    global _exchanges
+    import torch.distributed as dist
+
+    _exchanges += 1
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys = [f"autotune/exchange/{_exchanges}/{r}" for r in range(world)]
+    store.set(keys[rank], value)
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception:  # the store's timeout error type differs across torch versions
+        return None
+    return [bytes(store.get(key)) for key in keys]
