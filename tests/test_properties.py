@@ -127,3 +127,23 @@ def test_loader_config_any_values(settings_):
 def test_cli_nul_in_a_path_is_one_line(argv, capsys):
     assert main(argv) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+SPLITS = st.one_of(VALUES, st.lists(st.one_of(st.none(), NUMBERS, st.booleans()), max_size=4))
+
+
+@QUICK
+@given(size=st.integers(min_value=0, max_value=200), splits=SPLITS, seed=VALUES,
+       batch_size=VALUES)
+def test_create_dataloaders_any_splits_split_or_raise_ours(size, splits, seed, batch_size):
+    factory = OptimalDataLoaderFactory(measure=False)
+    try:
+        loaders = factory.create_dataloaders(Indexed(size), batch_size, splits=splits,
+                                             seed=seed, num_workers=0)
+    except AutotuneError:
+        return
+    parts = [list(loader.dataset.dataset.indices) for loader in loaders if loader is not None]
+    every = sum(parts, [])
+    assert len(every) == len(set(every)) <= size  # disjoint
+    if math.isclose(sum(float(f or 0) for f in splits), 1.0):
+        assert sorted(every) == list(range(size))  # and covering when the fractions are whole
