@@ -144,24 +144,56 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Measure, print every trial, then save: a failed save still shows what was measured."""
+    """Measure, print every trial, then save: a failed save still shows what was measured.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it joins torchrun's ranks in a gloo process group
+    for the run: every rank measures each trial at once, rank 0 decides, writes the one
+    profile entry and prints; the other ranks print nothing unless it fails, then every
+    rank prints the same error line (before any leaves the group) and exits 1.
+    """
+    from .tuning.ranks import torchrun_group
+
+    with torchrun_group() as joined:
+        if not joined:
+            return _tune(args)
+        try:
+            return _tune(args)
+        except AutotuneError as exc:  # said on every rank before the group's last barrier
+            print(f"autotune: error: {exc}", file=sys.stderr)
+            return 1
+
+
+def _tune(args: argparse.Namespace) -> int:
     from ._load import load_dataset
+    from .tuning.ranks import Team
     from .tuning.tuner import Autotuner
 
-    check_writable(args.profile_dir)  # fail now, not after the whole budget was spent
-    dataset = load_dataset(args.target)
+    def prepare() -> Any:
+        check_writable(args.profile_dir)  # fail now, not after the whole budget was spent
+        return load_dataset(args.target)
+
+    team = Team.current()
+    dataset = prepare() if team is None else team.each(prepare)
     tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
                       step_time_s=args.step_time_s, max_workers=args.max_workers,
-                      hang_timeout_s=args.hang_timeout_s)
+                      hang_timeout_s=args.hang_timeout_s,
+                      progress=None if team is None or team.leads else False)
     result = tuner.run()
+    prints = team is None or team.leads
+
+    def save() -> Any:
+        return result.save(args.profile_dir)
+
     try:
-        path = result.save(args.profile_dir)
+        path = save() if team is None else team.on_leader(save)
     except AutotuneError:
-        if args.json:
+        if prints and args.json:
             _print_json(result.to_dict())
-        else:
+        elif prints:
             print(result.table())
         raise
+    if not prints:
+        return 0
     if args.json:
         _print_json({**result.to_dict(), "profile": str(path)})
     else:

@@ -62,6 +62,10 @@ class LoaderConfig(Mapping):
             raise InvalidConfigError(f"source={self.source!r} must be one of {', '.join(SOURCES)}")
         object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles (to spawned workers, between ranks) with its reasons as a plain dict."""
+        return _rebuild, (self.to_dict(),)
+
     def dataloader_kwargs(self, *, worker_init_fn: Any = None) -> dict[str, Any]:
         """Keywords ``torch.utils.data.DataLoader`` accepts as they are.
 
@@ -136,3 +140,6 @@ class LoaderConfig(Mapping):
     def __len__(self) -> int:
         return len(self.dataloader_kwargs())
 
+
+def _rebuild(data: dict[str, Any]) -> LoaderConfig:
+    return LoaderConfig.from_dict(data)

@@ -77,3 +77,12 @@ def test_timeout_only_with_workers():
     loader = DataLoader(Indexed(4), batch_size=2, **LoaderConfig(timeout=5))
     assert len(list(loader)) == 2  # torch refuses a timeout without workers at iter()
     assert LoaderConfig(num_workers=1, timeout=5)["timeout"] == 5
+
+
+def test_a_config_pickles_with_its_reasons_and_source():
+    import pickle
+
+    config = LoaderConfig(num_workers=3, reasons={"num_workers": "because"}, source="tuned")
+    back = pickle.loads(pickle.dumps(config))
+    assert back == config and back.reasons == {"num_workers": "because"}
+    assert back.source == "tuned"

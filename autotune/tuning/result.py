@@ -1,5 +1,8 @@
 """``TuningResult``: what the autotuner chose, the fastest setting it saw, and what the
-choice traded (workers and memory against samples/s); saved into the host's profile."""
+choice traded (workers and memory against samples/s); saved into the host's profile.
+
+Under torchrun every rank holds the same result; only rank 0 writes it, recording how many
+ranks per host it was measured with (the factory warns when a run has another number)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from ..config import TUNED_SETTINGS, LoaderConfig
 from ..measure.trial import Trial
 from ..measure.workload import WorkloadProfile
 from ..policy.search import setting_key
-from ..profiles import ProfileEntry, check_key, save_entry
+from ..profiles import ProfileEntry, check_key, profile_path, save_entry
+from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo
+from .ranks import RankTrial
 
 
 @dataclass(kw_only=True)
@@ -34,11 +39,25 @@ class TuningResult:
     fastest_samples_per_s: float | None = None
     fastest_memory_bytes: int | None = None
     noise: float | None = None  # relative spread of repeated runs the choice allowed for
+    local_world_size: int = 1  # ranks on this host while it was tuned (torchrun), all loading
+    # under torchrun, each trial's own measurement on every rank (aligned with ``trials``,
+    # which hold the combined numbers); empty when tuned alone
+    rank_trials: tuple[tuple[RankTrial, ...], ...] = ()
 
     def save(self, profile_dir: str | os.PathLike[str] | None = None,
              key: str | None = None) -> Path:
         """Merge the chosen setting into this host's profile (atomically; other keys kept),
-        with what was measured, the fastest setting included."""
+        with what was measured, the fastest setting and the ranks per host included.
+
+        Under torchrun only rank 0 writes: on another rank this writes nothing and returns
+        the path rank 0 writes to (every rank holds the same result; call it on all of them
+        or on rank 0 alone).
+
+        Args:
+            profile_dir: the profile directory (default: ``$AUTOTUNE_PROFILE_DIR`` or
+                ./profiles).
+            key: the entry's key (default: the tuner's ``key``).
+        """
         key = check_key(key or self.key)
         measured: dict[str, Any] = {
             "samples_per_s": round(self.best_samples_per_s, 1),
@@ -50,15 +69,19 @@ class TuningResult:
             "trials": len(self.trials), "tuning_s": round(self.elapsed_s, 1),
             "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             "torch": self.hardware.host.torch,
+            "local_world_size": self.local_world_size,
         }
         if self.fastest is not None:
             measured["fastest"] = {
                 **_tuned(self.fastest),
                 "samples_per_s": round(self.fastest_samples_per_s or 0.0, 1),
                 "peak_memory_mb": _mb_value(self.fastest_memory_bytes)}
-        path = save_entry(self.hardware, key,
-                          ProfileEntry(settings=_tuned(self.best), measured=measured),
-                          profile_dir)
+        if current_ranks().rank != 0:  # rank 0 writes the one entry every rank agreed on
+            path = profile_path(self.hardware.host.hostname, profile_dir)
+        else:
+            path = save_entry(self.hardware, key,
+                              ProfileEntry(settings=_tuned(self.best), measured=measured),
+                              profile_dir)
         self.best = self.best.replace(source="profile")
         self.key = key
         return path
@@ -96,6 +119,10 @@ class TuningResult:
                          f"{_mb(self.fastest_memory_bytes)}")
         lines.append(f"why: {self.best.reasons.get('num_workers', '')}")
         lines.append(f"{len(self.trials)} trials in {self.elapsed_s:.1f} s ({self.objective})")
+        if self.rank_trials:
+            ranks = len(self.rank_trials[0])
+            lines.append(f"each trial ran on {ranks} ranks at once: samples/s of the slowest "
+                         "rank, memory and CPU of the node")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +135,14 @@ class TuningResult:
                 "baseline_samples_per_s": self.baseline_samples_per_s,
                 "elapsed_s": self.elapsed_s, "batch_size": self.batch_size,
                 "objective": self.objective, "workload": self.workload.to_dict(),
-                "trials": [t.to_dict() for t in self.trials]}
+                "local_world_size": self.local_world_size,
+                "trials": [self._trial_dict(i, t) for i, t in enumerate(self.trials)]}
+
+    def _trial_dict(self, index: int, trial: Trial) -> dict[str, Any]:
+        data = trial.to_dict()
+        if self.rank_trials:
+            data["ranks"] = [r.to_dict() for r in self.rank_trials[index]]
+        return data
 
 
 def _tuned(config: LoaderConfig) -> dict[str, Any]:

@@ -4,6 +4,8 @@ It measures a few samples (``measure_workload``), asks the rules where to start,
 the search (``policy.search``) with real steady-state trials (``measure.trial``) built by
 the same builder as the factory's loaders. Choosing is the search's job, measuring the
 trial's, saving the result's; this module wires them to one dataset and one time budget.
+Under torchrun (a process group of several ranks) every rank measures each trial at once and
+rank 0 decides (``tuning.ranks``).
 
 With a consumer (``step_time_s`` or ``train_step``) the goal is no input stall: among the
 settings that keep up, the cheapest (fewest workers, then least memory) wins. Without one,
@@ -27,8 +29,10 @@ from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.search import Search, SearchSpace
 from ..profiles import check_key, dataset_key
+from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from ._progress import Progress
+from .ranks import RankTrial, Team
 from .result import TuningResult
 
 DEFAULT_BUDGET_S = 60.0
@@ -105,15 +109,46 @@ class Autotuner:
                                  self.budget_s)
 
     def run(self) -> TuningResult:
-        """Measure, search, confirm; returns the chosen setting, the fastest and every trial."""
+        """Measure, search, confirm; returns the chosen setting, the fastest and every trial.
+
+        Inside a process group of several ranks (torchrun), every rank must call ``run()``
+        with the same arguments: each trial runs on all ranks at once, rank 0 searches on
+        the slowest rank's samples/s and the node's memory, and every rank returns rank 0's
+        result (``tuning.ranks``). A rank's failure raises ``AutotuneError`` on every rank,
+        naming it. Alone, or without a process group, it tunes this process alone.
+        """
         start = time.perf_counter()
+        team = Team.current(self.hardware.host.hostname)
+        if team is None:
+            return self._search(self._workload(), start, None)
+        workload = team.from_leader(team.each(self._workload))  # windows agree on all ranks
+        if not team.leads:
+            return team.follow(self._trial)  # type: ignore[no-any-return]
+        try:
+            result = self._search(workload, start, team)
+        except Exception as exc:
+            team.abort(exc)
+            raise
+        return team.finish(result)
+
+    def _workload(self) -> WorkloadProfile:
         measuring: dict[str, Any] = {"max_seconds": min(1.0, self.budget_s / MEASURE_SHARE)}
         if self.hang_timeout_s is not None:
             measuring["sample_timeout_s"] = self.hang_timeout_s
         workload = measure_workload(self.dataset, collate_fn=self.collate_fn, **measuring)
         if is_stream(self.dataset) and (self.max_workers is None or self.max_workers > 1):
             check_stream_sharding(self.dataset)  # else more workers would count duplicates
-        hints = rules.DatasetHints(dataset_size=self.size, batch_size=self.batch_size)
+        return workload
+
+    def _trial(self, config: LoaderConfig, phase: str, window_s: float,
+               hang_s: float) -> Trial:
+        return run_trial(self.dataset, self.batch_size, config, phase=phase, window_s=window_s,
+                         hang_s=hang_s, collate_fn=self.collate_fn, consumer=self.consumer)
+
+    def _search(self, workload: WorkloadProfile, start: float,
+                team: Team | None) -> TuningResult:
+        hints = rules.DatasetHints(dataset_size=self.size, batch_size=self.batch_size,
+                                   stream=is_stream(self.dataset))
         cap = rules.max_workers(self.hardware, hints, workload)
         if self.max_workers is not None:
             cap = min(cap, self.max_workers)
@@ -133,14 +168,17 @@ class Autotuner:
             window = window_for(workload, self.batch_size, config.num_workers,
                                 cpus=self.hardware.cpu_budget, budget_s=self.budget_s,
                                 step_s=self.step_time_s or 0.0)
-            trial = run_trial(self.dataset, self.batch_size, config, phase=phase,
-                              window_s=window, hang_s=hang_s, collate_fn=self.collate_fn,
-                              consumer=self.consumer)
+            if team is None:
+                trial = self._trial(config, phase, window, hang_s)
+            else:  # every rank at once
+                trial, each_rank = team.measure(config, phase, window, hang_s, self._trial)
+                ranks_of[id(trial)] = each_rank
             trials.append(trial)
             self.progress.result(trial)
             return trial
 
         trials: list[Trial] = []
+        ranks_of: dict[int, tuple[RankTrial, ...]] = {}
         space = SearchSpace(
             configure=configure, cap=cap, rules_workers=min(ruled.num_workers, cap),
             start=ladder_start, cpu_budget=self.hardware.cpu_budget,
@@ -164,7 +202,9 @@ class Autotuner:
             if outcome.baseline.ok else None,
             trials=outcome.trials, elapsed_s=time.perf_counter() - start,
             batch_size=self.batch_size, key=self.key, objective=self.objective,
-            workload=workload, hardware=self.hardware)
+            workload=workload, hardware=self.hardware,
+            local_world_size=current_ranks().local_world_size,
+            rank_trials=tuple(ranks_of[id(t)] for t in outcome.trials) if team else ())
 
 
 def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus: int,
