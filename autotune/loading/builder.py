@@ -43,6 +43,13 @@ class TunedDataLoader(DataLoader):
 
     autotune_config: LoaderConfig | None = None
 
+    def __init__(self, dataset: Any, *args: Any, autotune_config: LoaderConfig | None = None,
+                 **kwargs: Any) -> None:
+        # a keyword, so that what re-creates the loader from its arguments (Lightning adding
+        # a sampler) keeps it; set first: DataLoader.__init__ already checks worker counts
+        self.autotune_config = autotune_config
+        super().__init__(dataset, *args, **kwargs)
+
     def __iter__(self) -> Any:
         """torch's iterator; a worker that dies raises ``WorkerCrashError`` with the likely fix
         instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
@@ -110,11 +117,9 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
         kwargs["batch_size"] = batch_size
         if "sampler" not in extra and not stream:
             extra.setdefault("shuffle", shuffle)
-    loader = TunedDataLoader.__new__(TunedDataLoader)
-    loader.autotune_config = config  # before __init__, which already checks worker counts
     try:
         wrapped = NamedStreamErrors(dataset) if stream else NamedErrors(dataset)
-        loader.__init__(wrapped, **kwargs, **extra)
+        loader = TunedDataLoader(wrapped, autotune_config=config, **kwargs, **extra)
     except (TypeError, ValueError) as exc:  # torch's own checks of the keywords it was given
         raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc
     return loader

@@ -7,6 +7,7 @@ Called on the class itself (seed style), each method uses a process-wide default
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -211,7 +212,7 @@ class OptimalDataLoaderFactory:
             _check_ranks_tuned_for(entry, key)
             if self._profile_file is not None:
                 reason += f" in {self._profile_file}"
-        return resolve(self.hardware, hints, workload,
+        return resolve(_per_rank(self.hardware), hints, workload,
                        entry=entry.settings if entry is not None else None,
                        entry_reason=reason, explicit=explicit)
 
@@ -280,10 +281,21 @@ class OptimalDataLoaderFactory:
             _warn_once(f"{risk}: every worker copies the memory pages it reads from it, so "
                        "memory grows with workers and epochs (copy-on-read). Store it as a "
                        "numpy array (or pyarrow/pandas column) instead")
-        shm = rules.shm_warning(self.hardware, hints, workload, workers=config.num_workers
-                                if config.source != "rules" else None)
+        workers = config.num_workers if config.source != "rules" else None
+        shm = rules.shm_warning(_per_rank(self.hardware), hints, workload, workers=workers)
         if shm is not None:
             _warn_once(shm)
+
+
+def _per_rank(hardware: HardwareInfo) -> HardwareInfo:
+    """The machine as this rank shares it, read live: Lightning's launcher sets no
+    ``LOCAL_WORLD_SIZE``, and a probe may predate the launch (``current_ranks`` counts the
+    ranks on this host from ``WORLD_SIZE`` and ``LOCAL_RANK`` then)."""
+    here = current_ranks().local_world_size
+    if (hardware.distributed.local_world_size or 1) >= here:
+        return hardware
+    return dataclasses.replace(hardware, distributed=dataclasses.replace(
+        hardware.distributed, local_world_size=here))
 
 
 def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,

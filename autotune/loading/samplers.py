@@ -6,14 +6,15 @@
   same order. A ``set_epoch(n)`` call still wins: the next epoch is ``n``.
 - ``ShardSampler``: rank r gets samples r, r + world, r + 2 x world, ... in order, with no
   padding, so evaluation counts every sample exactly once (ranks may get one sample more
-  or less than each other; torch's sampler pads with duplicates instead).
+  or less than each other; torch's sampler pads with duplicates instead). A
+  ``DistributedSampler`` subclass, so that Lightning keeps it rather than sharding it again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler
 
 from .._check import check_int
 
@@ -34,8 +35,12 @@ class EpochDistributedSampler(DistributedSampler):
         return super().__iter__()
 
 
-class ShardSampler(Sampler[int]):
-    """This rank's indices of ``range(size)`` in order, without padding."""
+class ShardSampler(DistributedSampler):
+    """This rank's indices of ``range(size)`` in order, without padding.
+
+    A ``DistributedSampler`` so that what adds one to every loader lacking it (Lightning's
+    ``use_distributed_sampler``) keeps this one instead of sharding the shard again.
+    """
 
     def __init__(self, size: int, *, rank: int, world_size: int) -> None:
         check_int("size", size, minimum=0)
@@ -43,7 +48,9 @@ class ShardSampler(Sampler[int]):
         check_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
-        self.size, self.rank, self.world_size = size, rank, world_size
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False)
+        self.size, self.world_size = size, world_size
+        self.num_samples, self.total_size = len(range(rank, size, world_size)), size
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.size, self.world_size))

@@ -1,0 +1,90 @@
+"""A real ``Trainer(strategy="ddp", devices=2)`` on CPU (gloo) over ``AutotuneDataModule``.
+
+    python lightning_ddp_script.py OUT_DIR NUM_WORKERS USE_DISTRIBUTED_SAMPLER(0|1)
+
+Lightning starts rank 1 by running this script again. Each rank writes OUT_DIR/rank<r>.json:
+the sample indices it trained on per epoch, the ones it validated on, and what its loaders
+were (sampler classes, workers, whether Lightning kept autotune's loader).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning.pytorch as pl
+from datasets import Indexed
+
+from autotune.lightning import AutotuneDataModule
+
+SIZE, SPLITS, BATCH, EPOCHS = 60, (0.8, 0.15, None), 4, 2  # train 48 (24 per rank), val 9
+
+
+class Recorder(pl.LightningModule):
+    """A tiny model that notes every sample index it sees. Its batch norm has buffers, which
+    DDP broadcasts in a forward pass: ranks must not disagree on whether they run one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.linear = torch.nn.BatchNorm1d(1), torch.nn.Linear(1, 1)
+        self.train_epochs: list[list[int]] = []
+        self.val_seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+    def on_train_epoch_start(self) -> None:
+        self.train_epochs.append([])
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.train_epochs[-1] += batch.view(-1).tolist()
+        x = batch.float()
+        return (self(x) - x).pow(2).mean()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.val_seen += batch.view(-1).tolist()
+        self(batch.float())
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def describe(loader: object, ours: object) -> dict[str, object]:
+    return {"sampler": type(loader.sampler).__name__, "num_workers": loader.num_workers,
+            "kept": loader is ours, "class": type(loader).__name__,
+            "has_config": getattr(loader, "autotune_config", None) is not None}
+
+
+def main() -> None:
+    out, workers, use_sampler = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    warnings.simplefilter("ignore")
+    data = AutotuneDataModule(dataset=Indexed(SIZE), splits=SPLITS, batch_size=BATCH,
+                              num_workers=workers)
+    model = Recorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=EPOCHS,
+                         use_distributed_sampler=use_sampler, num_sanity_val_steps=0,
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    record = {
+        "rank": trainer.global_rank, "world_size": trainer.world_size,
+        "train": model.train_epochs, "val": model.val_seen,
+        "train_split": data.datasets["train"].indices, "val_split": data.datasets["val"].indices,
+        "train_loader": describe(trainer.train_dataloader, data._loaders["train"]),
+        "val_loader": describe(trainer.val_dataloaders, data._loaders["val"]),
+        "measured": sorted(data._workloads),
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
