@@ -11,8 +11,14 @@ setting and its leanest near-top settings among them, is measured again, interle
 is the one with the fewest workers within 3% of it. Results go to ``--out``
 (bench/RESULTS.md), with workers and memory (peak PSS) beside every ratio.
 
-    python bench/run.py                       # everything (about 50 minutes on 2 CPUs)
+A stream (``IterableDataset``) has no len() for the rules or the tuner, and its
+side-by-side runs count whole epochs (after one warm-up epoch) instead of a window: each
+worker reads its own shards, so batches come in epoch-sized waves that a window shorter than
+an epoch catches or misses (``--stream-epochs``).
+
+    python bench/run.py                       # everything (about 60 minutes on 2 CPUs)
     python bench/run.py --only tiny --budget-s 20
+    python bench/run.py --only stream --out bench/RESULTS-stream.md   # ~9 minutes
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import torch  # noqa: E402
 import autotune  # noqa: E402
 from autotune import LoaderConfig  # noqa: E402
 from autotune.policy import rules  # noqa: E402
-from autotune.measure.trial import run_trial  # noqa: E402
+from autotune.loading.builder import build_loader  # noqa: E402
+from autotune.measure.trial import _PeakMemory, batch_length, run_trial  # noqa: E402
 from autotune.tuning.tuner import window_for  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
@@ -49,6 +56,7 @@ GRID_RECHECK = 4  # ... the leanest this many of them
 CANDIDATES = ("torch defaults", "Lightning hint", "os.cpu_count()", "rules, no measuring",
               "rules + measure_workload", "autotuner", "grid best", "grid leanest")
 TUNER_TARGET, RULES_TARGET, LEAN_FACTOR = 0.95, 0.85, 1.5
+STREAM_WARMUP_CAP_S = 12.0  # a stream's warm-up epoch longer than this: count a window instead
 
 
 def main() -> None:
@@ -58,6 +66,8 @@ def main() -> None:
     parser.add_argument("--only", help="run the workloads whose name contains one of these "
                         "comma-separated words")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    parser.add_argument("--stream-epochs", type=int, default=2, help="whole epochs a stream's "
+                        "side-by-side runs count (0: a window, as for map-style datasets)")
     args = parser.parse_args()
 
     hw = autotune.probe_hardware()
@@ -76,9 +86,15 @@ def main() -> None:
 
 
 def bench_workload(hw, name, dataset, batch, args) -> dict:
-    log(f"== {name}: {len(dataset)} samples, batch {batch}")
+    # A stream (IterableDataset) has no len(): the tuner and the rules see an unknown size,
+    # as they would in training; the report shows its samples per epoch if it says them.
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    size = None if stream else len(dataset)
+    samples = getattr(dataset, "samples", None) if stream else size
+    log(f"== {name}: {'stream, ' if stream else ''}{samples} samples"
+        f"{' per epoch' if stream else ''}, batch {batch}")
     workload = autotune.measure_workload(dataset)
-    hints = rules.DatasetHints(dataset_size=len(dataset), batch_size=batch)
+    hints = rules.DatasetHints(dataset_size=size, batch_size=batch, stream=stream)
     cpus = os.cpu_count() or 1
     configs = {
         "torch defaults": LoaderConfig(),
@@ -119,12 +135,18 @@ def bench_workload(hw, name, dataset, batch, args) -> dict:
     measured = {**configs, **grid_configs}
     rates: dict[str, list[float]] = {k: [] for k in measured}
     memory: dict[str, list[int]] = {k: [] for k in measured}
+    by_epochs = stream and args.stream_epochs > 0
     for round_ in range(args.rounds):
         for label, config in measured.items():
-            trial = run_trial(dataset, batch, config, phase="compare",
-                              window_s=COMPARE_WINDOWS * window(config), hang_s=HANG_S)
-            rates[label].append(trial.samples_per_s if trial.ok else 0.0)
-            memory[label].append(trial.peak_memory_bytes or 0)
+            if by_epochs:
+                rate, peak = stream_epochs_rate(dataset, batch, config, args.stream_epochs,
+                                                COMPARE_WINDOWS * window(config))
+            else:
+                trial = run_trial(dataset, batch, config, phase="compare",
+                                  window_s=COMPARE_WINDOWS * window(config), hang_s=HANG_S)
+                rate, peak = (trial.samples_per_s if trial.ok else 0.0), trial.peak_memory_bytes
+            rates[label].append(rate)
+            memory[label].append(peak or 0)
         log(f"   round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
     mean = {k: statistics.mean(v) for k, v in rates.items()}
     best_label = max(grid_configs, key=mean.__getitem__)
@@ -135,7 +157,8 @@ def bench_workload(hw, name, dataset, batch, args) -> dict:
                                                         memory[source])
         mean[label] = mean[source]
     return {
-        "name": name, "batch_size": batch, "samples": len(dataset),
+        "name": name, "batch_size": batch, "samples": samples, "stream": stream,
+        "compare": f"{args.stream_epochs} whole epochs" if by_epochs else "window",
         "workload": workload.to_dict(), "window_s": window(LoaderConfig()),
         "configs": {k: c.settings() for k, c in measured.items()},
         "rates": rates, "mean": mean,
@@ -150,6 +173,53 @@ def bench_workload(hw, name, dataset, batch, args) -> dict:
     }
 
 
+def stream_epochs_rate(dataset, batch: int, config: LoaderConfig, epochs: int,
+                       window_s: float) -> tuple[float, int | None]:
+    """(samples/s over ``epochs`` whole epochs of a stream after a warm-up epoch, peak PSS).
+
+    The loader is the tuner's (``build_loader``), with the config as given (a new epoch
+    restarts non-persistent workers, as in training). A setting whose warm-up epoch runs
+    past ``STREAM_WARMUP_CAP_S`` (few workers: slow, and not wave-like) is counted over
+    ``window_s`` from there instead. 0.0 if the loader fails.
+    """
+    built = config.replace(timeout=HANG_S) if config.num_workers else config
+    memory = _PeakMemory()
+    memory.start()
+    loader = None
+    try:
+        loader = build_loader(dataset, batch, built, shuffle=False)
+        start = time.perf_counter()
+        iterator = iter(loader)
+        for _ in iterator:  # warm-up epoch: worker start-up and the first fill
+            if time.perf_counter() - start > STREAM_WARMUP_CAP_S:
+                return window_rate(loader, iterator, window_s), memory.peak
+        samples, began = 0, time.perf_counter()
+        for _ in range(epochs):
+            for b in loader:
+                samples += batch_length(b)
+        return samples / (time.perf_counter() - began), memory.peak
+    except Exception as exc:  # noqa: BLE001  (a failed setting scores 0, as a failed trial)
+        log(f"   {short(config)} failed: {type(exc).__name__}: {exc}")
+        return 0.0, memory.peak
+    finally:
+        if loader is not None:
+            loader.close()
+        memory.stop()
+
+
+def window_rate(loader, iterator, window_s: float) -> float:
+    """Samples/s over ``window_s`` from here, going on into new epochs."""
+    samples, began = 0, time.perf_counter()
+    while time.perf_counter() - began < window_s:
+        try:
+            b = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            continue
+        samples += batch_length(b)
+    return samples / (time.perf_counter() - began)
+
+
 def render(hw, results, args) -> str:
     cpu = hw.cpu
     lines = [
@@ -159,7 +229,8 @@ def render(hw, results, args) -> str:
         f"({cpu.logical} logical), {hw.memory.total_bytes / 2**30:.0f} GiB RAM, "
         f"{hw.host.os}, Python {hw.host.python}, torch {torch.__version__}; "
         f"`python bench/run.py --budget-s {args.budget_s:g} --rounds {args.rounds}"
-        f"{f' --only {args.only}' if args.only else ''}`.",
+        f"{f' --only {args.only}' if args.only else ''}"
+        f"{f' --stream-epochs {args.stream_epochs}' if args.stream_epochs != 2 else ''}`.",
         "",
         "Each cell: samples/s in steady state (start-up and the prefetch burst excluded), the "
         f"mean of {args.rounds} interleaved runs of {COMPARE_WINDOWS}x the tuner's trial window "
@@ -186,8 +257,16 @@ def render(hw, results, args) -> str:
         lines.append(f"- {k}: {share(worst, k):.2f} ({worst['name']})")
     lines += ["", "## Targets", "", *targets(results, args.budget_s), "", "## Per workload", ""]
     for r in results:
-        lines += [f"### {r['name']} ({r['samples']} samples, batch {r['batch_size']})", "",
-                  f"measured: {r['workload']['sec_per_sample'] * 1e3:.3f} ms/sample, "
+        kind = "stream, no len(), " if r.get("stream") else ""
+        per = " per epoch" if r.get("stream") else ""
+        lines += [(f"### {r['name']} ({kind}{r['samples']} samples{per}, batch "
+                   f"{r['batch_size']})"), ""]
+        if r.get("compare", "window") != "window":
+            lines += [(f"Side-by-side runs of this stream count {r['compare']} after a warm-up "
+                       f"epoch (a warm-up epoch over {STREAM_WARMUP_CAP_S:g} s: a window from "
+                       "there), not a window: its batches come in epoch-sized waves. The grid "
+                       "and the tuner's trials are windows, as for the others."), ""]
+        lines += [f"measured: {r['workload']['sec_per_sample'] * 1e3:.3f} ms/sample, "
                   f"{r['workload']['cpu_fraction']:.0%} computing, parallelism "
                   f"{r['workload']['parallelism']:.2f}, {r['workload']['sample_bytes']:,} "
                   "bytes/sample", "",
