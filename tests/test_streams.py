@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import get_worker_info
 
 import autotune
-from autotune import (DatasetError, InvalidConfigError, OptimalDataLoaderFactory,
+from autotune import (DatasetError, InvalidConfigError, LoaderConfig, OptimalDataLoaderFactory,
                       WorkerSafetyError, create_dataloaders, measure_workload, shard_iterable)
 from autotune.loading.safety import check_stream_sharding
 from autotune.loading.samplers import EpochDistributedSampler, ShardSampler
+from autotune.measure.trial import _WholeEpochs, run_trial
 from autotune.policy import rules
 
 from datasets import (EmptyStream, Indexed, SizedStream, Stream, StreamFailsAt, StuckStream,
@@ -210,3 +211,24 @@ def test_torchrun_environment_alone_gives_each_rank_its_share(factory, monkeypat
     explicit = factory.create_training_loader(Indexed(64), batch_size=8, num_workers=0,
                                               sampler=list(range(64)))
     assert explicit.sampler == list(range(64))  # an explicit sampler still wins
+
+
+def test_a_trial_counts_a_short_stream_over_whole_epochs():
+    trial = run_trial(Stream(96, seconds=0.001), 8, LoaderConfig(num_workers=2,
+                      persistent_workers=True), phase="test", window_s=0.3, hang_s=10)
+    assert trial.ok and trial.epoch_samples == 96 and trial.samples_drawn > 96
+    counted = round(trial.samples_per_s * trial.window_s)
+    assert counted % 96 == 0  # a whole number of epochs, wherever counting began
+
+
+def test_whole_epochs_are_counted_only_when_reachable_in_time():
+    unknown = _WholeEpochs(hint=None)
+    assert unknown.done(counted=500, rate=1000.0, seconds_left=10.0)  # nothing to aim at
+    short = _WholeEpochs(hint=96)
+    assert not short.done(counted=150, rate=1000.0, seconds_left=1.0)  # on to 192
+    assert short.target == 192 and short.done(counted=192, rate=1000.0, seconds_left=0.8)
+    long = _WholeEpochs(hint=10**6)
+    assert long.done(counted=5000, rate=1000.0, seconds_left=4.0)  # a long stream: the window
+    seen = _WholeEpochs(hint=10**6)
+    seen.ended(drawn=300)  # this trial's own first epoch wins over the hint
+    assert not seen.done(counted=400, rate=1000.0, seconds_left=1.0) and seen.target == 600

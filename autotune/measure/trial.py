@@ -6,14 +6,16 @@ counts samples over a window, optionally feeding a consumer (a simulated step or
 ``train_step``). Many workers on few CPUs finish their batches together, so batches come in
 bursts one round of workers apart: the window spans at least ``ROUNDS`` rounds
 (``ROUNDS x num_workers`` batches), so that one burst cannot pass for a fast setting.
-Records samples/s, time to the first batch, peak memory of the main process and its workers
-(PSS, so shared pages count once), CPU use and input stall. The workers are stopped when
+A stream (``IterableDataset``) is counted over whole epochs when they are short enough
+(``_WholeEpochs``). Records samples/s, time to the first batch, peak memory of the main
+process and its workers (PSS, so shared pages count once), CPU use and input stall. The workers are stopped when
 the trial ends, not when the garbage collector finds them. A trial that crashes, hangs or
 runs out of memory comes back failed, with the reason; it never raises.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from typing import Any
 import psutil
 from torch.utils.data import DataLoader
 
+from .._check import is_stream
 from ..config import LoaderConfig
 from ..loading.builder import build_loader
 
@@ -46,6 +49,9 @@ class Trial:
     stall_fraction: float | None = None  # of the window spent waiting for data
     window_s: float | None = None
     error: str | None = None
+    # a stream's: samples in its first epoch if the trial saw it end; samples drawn in all
+    epoch_samples: int | None = None
+    samples_drawn: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -56,18 +62,25 @@ class Trial:
                 "samples_per_s": self.samples_per_s, "first_batch_s": self.first_batch_s,
                 "peak_memory_bytes": self.peak_memory_bytes, "cpu_percent": self.cpu_percent,
                 "stall_fraction": self.stall_fraction, "window_s": self.window_s,
-                "error": self.error}
+                "error": self.error, "epoch_samples": self.epoch_samples,
+                "samples_drawn": self.samples_drawn}
 
 
 def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str,
               window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None = None,
-              consumer: Callable[[Any], None] | None = None) -> Trial:
-    """Measure ``config``; never raises for what the dataset, its workers or the consumer do."""
+              consumer: Callable[[Any], None] | None = None,
+              epoch_hint: int | None = None) -> Trial:
+    """Measure ``config``; never raises for what the dataset, its workers or the consumer do.
+
+    ``epoch_hint``: for a stream, its samples per epoch as far as earlier trials saw
+    (``Trial.epoch_samples``, else the most ``samples_drawn`` without an epoch end).
+    """
     box: dict[str, Any] = {}
     stop = threading.Event()
     runner = threading.Thread(
         target=_measure_into, name="autotune-trial", daemon=True,
-        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop))
+        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop,
+              epoch_hint))
     memory = _PeakMemory()
     memory.start()
     runner.start()
@@ -89,13 +102,14 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
 
 def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
                   window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
-                  consumer: Callable[[Any], None] | None, stop: threading.Event) -> None:
+                  consumer: Callable[[Any], None] | None, stop: threading.Event,
+                  epoch_hint: int | None) -> None:
     loader = None
     try:
         built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
         loader = build_loader(dataset, batch_size, built, shuffle=True,
                               extra={"collate_fn": collate_fn})
-        box["result"] = _steady_state(loader, config, window_s, consumer, stop)
+        box["result"] = _steady_state(loader, config, window_s, consumer, stop, epoch_hint)
     except MemoryError:
         box["error"] = "out of memory in the main process"
     except BaseException as exc:  # the dataset's, the workers' or the consumer's failure
@@ -109,15 +123,20 @@ def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: Lo
 
 
 def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
-                  consumer: Callable[[Any], None] | None,
-                  stop: threading.Event) -> dict[str, Any]:
+                  consumer: Callable[[Any], None] | None, stop: threading.Event,
+                  epoch_hint: int | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     iterator = iter(loader)
     batch = next(iterator)
     first_batch_s = time.perf_counter() - start
+    epochs = _WholeEpochs(epoch_hint) if is_stream(loader.dataset) else None
+    drawn = batch_length(batch)  # samples since the loader's (and its first epoch's) start
     burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
     for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
-        batch, iterator = _next(iterator, loader, stop)
+        batch, iterator, ended = _next(iterator, loader, stop)
+        if epochs is not None and ended:
+            epochs.ended(drawn)
+        drawn += batch_length(batch)
         if time.perf_counter() - start > window_s + first_batch_s:
             break
     del batch
@@ -130,32 +149,80 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
     began = time.perf_counter()
     while True:
         asked = time.perf_counter()
-        batch, iterator = _next(iterator, loader, stop)
+        batch, iterator, ended = _next(iterator, loader, stop)
         waiting += time.perf_counter() - asked
-        samples += batch_length(batch)
+        if epochs is not None and ended:
+            epochs.ended(drawn)
+        size = batch_length(batch)
+        samples += size
+        drawn += size
         batches += 1
         if consumer is not None:
             consumer(batch)
         elapsed = time.perf_counter() - began
-        if elapsed >= MAX_WINDOW_FACTOR * window_s or (elapsed >= window_s
-                                                      and batches >= enough):
+        cap = MAX_WINDOW_FACTOR * window_s
+        if elapsed >= cap:
+            break
+        if elapsed >= window_s and batches >= enough and (
+                epochs is None or epochs.done(samples, samples / elapsed, cap - elapsed)):
             break
     return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
             "cpu_percent": cpu.percent(),
             "stall_fraction": waiting / elapsed if consumer is not None else None,
-            "window_s": elapsed}
+            "window_s": elapsed,
+            "epoch_samples": epochs.first if epochs is not None else None,
+            "samples_drawn": drawn if epochs is not None else None}
 
 
-def _next(iterator: Any, loader: DataLoader, stop: threading.Event) -> tuple[Any, Any]:
-    """(the next batch, the iterator to go on with): a new epoch (same persistent workers)
-    starts at the end of one. Raises once the trial was given up on."""
+class _WholeEpochs:
+    """Counts a stream over a whole number of epochs rather than a fixed window.
+
+    A stream split across workers delivers its batches in epoch-sized waves: every worker
+    starts together (a gap), the ones with more to read finish alone, and each drops its
+    own partial batch. A window shorter than an epoch catches the smooth middle for some
+    settings and the gap for others, and so ranks them wrongly (bench/RESULTS-stream.md).
+    The waves repeat every epoch, so any run of one epoch's worth of consecutive samples
+    takes one epoch's time, wherever it starts: a trial that has counted its window goes on
+    to the next whole multiple of the epoch's samples, when that is reachable within
+    ``MAX_WINDOW_FACTOR`` windows at the rate so far. The epoch's samples come from this
+    trial (its loader's first epoch) or earlier ones (``hint``, a lower bound while no trial
+    has seen an epoch end). Longer epochs (a long stream) are counted over the window: their
+    smooth middle is the steady state.
+    """
+
+    def __init__(self, hint: int | None) -> None:
+        self.hint = hint
+        self.first: int | None = None  # samples in the loader's first epoch
+        self.target: int | None = None  # samples to count, once the window is done
+
+    def ended(self, drawn: int) -> None:
+        """An epoch ended after ``drawn`` samples since the loader started."""
+        if self.first is None:
+            self.first = drawn
+
+    def done(self, counted: int, rate: float, seconds_left: float) -> bool:
+        """Whether counting may stop now that the window is over."""
+        epoch = self.first or self.hint
+        if not epoch:
+            return True
+        if self.target is None:
+            self.target = max(1, math.ceil(counted / epoch)) * epoch
+            if counted + rate * seconds_left < self.target:
+                self.target = counted  # not reachable in time: the window it is
+        return counted >= self.target
+
+
+def _next(iterator: Any, loader: DataLoader, stop: threading.Event) -> tuple[Any, Any, bool]:
+    """(the next batch, the iterator to go on with, whether an epoch just ended): a new
+    epoch (same persistent workers) starts at the end of one. Raises once the trial was
+    given up on."""
     if stop.is_set():
         raise TimeoutError("the trial was given up on")
     try:
-        return next(iterator), iterator
+        return next(iterator), iterator, False
     except StopIteration:
         iterator = iter(loader)
-        return next(iterator), iterator
+        return next(iterator), iterator, True
 
 
 def batch_length(batch: Any) -> int:

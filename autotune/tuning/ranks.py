@@ -231,7 +231,8 @@ def torchrun_group(backend: str = "gloo") -> Iterator[bool]:
     """A process group for the duration, when torchrun started this process (``WORLD_SIZE``
     > 1) and none exists yet; destroyed at the end, errors included (after a barrier when
     the body ended normally or with an ``AutotuneError``, which every rank raises
-    together). Yields whether one was made. ``autotune tune`` runs inside it; a script that calls ``Autotuner`` brings its own.
+    together). Yields whether one was made. ``autotune tune`` runs inside it; a script
+    that calls ``Autotuner`` brings its own.
     """
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))

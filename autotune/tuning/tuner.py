@@ -107,6 +107,9 @@ class Autotuner:
                           if step_time_s is not None else "no stall with train_step")
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
+        # a stream's samples per epoch, for trials to judge whether whole epochs fit
+        self._epoch_samples: int | None = self.size if is_stream(dataset) else None
+        self._epoch_seen = False
 
     def run(self) -> TuningResult:
         """Measure, search, confirm; returns the chosen setting, the fastest and every trial.
@@ -142,8 +145,14 @@ class Autotuner:
 
     def _trial(self, config: LoaderConfig, phase: str, window_s: float,
                hang_s: float) -> Trial:
-        return run_trial(self.dataset, self.batch_size, config, phase=phase, window_s=window_s,
-                         hang_s=hang_s, collate_fn=self.collate_fn, consumer=self.consumer)
+        trial = run_trial(self.dataset, self.batch_size, config, phase=phase,
+                          window_s=window_s, hang_s=hang_s, collate_fn=self.collate_fn,
+                          consumer=self.consumer, epoch_hint=self._epoch_samples)
+        if trial.epoch_samples:  # a stream's epoch, seen whole: later trials plan with it
+            self._epoch_samples, self._epoch_seen = trial.epoch_samples, True
+        elif trial.samples_drawn and not self._epoch_seen:  # at least this long
+            self._epoch_samples = max(self._epoch_samples or 0, trial.samples_drawn)
+        return trial
 
     def _search(self, workload: WorkloadProfile, start: float,
                 team: Team | None) -> TuningResult:
