@@ -222,13 +222,21 @@ def test_a_trial_counts_a_short_stream_over_whole_epochs():
 
 
 def test_whole_epochs_are_counted_only_when_reachable_in_time():
-    unknown = _WholeEpochs(hint=None)
-    assert unknown.done(counted=500, rate=1000.0, seconds_left=10.0)  # nothing to aim at
-    short = _WholeEpochs(hint=96)
-    assert not short.done(counted=150, rate=1000.0, seconds_left=1.0)  # on to 192
-    assert short.target == 192 and short.done(counted=192, rate=1000.0, seconds_left=0.8)
-    long = _WholeEpochs(hint=10**6)
-    assert long.done(counted=5000, rate=1000.0, seconds_left=4.0)  # a long stream: the window
-    seen = _WholeEpochs(hint=10**6)
-    seen.ended(drawn=300)  # this trial's own first epoch wins over the hint
-    assert not seen.done(counted=400, rate=1000.0, seconds_left=1.0) and seen.target == 600
+    short = _WholeEpochs(epoch=96)
+    assert not short.done(counted=150, drawn=200, rate=1000.0, seconds_left=1.0)  # on to 192
+    assert short.target == 192
+    assert short.done(counted=192, drawn=242, rate=1000.0, seconds_left=0.8)
+    long = _WholeEpochs(epoch=10**6)
+    assert long.done(counted=5000, drawn=6000, rate=1000.0, seconds_left=4.0)  # the window
+    seen = _WholeEpochs(epoch=10**6)
+    seen.ended(drawn=300)  # this trial's own first epoch wins over earlier ones
+    assert not seen.done(counted=400, drawn=500, rate=1000.0, seconds_left=1.0)
+    assert seen.target == 600
+
+
+def test_a_trial_waits_for_a_first_epoch_end_only_while_it_may_come():
+    unknown = _WholeEpochs()
+    assert not unknown.done(counted=500, drawn=600, rate=1000.0, seconds_left=1.0)
+    drew_more = _WholeEpochs(at_least=50_000)  # an earlier trial drew 50,000 without an end
+    assert drew_more.done(counted=500, drawn=600, rate=1000.0, seconds_left=10.0)
+    assert not drew_more.done(counted=500, drawn=600, rate=10_000.0, seconds_left=10.0)

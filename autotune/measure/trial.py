@@ -34,6 +34,8 @@ ROUNDS = 3  # a window holds at least this many batches per worker ...
 CONSUMER_STEPS = 10  # ... and, with a consumer, at least this many steps ...
 MAX_WINDOW_FACTOR = 3  # ... unless that takes longer than this many windows
 MEMORY_SAMPLE_S = 0.25
+WAIT_MARGIN = 1.5  # a stream's trial waits for an epoch end it may reach by this many times
+                   # the samples an earlier trial drew without one
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,18 +71,18 @@ class Trial:
 def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str,
               window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None = None,
               consumer: Callable[[Any], None] | None = None,
-              epoch_hint: int | None = None) -> Trial:
+              epoch: tuple[int | None, int] = (None, 0)) -> Trial:
     """Measure ``config``; never raises for what the dataset, its workers or the consumer do.
 
-    ``epoch_hint``: for a stream, its samples per epoch as far as earlier trials saw
-    (``Trial.epoch_samples``, else the most ``samples_drawn`` without an epoch end).
+    ``epoch``: for a stream, what earlier trials saw of its epochs: (its samples, if one
+    ended in a trial, and the most samples a trial drew without an end), ``_WholeEpochs``.
     """
     box: dict[str, Any] = {}
     stop = threading.Event()
     runner = threading.Thread(
         target=_measure_into, name="autotune-trial", daemon=True,
         args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop,
-              epoch_hint))
+              epoch))
     memory = _PeakMemory()
     memory.start()
     runner.start()
@@ -103,13 +105,13 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
 def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
                   window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
                   consumer: Callable[[Any], None] | None, stop: threading.Event,
-                  epoch_hint: int | None) -> None:
+                  epoch: tuple[int | None, int]) -> None:
     loader = None
     try:
         built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
         loader = build_loader(dataset, batch_size, built, shuffle=True,
                               extra={"collate_fn": collate_fn})
-        box["result"] = _steady_state(loader, config, window_s, consumer, stop, epoch_hint)
+        box["result"] = _steady_state(loader, config, window_s, consumer, stop, epoch)
     except MemoryError:
         box["error"] = "out of memory in the main process"
     except BaseException as exc:  # the dataset's, the workers' or the consumer's failure
@@ -124,12 +126,12 @@ def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: Lo
 
 def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
                   consumer: Callable[[Any], None] | None, stop: threading.Event,
-                  epoch_hint: int | None = None) -> dict[str, Any]:
+                  epoch: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
     start = time.perf_counter()
     iterator = iter(loader)
     batch = next(iterator)
     first_batch_s = time.perf_counter() - start
-    epochs = _WholeEpochs(epoch_hint) if is_stream(loader.dataset) else None
+    epochs = _WholeEpochs(*epoch) if is_stream(loader.dataset) else None
     drawn = batch_length(batch)  # samples since the loader's (and its first epoch's) start
     burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
     for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
@@ -164,7 +166,8 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
         if elapsed >= cap:
             break
         if elapsed >= window_s and batches >= enough and (
-                epochs is None or epochs.done(samples, samples / elapsed, cap - elapsed)):
+                epochs is None or epochs.done(samples, drawn, samples / elapsed,
+                                              cap - elapsed)):
             break
     return {"samples_per_s": samples / elapsed, "first_batch_s": first_batch_s,
             "cpu_percent": cpu.percent(),
@@ -183,15 +186,16 @@ class _WholeEpochs:
     settings and the gap for others, and so ranks them wrongly (bench/RESULTS-stream.md).
     The waves repeat every epoch, so any run of one epoch's worth of consecutive samples
     takes one epoch's time, wherever it starts: a trial that has counted its window goes on
-    to the next whole multiple of the epoch's samples, when that is reachable within
-    ``MAX_WINDOW_FACTOR`` windows at the rate so far. The epoch's samples come from this
-    trial (its loader's first epoch) or earlier ones (``hint``, a lower bound while no trial
-    has seen an epoch end). Longer epochs (a long stream) are counted over the window: their
-    smooth middle is the steady state.
+    to the next whole multiple of the epoch's samples, if it can get there within
+    ``MAX_WINDOW_FACTOR`` windows at the rate so far. The epoch's length comes from this
+    trial (its loader's first epoch) or an earlier one (``epoch``); while no epoch end has
+    been seen, a trial waits for one as long as it could come in time, judged by
+    ``at_least`` (the most samples an earlier trial drew without seeing one). Longer epochs
+    (a long stream) are counted over the window: their smooth middle is the steady state.
     """
 
-    def __init__(self, hint: int | None) -> None:
-        self.hint = hint
+    def __init__(self, epoch: int | None = None, at_least: int = 0) -> None:
+        self.epoch, self.at_least = epoch, at_least
         self.first: int | None = None  # samples in the loader's first epoch
         self.target: int | None = None  # samples to count, once the window is done
 
@@ -200,14 +204,15 @@ class _WholeEpochs:
         if self.first is None:
             self.first = drawn
 
-    def done(self, counted: int, rate: float, seconds_left: float) -> bool:
+    def done(self, counted: int, drawn: int, rate: float, seconds_left: float) -> bool:
         """Whether counting may stop now that the window is over."""
-        epoch = self.first or self.hint
-        if not epoch:
-            return True
+        reach = rate * seconds_left  # samples still to come before the cap
+        epoch = self.first or self.epoch
+        if epoch is None:  # wait for the first end while it may come in time
+            return drawn + reach < WAIT_MARGIN * max(self.at_least, 1)
         if self.target is None:
             self.target = max(1, math.ceil(counted / epoch)) * epoch
-            if counted + rate * seconds_left < self.target:
+            if counted + reach < self.target:
                 self.target = counted  # not reachable in time: the window it is
         return counted >= self.target
 

@@ -107,9 +107,9 @@ class Autotuner:
                           if step_time_s is not None else "no stall with train_step")
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
-        # a stream's samples per epoch, for trials to judge whether whole epochs fit
-        self._epoch_samples: int | None = self.size if is_stream(dataset) else None
-        self._epoch_seen = False
+        # a stream's samples per epoch (if known) and the most drawn without an epoch end,
+        # for trials to judge whether whole epochs fit (measure.trial._WholeEpochs)
+        self._epoch: tuple[int | None, int] = (self.size, 0)
 
     def run(self) -> TuningResult:
         """Measure, search, confirm; returns the chosen setting, the fastest and every trial.
@@ -147,11 +147,13 @@ class Autotuner:
                hang_s: float) -> Trial:
         trial = run_trial(self.dataset, self.batch_size, config, phase=phase,
                           window_s=window_s, hang_s=hang_s, collate_fn=self.collate_fn,
-                          consumer=self.consumer, epoch_hint=self._epoch_samples)
-        if trial.epoch_samples:  # a stream's epoch, seen whole: later trials plan with it
-            self._epoch_samples, self._epoch_seen = trial.epoch_samples, True
-        elif trial.samples_drawn and not self._epoch_seen:  # at least this long
-            self._epoch_samples = max(self._epoch_samples or 0, trial.samples_drawn)
+                          consumer=self.consumer, epoch=self._epoch)
+        epoch, at_least = self._epoch  # a stream's epochs, as trials saw them
+        if trial.epoch_samples:
+            epoch = trial.epoch_samples
+        elif trial.samples_drawn:
+            at_least = max(at_least, trial.samples_drawn)
+        self._epoch = (epoch, at_least)
         return trial
 
     def _search(self, workload: WorkloadProfile, start: float,
