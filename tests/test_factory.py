@@ -202,3 +202,18 @@ def test_forked_worker_with_a_thread_budget_does_not_deadlock():
     loader = OptimalDataLoaderFactory(measure=False).create_training_loader(
         TorchMatmul(4), batch_size=2, num_workers=1, worker_threads=2, timeout=30)
     assert len(list(loader)) == 2
+
+
+def test_an_entry_tuned_with_other_ranks_per_host_warns_once_and_still_applies(monkeypatch):
+    import autotune.loading.factory as factory_module
+
+    monkeypatch.setattr(factory_module, "_warned", set())
+    save_entry(probe_hardware(), "Indexed", ProfileEntry(
+        settings={"num_workers": 1}, measured={"local_world_size": 2}))
+    with pytest.warns(UserWarning, match=r"tuned with 2 rank\(s\) on this host and this run "
+                                         r"has 1.*torchrun --nproc_per_node 1"):
+        loader = OptimalDataLoaderFactory().create_training_loader(Indexed(512), batch_size=32)
+    assert loader.autotune_config.source == "profile" and loader.num_workers == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        OptimalDataLoaderFactory().create_training_loader(Indexed(512), batch_size=32)
