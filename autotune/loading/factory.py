@@ -229,12 +229,13 @@ class OptimalDataLoaderFactory:
         explicit = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
         LoaderConfig(**explicit)  # a bad keyword fails now, not after measuring
         ranks = current_ranks()
+        stream = is_stream(dataset)
         ordered = "sampler" in overrides or "batch_sampler" in overrides
-        if ranks.distributed and not is_stream(dataset) and not ordered:
+        if ranks.distributed and not stream and not ordered:
             overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
             size = len(overrides["sampler"])
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
-                            stream=is_stream(dataset))
+                            stream=stream)
         key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
         entry = self.profile_entry(key)
         if workload is None and self._needs_measuring(entry, explicit):
@@ -245,7 +246,7 @@ class OptimalDataLoaderFactory:
         log.info("DataLoader for %s:\n%s", key, config.explain())
         if config.num_workers > 0:
             self._check_workers(dataset, config, overrides, workload, hints)
-        if is_stream(dataset) and ranks.distributed:
+        if stream and ranks.distributed:
             _check_stream_ranks(dataset, ranks)
         if self.seed is not None and "generator" not in overrides:
             # worker seeds differ across ranks; a DistributedSampler orders by its own seed

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,7 +36,7 @@ from typing import Any, TypeVar
 from ..config import LoaderConfig
 from ..errors import AutotuneError
 from ..measure.trial import Trial
-from ..system.distributed import process_group_ready
+from ..system.distributed import current_ranks
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +79,10 @@ class Team:
 
     @classmethod
     def current(cls, host: str = "") -> Team | None:
-        if not process_group_ready():
+        ranks = current_ranks()
+        if not ranks.group or not ranks.distributed:
             return None
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        return cls(dist.get_rank(), world, host) if world > 1 else None
+        return cls(ranks.rank, ranks.world_size, host)
 
     @property
     def leads(self) -> bool:
@@ -234,11 +231,9 @@ def torchrun_group(backend: str = "gloo") -> Iterator[bool]:
     together). Yields whether one was made. ``autotune tune`` runs inside it; a script
     that calls ``Autotuner`` brings its own.
     """
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if world <= 1 or process_group_ready():
+    ranks = current_ranks()  # torchrun's environment while no group exists
+    world = ranks.world_size
+    if not ranks.distributed or ranks.group:
         yield False
         return
     import torch.distributed as dist
