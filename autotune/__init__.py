@@ -21,6 +21,7 @@ from .measure.trial import Trial
 from .tuning.result import TuningResult
 from .tuning.tuner import Autotuner
 from .measure.workload import WorkloadProfile, measure_workload
+from .monitor import StallMonitor, StallReport
 
 create_dataloaders = OptimalDataLoaderFactory.create_dataloaders  # on the default factory
 
@@ -43,6 +44,8 @@ __all__ = [
     "OptimalDataLoaderFactory",
     "ProfileError",
     "ShardedIterable",
+    "StallMonitor",
+    "StallReport",
     "StandardizedDataset",
     "Trial",
     "TunedDataLoader",

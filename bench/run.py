@@ -42,7 +42,8 @@ import autotune  # noqa: E402
 from autotune import LoaderConfig  # noqa: E402
 from autotune.policy import rules  # noqa: E402
 from autotune.loading.builder import build_loader  # noqa: E402
-from autotune.measure.trial import _PeakMemory, batch_length, run_trial  # noqa: E402
+from autotune.measure.trial import batch_length, run_trial  # noqa: E402
+from autotune.system.usage import PeakMemory  # noqa: E402
 from autotune.tuning.tuner import window_for  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
@@ -183,7 +184,7 @@ def stream_epochs_rate(dataset, batch: int, config: LoaderConfig, epochs: int,
     ``window_s`` from there instead. 0.0 if the loader fails.
     """
     built = config.replace(timeout=HANG_S) if config.num_workers else config
-    memory = _PeakMemory()
+    memory = PeakMemory()
     memory.start()
     loader = None
     try:

@@ -8,9 +8,10 @@ bursts one round of workers apart: the window spans at least ``ROUNDS`` rounds
 (``ROUNDS x num_workers`` batches), so that one burst cannot pass for a fast setting.
 A stream (``IterableDataset``) is counted over whole epochs when they are short enough
 (``_WholeEpochs``). Records samples/s, time to the first batch, peak memory of the main
-process and its workers (PSS, so shared pages count once), CPU use and input stall. The workers are stopped when
-the trial ends, not when the garbage collector finds them. A trial that crashes, hangs or
-runs out of memory comes back failed, with the reason; it never raises.
+process and its workers (PSS, so shared pages count once), CPU use and input stall. The
+workers are stopped when the trial ends, not when the garbage collector finds them. A
+trial that crashes, hangs or runs out of memory comes back failed, with the reason; it
+never raises.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 from torch.utils.data import DataLoader
 
 from .._check import is_stream
 from ..config import LoaderConfig
 from ..loading.builder import build_loader
+from ..system.usage import CpuClock, PeakMemory
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
 ROUNDS = 3  # a window holds at least this many batches per worker ...
 CONSUMER_STEPS = 10  # ... and, with a consumer, at least this many steps ...
 MAX_WINDOW_FACTOR = 3  # ... unless that takes longer than this many windows
-MEMORY_SAMPLE_S = 0.25
 WAIT_MARGIN = 1.5  # a stream's trial waits for an epoch end it may reach by this many times
                    # the samples an earlier trial drew without one
 
@@ -83,7 +83,7 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
         target=_measure_into, name="autotune-trial", daemon=True,
         args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop,
               epoch))
-    memory = _PeakMemory()
+    memory = PeakMemory()
     memory.start()
     runner.start()
     # The loader's own timeout catches hung workers; this catches a hang in this process
@@ -142,7 +142,7 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
         if time.perf_counter() - start > window_s + first_batch_s:
             break
     del batch
-    cpu = _CpuClock()
+    cpu = CpuClock()
     samples = batches = 0
     waiting = 0.0
     enough = ROUNDS * config.num_workers
@@ -238,57 +238,6 @@ def batch_length(batch: Any) -> int:
         return batch_length(next(iter(batch.values())))
     shape = getattr(batch, "shape", None)
     return int(shape[0]) if shape else 1
-
-
-class _CpuClock:
-    """CPU seconds of this process and its children (the workers) over a span."""
-
-    def __init__(self) -> None:
-        self.me = psutil.Process()
-        self.wall = time.perf_counter()
-        self.cpu = self._total()
-
-    def _total(self) -> float:
-        total = sum(self.me.cpu_times()[:2])
-        for child in self.me.children(recursive=True):
-            try:
-                total += sum(child.cpu_times()[:2])
-            except psutil.Error:
-                pass
-        return total
-
-    def percent(self) -> float:
-        return 100 * (self._total() - self.cpu) / max(1e-9, time.perf_counter() - self.wall)
-
-
-class _PeakMemory:
-    """Samples the PSS of this process and its children until stopped; keeps the peak."""
-
-    def __init__(self) -> None:
-        self.peak: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="autotune-memory", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while True:
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                    total += getattr(info, "pss", info.rss)
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak or 0, total)
-            if self._stop.wait(MEMORY_SAMPLE_S):
-                return
 
 
 def _one_line(exc: BaseException) -> str:

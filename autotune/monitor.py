@@ -1,0 +1,314 @@
+"""Is training input-bound? ``StallMonitor`` times how long the loop waits for each batch
+against the time it spends on the batch (the step), while the real job runs.
+
+The stall fraction is the share of the loop's time spent inside ``iter()`` and ``next()``
+(epoch starts count: starting workers is waiting too). The time between one pass's end and
+the next ``iter()`` (validation, checkpoints) counts neither way. Worker CPU and memory and
+GPU utilisation are sampled only when a summary is logged or a report is asked for, so the
+per-batch cost is two clock reads (well under 1% of a 1 ms step; ``bench/monitor_overhead.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._check import check_seconds
+from .errors import InvalidConfigError
+from .policy import stall
+from .system import usage
+
+log = logging.getLogger(__name__)
+
+HISTORY = 100_000  # per-batch times kept for percentiles and plots (the latest ones)
+DEFAULT_LOG_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StallReport:
+    """What a monitored loop did. Times in seconds; ``None`` where unknown."""
+
+    name: str | None
+    steps: int  # batches whose step has ended
+    passes: int  # iter() calls (epochs)
+    wall_s: float  # wait_s + step_s
+    wait_s: float
+    step_s: float
+    wait_mean_s: float | None
+    wait_p50_s: float | None
+    wait_p95_s: float | None
+    step_mean_s: float | None
+    step_p50_s: float | None
+    step_p95_s: float | None
+    stall_fraction: float
+    verdict: str
+    num_workers: int | None
+    workers_cpu: float | None  # CPUs the worker processes kept busy on average
+    workers_memory_bytes: int | None  # their PSS, the most seen
+    gpu_utilization: float | None  # percent, mean of NVML samples
+    suggestion: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: what the periodic log says."""
+        label = f"{self.name}: " if self.name else ""
+        line = (f"{label}{self.steps} steps, stall {self.stall_fraction:.1%} ({self.verdict}); "
+                f"wait p50 {_ms(self.wait_p50_s)} p95 {_ms(self.wait_p95_s)}, "
+                f"step p50 {_ms(self.step_p50_s)}")
+        if self.num_workers is not None:
+            line += f"; {self.num_workers} workers"
+        if self.workers_cpu is not None:
+            line += f" using {self.workers_cpu:.1f} CPUs"
+        if self.gpu_utilization is not None:
+            line += f"; GPU {self.gpu_utilization:.0f}% busy"
+        return line
+
+    def __str__(self) -> str:
+        return f"{self.summary()}\n  suggestion: {self.suggestion}"
+
+
+class StallClock:
+    """Accumulates waits and steps from timestamps; the monitor and the Lightning callback
+    feed it. ``waited(start, end, batch)``: the loop waited from start to end, and got a batch
+    (a step begins at ``end``) or not (a pass ended; no step runs until the next batch)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.passes = 0
+        self.wait_s = 0.0
+        self.step_s = 0.0
+        self.waits: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self.step_times: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self._open: float | None = None  # when the running step began
+        self._carry = 0.0  # the iter() time a pass's first batch waits on top of its next()
+
+    def began(self, start: float, end: float) -> None:
+        """A pass (``iter()``) began at ``start`` and was ready at ``end``."""
+        self._close_step(start)
+        self.passes += 1
+        self._carry += end - start
+        self.wait_s += end - start
+
+    def waited(self, start: float, end: float, batch: bool) -> None:
+        self._close_step(start)
+        self.wait_s += end - start
+        if batch:
+            self.waits.append(end - start + self._carry)
+            self._carry = 0.0
+            self._open = end
+
+    def _close_step(self, now: float) -> None:
+        if self._open is not None:
+            self.step_s += now - self._open
+            self.step_times.append(now - self._open)
+            self.steps += 1
+            self._open = None
+
+    def totals(self, now: float | None = None) -> tuple[int, float, float]:
+        """(steps, wait_s, step_s) so far, a running step counted up to ``now``."""
+        running = 0.0 if self._open is None or now is None else max(0.0, now - self._open)
+        return self.steps, self.wait_s, self.step_s + running
+
+
+class StallMonitor:
+    """Iterate this instead of the loader: same batches, timed.
+
+    Args:
+        iterable: the loader (any iterable of batches; a ``DataLoader`` tells its workers).
+        name: a label for logs and reports.
+        device: where the step runs (``"cuda:0"``); its GPU's utilisation is read through
+            NVML where present. Default: the current CUDA device if torch sees one.
+        log_every_s: a one-line summary through ``logging`` (logger ``autotune.monitor``,
+            INFO) at most this often; ``None`` for none.
+
+    Example::
+
+        monitor = autotune.StallMonitor(loader, name="train")
+        for epoch in range(3):
+            for batch in monitor:
+                train_step(batch)
+        print(monitor.report())   # stall_fraction, verdict, suggestion, ...
+    """
+
+    def __init__(self, iterable: Iterable[Any], *, name: str | None = None,
+                 device: Any = None, log_every_s: float | None = DEFAULT_LOG_EVERY_S) -> None:
+        if not hasattr(iterable, "__iter__"):
+            raise InvalidConfigError(
+                f"iterable={iterable!r} is not iterable: pass the DataLoader (or any iterable "
+                "of batches) the training loop iterates")
+        if name is not None and not isinstance(name, str):
+            raise InvalidConfigError(f"name={name!r} must be a string or None")
+        if log_every_s is not None:
+            check_seconds("log_every_s", log_every_s)
+        self.iterable = iterable
+        self.name = name
+        self.log_every_s = log_every_s
+        self.clock = StallClock()
+        self._gpu_index = _gpu_index(device)
+        self._gpu: usage.GpuUtilization | None = None
+        self._gpu_samples: list[float] = []
+        self._cpu_start: float | None = None
+        self._wall_start: float | None = None
+        self._memory_peak: int | None = None
+        self._next_log = float("inf")
+
+    def __iter__(self) -> Iterator[Any]:
+        start = time.perf_counter()
+        if self._wall_start is None:
+            self._wall_start = start
+            self._cpu_start = usage.children_cpu_seconds()
+            if self.log_every_s is not None:
+                self._next_log = start + self.log_every_s
+        iterator = iter(self.iterable)
+        self.clock.began(start, time.perf_counter())
+        return _Timed(iterator, self)
+
+    def __len__(self) -> int:
+        return len(self.iterable)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "iterable":
+            raise AttributeError(name)
+        return getattr(self.iterable, name)
+
+    def reset(self) -> None:
+        """Forget what was timed so far (e.g. after a warm-up epoch)."""
+        self.clock = StallClock()
+        self._gpu_samples.clear()
+        self._wall_start = self._cpu_start = self._memory_peak = None
+
+    def report(self) -> StallReport:
+        """What the loop did so far (a step still running counts up to now)."""
+        self._sample()
+        now = time.perf_counter()
+        steps, wait_s, step_s = self.clock.totals(now)
+        wall = wait_s + step_s
+        fraction = wait_s / wall if wall > 0 else 0.0
+        workers = getattr(self.iterable, "num_workers", None)
+        workers = workers if isinstance(workers, int) else None
+        cpu = None
+        if workers != 0 and self._cpu_start is not None and self._wall_start is not None:
+            elapsed = now - self._wall_start
+            cpu = (usage.children_cpu_seconds() - self._cpu_start) / elapsed if elapsed else None
+        waits, step_times = list(self.clock.waits), list(self.clock.step_times)
+        wait_p50, wait_p95 = _percentiles(waits)
+        step_p50, step_p95 = _percentiles(step_times)
+        return StallReport(
+            name=self.name, steps=steps, passes=self.clock.passes, wall_s=wall, wait_s=wait_s,
+            step_s=step_s, wait_mean_s=_mean(waits), wait_p50_s=wait_p50, wait_p95_s=wait_p95,
+            step_mean_s=_mean(step_times), step_p50_s=step_p50, step_p95_s=step_p95,
+            stall_fraction=fraction, verdict=stall.verdict(fraction), num_workers=workers,
+            workers_cpu=cpu, workers_memory_bytes=self._memory_peak if workers != 0 else None,
+            gpu_utilization=_mean(self._gpu_samples),
+            suggestion=stall.suggestion(fraction, num_workers=workers, workers_cpu=cpu,
+                                        cpu_budget=_cpu_budget(),
+                                        wait_p50_s=wait_p50 or 0.0, wait_p95_s=wait_p95 or 0.0))
+
+    def history(self) -> tuple[list[float], list[float]]:
+        """(waits, steps) per batch, the latest ``HISTORY``: for a plot of stall over steps."""
+        return list(self.clock.waits), list(self.clock.step_times)
+
+    def close(self) -> None:
+        """Release NVML and close the wrapped loader if it can be closed."""
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
+        close = getattr(self.iterable, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> StallMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StallMonitor({self.iterable!r}, name={self.name!r})"
+
+    def _sample(self) -> None:
+        """The slow readings: worker memory and GPU utilisation (logs and reports only)."""
+        memory = usage.process_memory_bytes(children_only=True)
+        self._memory_peak = max(self._memory_peak or 0, memory)
+        if self._gpu_index is not None:
+            if self._gpu is None:
+                self._gpu = usage.GpuUtilization(self._gpu_index)
+            busy = self._gpu.read()
+            if busy is not None:
+                self._gpu_samples.append(busy)
+
+    def _log(self, now: float) -> None:
+        self._next_log = now + (self.log_every_s or float("inf"))
+        log.info("autotune stall %s", self.report().summary())
+
+
+class _Timed:
+    """One pass: the wrapped iterator with each ``next()`` timed."""
+
+    __slots__ = ("_iterator", "_monitor")
+
+    def __init__(self, iterator: Iterator[Any], monitor: StallMonitor) -> None:
+        self._iterator = iterator
+        self._monitor = monitor
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._monitor.clock.waited(start, time.perf_counter(), False)
+            raise
+        end = time.perf_counter()
+        monitor = self._monitor
+        monitor.clock.waited(start, end, True)
+        if end >= monitor._next_log:
+            monitor._log(end)
+        return batch
+
+
+def _gpu_index(device: Any) -> int | None:
+    """The CUDA device index to read utilisation from, or None (a CPU or no GPU)."""
+    import torch
+
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as exc:
+        raise InvalidConfigError(
+            f"device={device!r} is not a torch device: pass e.g. 'cuda:0', 'cpu' or None "
+            f"({exc})") from None
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else 0
+
+
+def _cpu_budget() -> int:
+    from .system.hardware import probe_hardware
+
+    return probe_hardware().cpu_budget
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
