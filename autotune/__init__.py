@@ -11,6 +11,7 @@ from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_sta
 from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
                      WorkerCrashError, WorkerSafetyError)
 from .loading.builder import TunedDataLoader
+from .loading.device import DeviceLoader
 from .loading.factory import OptimalDataLoaderFactory
 from .sources.sharding import ShardedIterable, shard_iterable
 from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
@@ -19,6 +20,7 @@ from .policy.rules import DatasetHints
 from .loading.safety import check_worker_safety, copy_on_read_risks
 from .measure.trial import Trial
 from .tuning.result import TuningResult
+from .tuning.adapt import AdaptiveLoader
 from .tuning.tuner import Autotuner
 from .measure.workload import WorkloadProfile, measure_workload
 from .monitor import StallMonitor, StallReport
@@ -28,12 +30,14 @@ create_dataloaders = OptimalDataLoaderFactory.create_dataloaders  # on the defau
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLoader",
     "AugmentedDataset",
     "AutotuneError",
     "Autotuner",
     "CpuInfo",
     "DatasetError",
     "DatasetHints",
+    "DeviceLoader",
     "DistributedInfo",
     "GpuInfo",
     "HardwareInfo",

@@ -161,14 +161,26 @@ class StallMonitor:
 
     def __iter__(self) -> Iterator[Any]:
         start = time.perf_counter()
+        iterator = iter(self.iterable)
+        self.began(start, time.perf_counter())
+        return _Timed(iterator, self)
+
+    def began(self, start: float, end: float) -> None:
+        """A pass began at ``start`` (``time.perf_counter()``) and was ready at ``end``.
+        Iterating calls this; a framework that owns the loop (the Lightning callback) calls
+        it and ``waited`` itself."""
         if self._wall_start is None:
             self._wall_start = start
             self._cpu_start = usage.children_cpu_seconds()
             if self.log_every_s is not None:
                 self._next_log = start + self.log_every_s
-        iterator = iter(self.iterable)
-        self.clock.began(start, time.perf_counter())
-        return _Timed(iterator, self)
+        self.clock.began(start, end)
+
+    def waited(self, start: float, end: float, batch: bool = True) -> None:
+        """The loop waited from ``start`` to ``end`` and got a batch (or the pass ended)."""
+        self.clock.waited(start, end, batch)
+        if end >= self._next_log:
+            self._log(end)
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -266,13 +278,9 @@ class _Timed:
         try:
             batch = next(self._iterator)
         except StopIteration:
-            self._monitor.clock.waited(start, time.perf_counter(), False)
+            self._monitor.waited(start, time.perf_counter(), False)
             raise
-        end = time.perf_counter()
-        monitor = self._monitor
-        monitor.clock.waited(start, end, True)
-        if end >= monitor._next_log:
-            monitor._log(end)
+        self._monitor.waited(start, time.perf_counter(), True)
         return batch
 
 

@@ -365,3 +365,14 @@ class RankStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         yield from (torch.tensor([i]) for i in range(rank * workers + worker, self.size,
                                                      world * workers))
+
+
+class SleepyIndexed(Sized):
+    """Waits like storage (``seconds`` per sample), then returns tensor([i])."""
+
+    def __init__(self, size: int = 64, seconds: float = 0.004) -> None:
+        self.size, self.seconds = size, seconds
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.tensor([index])

@@ -15,7 +15,7 @@ from .._check import is_stream
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
 from .crash import CrashNamingIterator
-from .worker import NamedErrors, NamedStreamErrors
+from .worker import BusyMeter, NamedErrors, NamedStreamErrors
 
 
 class TunedDataLoader(DataLoader):
@@ -94,13 +94,15 @@ class TunedDataLoader(DataLoader):
 
 
 def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle: bool,
-                 extra: Mapping[str, Any] | None = None) -> TunedDataLoader:
+                 extra: Mapping[str, Any] | None = None,
+                 meter: BusyMeter | None = None) -> TunedDataLoader:
     """A ``TunedDataLoader`` over ``dataset`` with ``config``'s settings.
 
     ``extra`` holds DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
     ``generator``, ...); a ``worker_init_fn`` there runs after autotune's own.
     With a ``batch_sampler`` it decides batching, order and the last batch itself.
     An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it.
+    A ``meter`` adds up the seconds the workers spend making samples.
     """
     extra = dict(extra or {})
     stream = is_stream(dataset)
@@ -118,7 +120,7 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
         if "sampler" not in extra and not stream:
             extra.setdefault("shuffle", shuffle)
     try:
-        wrapped = NamedStreamErrors(dataset) if stream else NamedErrors(dataset)
+        wrapped = (NamedStreamErrors if stream else NamedErrors)(dataset, meter)
         loader = TunedDataLoader(wrapped, autotune_config=config, **kwargs, **extra)
     except (TypeError, ValueError) as exc:  # torch's own checks of the keywords it was given
         raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc

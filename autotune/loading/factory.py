@@ -30,7 +30,9 @@ from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profi
 from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
+from ..tuning.adapt import DEFAULT_EVERY, AdaptiveLoader
 from .builder import TunedDataLoader, build_loader
+from .device import DeviceLoader, check_device
 from .safety import (check_stream_ranks, check_stream_sharding, check_worker_safety,
                      copy_on_read_risks)
 from .samplers import EpochDistributedSampler, ShardSampler
@@ -110,8 +112,9 @@ class OptimalDataLoaderFactory:
     def create_training_loader(self, dataset: Any, batch_size: int, *,
                                has_augmentation: bool = False, has_standardization: bool = False,
                                profile_key: str | None = None,
-                               workload: WorkloadProfile | None = None,
-                               **dataloader_overrides: Any) -> TunedDataLoader:
+                               workload: WorkloadProfile | None = None, adapt: bool = False,
+                               adapt_every: int = DEFAULT_EVERY, device: Any = None,
+                               **dataloader_overrides: Any) -> Any:
         """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed.
 
         Under torch.distributed (a process group, or torchrun's ``WORLD_SIZE`` > 1) a
@@ -128,23 +131,38 @@ class OptimalDataLoaderFactory:
                 measurement give them a worker per CPU).
             profile_key: the tuned profile entry to apply (default: the dataset's class name).
             workload: a measurement to use instead of timing a few samples here.
+            adapt: return an ``AdaptiveLoader`` that watches the input stall while training
+                runs and changes the worker count between steps (more while the loop waits,
+                fewer while the workers idle, within the hardware budget); an explicit
+                ``num_workers`` is where it starts. Batches come in sampler order.
+            adapt_every: steps between two looks (at most one change per this many steps).
+            device: where batches go (``"cuda"``): the rules pin memory for a CUDA device and
+                the loader comes wrapped in a ``DeviceLoader`` that copies one batch ahead.
             **dataloader_overrides: any ``DataLoader`` keyword; it wins over profile and rules.
+
+        Returns:
+            a ``TunedDataLoader``; an ``AdaptiveLoader`` with ``adapt=True``; either wrapped
+            in a ``DeviceLoader`` with ``device=``.
         """
+        check_bool("adapt", adapt)
+        check_int("adapt_every", adapt_every, minimum=1)
         return self._create(dataset, batch_size, True, has_augmentation, has_standardization,
-                            profile_key, workload, dataloader_overrides)
+                            profile_key, workload, dataloader_overrides,
+                            adapt_every=adapt_every if adapt else None, device=device)
 
     @_on_instance_or_default
     def create_validation_loader(self, dataset: Any, batch_size: int, *,
                                  has_augmentation: bool = False, has_standardization: bool = False,
                                  profile_key: str | None = None,
-                                 workload: WorkloadProfile | None = None,
-                                 **dataloader_overrides: Any) -> TunedDataLoader:
+                                 workload: WorkloadProfile | None = None, device: Any = None,
+                                 **dataloader_overrides: Any) -> Any:
         """In order, keeps the last partial batch, workers not held between passes
-        (arguments as ``create_training_loader``). Under torch.distributed each rank gets
-        every world-size-th sample, without the padding duplicates that would count some
-        samples twice in a metric (ranks may run one batch more or less than another)."""
+        (arguments as ``create_training_loader``, without ``adapt``). Under torch.distributed
+        each rank gets every world-size-th sample, without the padding duplicates that would
+        count some samples twice in a metric (ranks may run one batch more or less than
+        another)."""
         return self._create(dataset, batch_size, False, has_augmentation, has_standardization,
-                            profile_key, workload, dataloader_overrides)
+                            profile_key, workload, dataloader_overrides, device=device)
 
     @_on_instance_or_default
     def create_dataloaders(self, dataset: Any, batch_size: int, *,
@@ -194,14 +212,14 @@ class OptimalDataLoaderFactory:
         return self._profile
 
     def _hints(self, dataset_size: int | None, has_augmentation: bool, has_standardization: bool,
-               batch_size: int | None, training: bool,
-               stream: bool = False) -> rules.DatasetHints:
+               batch_size: int | None, training: bool, stream: bool = False,
+               device: str | None = None) -> rules.DatasetHints:
         check_bool("has_augmentation", has_augmentation)
         check_bool("has_standardization", has_standardization)
         return rules.DatasetHints(
             dataset_size=dataset_size, batch_size=batch_size, has_augmentation=has_augmentation,
-            has_standardization=has_standardization, training=training, device=self.device,
-            stream=stream)
+            has_standardization=has_standardization, training=training,
+            device=device or self.device, stream=stream)
 
     def _resolve(self, hints: rules.DatasetHints, workload: WorkloadProfile | None,
                  entry: ProfileEntry | None, key: str | None,
@@ -218,8 +236,11 @@ class OptimalDataLoaderFactory:
 
     def _create(self, dataset: Any, batch_size: int, training: bool, has_augmentation: bool,
                 has_standardization: bool, profile_key: str | None,
-                workload: WorkloadProfile | None, overrides: dict[str, Any]) -> TunedDataLoader:
+                workload: WorkloadProfile | None, overrides: dict[str, Any], *,
+                adapt_every: int | None = None, device: Any = None) -> Any:
+        """``adapt_every``: an ``AdaptiveLoader`` looking every so many steps (None: none)."""
         check_int("batch_size", batch_size, minimum=1)
+        target = check_device(device) if device is not None else None
         unknown = set(overrides) - _PASS_THROUGH - set(SETTINGS)
         if unknown:
             raise InvalidConfigError(
@@ -235,12 +256,14 @@ class OptimalDataLoaderFactory:
             overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
             size = len(overrides["sampler"])
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
-                            stream=stream)
+                            stream=stream, device=None if target is None else str(target))
         key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
         entry = self.profile_entry(key)
         if workload is None and self._needs_measuring(entry, explicit):
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         config = self._resolve(hints, workload, entry, key, explicit)
+        if adapt_every is not None:
+            config = _in_order(config)
         if not ordered and size is not None:
             check_yields_a_batch(config, size, batch_size)
         log.info("DataLoader for %s:\n%s", key, config.explain())
@@ -251,7 +274,34 @@ class OptimalDataLoaderFactory:
         if self.seed is not None and "generator" not in overrides:
             # worker seeds differ across ranks; a DistributedSampler orders by its own seed
             overrides["generator"] = torch.Generator().manual_seed(self.seed + ranks.rank)
-        return build_loader(dataset, batch_size, config, shuffle=training, extra=overrides)
+        if adapt_every is None:
+            loader: Any = build_loader(dataset, batch_size, config, shuffle=training,
+                                       extra=overrides)
+        else:
+            loader = self._adaptive(dataset, batch_size, config, hints, workload, explicit,
+                                    overrides, key, adapt_every)
+        return loader if target is None else DeviceLoader(loader, target)
+
+    def _adaptive(self, dataset: Any, batch_size: int, config: LoaderConfig,
+                  hints: rules.DatasetHints, workload: WorkloadProfile | None,
+                  explicit: dict[str, Any], overrides: dict[str, Any], key: str,
+                  every: int) -> AdaptiveLoader:
+        """An ``AdaptiveLoader`` starting at ``config``; each count it moves to gets the
+        settings the factory gives that count (the caller's other keywords kept)."""
+        hardware = _per_rank(self.hardware)
+        fixed = {k: v for k, v in explicit.items() if k != "num_workers"}
+
+        def configure(workers: int) -> LoaderConfig:
+            return _in_order(resolve(hardware, hints, workload,
+                                     explicit={**fixed, "num_workers": workers}))
+
+        def check(candidate: LoaderConfig) -> None:
+            self._check_workers(dataset, candidate, overrides, workload, hints)
+
+        return AdaptiveLoader(dataset, batch_size, config, configure=configure,
+                              cap=rules.max_workers(hardware, hints, workload),
+                              hardware=hardware, extra=overrides, shuffle=True, key=key,
+                              check_workers=check, every=every, profile_dir=self.profile_dir)
 
     def _needs_measuring(self, entry: ProfileEntry | None, explicit: Mapping[str, Any]) -> bool:
         """The rules need a measurement unless a profile entry or the caller sets workers."""
@@ -307,6 +357,14 @@ def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,
         return EpochDistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank,
                                        shuffle=True, seed=seed or 0)
     return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def _in_order(config: LoaderConfig) -> LoaderConfig:
+    """adapt=True keeps batches in sampler order: a new loader continues where one stopped."""
+    if config.in_order:
+        return config
+    return config.replace(in_order=True, reason="adapt=True: batches in sampler order, so a "
+                          "change mid-epoch continues at the first batch not delivered")
 
 
 def _check_stream_ranks(dataset: Any, ranks: Ranks) -> None:

@@ -9,9 +9,11 @@ A class rather than a closure so that it pickles under spawn and forkserver.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from threadpoolctl import threadpool_limits  # imported here so forked workers inherit it
@@ -58,29 +60,68 @@ def limit_threads(threads: int) -> None:
     torch.set_num_threads(1)
 
 
+class BusyMeter:
+    """Seconds each worker spent making samples, in shared memory the main process reads:
+    how busy the workers are, for the re-tuner (``tuning.adapt``). Pickles to spawned workers
+    (a shared tensor); each worker writes only its own slot."""
+
+    def __init__(self, workers: int) -> None:
+        self.seconds = torch.zeros(max(1, workers), dtype=torch.float64).share_memory_()
+
+    def add(self, seconds: float) -> None:
+        info = get_worker_info()
+        self.seconds[info.id if info is not None else 0] += seconds
+
+    def total(self) -> float:
+        return float(self.seconds.sum())
+
+
 class NamedErrors:
     """Wraps a map-style dataset so an exception from ``dataset[i]`` says which ``i``.
 
     The exception keeps its type and message; a note "autotune: raised by dataset[i]" is
     added, which torch carries over from worker processes in its traceback.
-    Attributes not defined here come from the wrapped dataset.
+    Attributes not defined here come from the wrapped dataset. With a ``BusyMeter``, the
+    time spent inside the dataset is added to it.
     """
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, meter: BusyMeter | None = None) -> None:
         self.dataset = dataset
+        self.meter = meter
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: Any) -> Any:
+        start = time.perf_counter()
         try:
-            return self.dataset[index]
+            item = self.dataset[index]
         except Exception as exc:
             exc.add_note(f"autotune: raised by dataset[{index!r}] ({type(self.dataset).__name__})")
             raise
+        if self.meter is not None:
+            self.meter.add(time.perf_counter() - start)
+        return item
+
+    def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
+        """A batch at once where the dataset can (``Subset``, Hugging Face), else one by one;
+        defined here so that such a batch is named and timed too."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if not getitems:
+            return [self[index] for index in indices]
+        start = time.perf_counter()
+        try:
+            items = getitems(indices)
+        except Exception as exc:
+            exc.add_note(f"autotune: raised by dataset.__getitems__({list(indices)!r}) "
+                         f"({type(self.dataset).__name__})")
+            raise
+        if self.meter is not None:
+            self.meter.add(time.perf_counter() - start)
+        return items
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not yet set (during unpickling)
+        if name in ("dataset", "meter"):  # not yet set (during unpickling)
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -89,8 +130,9 @@ class NamedStreamErrors(IterableDataset):
     """``NamedErrors`` for an ``IterableDataset``: an exception while iterating says which
     item it was making (counted per worker) and in which worker. Keeps the length, if any."""
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, meter: BusyMeter | None = None) -> None:
         self.dataset = dataset
+        self.meter = meter
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -98,6 +140,7 @@ class NamedStreamErrors(IterableDataset):
         count = 0
         iterator = iter(self.dataset)
         while True:
+            start = time.perf_counter()
             try:
                 item = next(iterator)
             except StopIteration:
@@ -106,6 +149,8 @@ class NamedStreamErrors(IterableDataset):
                 exc.add_note(f"autotune: raised making item {count}{where} of the stream "
                              f"({type(self.dataset).__name__})")
                 raise
+            if self.meter is not None:
+                self.meter.add(time.perf_counter() - start)
             count += 1
             yield item
 
@@ -113,6 +158,6 @@ class NamedStreamErrors(IterableDataset):
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":
+        if name in ("dataset", "meter"):
             raise AttributeError(name)
         return getattr(self.dataset, name)

@@ -1,0 +1,223 @@
+"""Feed the accelerator one batch ahead: ``DeviceLoader`` copies batch n+1 to the device while
+the step runs on batch n, so the step does not wait for the host-to-device copy.
+
+Only a copy from pinned (page-locked) memory is asynchronous; from pageable memory torch stages
+it while the host waits (correct, not overlapped), so the loader should pin (``pin_memory=True``,
+which autotune's factory sets for CUDA where it pays). The copy runs on a side CUDA stream to
+overlap the step's kernels; it is correct because the step's stream waits for it
+(``wait_stream``), each copied tensor is marked as used by the step's stream (``record_stream``:
+the caching allocator does not hand its memory to a later copy early), and each copy waits for
+the step work already queued (which covers what a custom ``.to()`` allocates). On the CPU
+batches pass through; other devices (``mps``, ``meta``) get a synchronous ``.to(device)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from .._check import check_bool
+from ..errors import InvalidConfigError
+
+_END = object()
+_DEVICE_FIX = 'pass a torch.device or a string such as "cuda", "cuda:1", "cpu" or "mps"'
+
+
+def move_to(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """``batch`` with every tensor in it on ``device``, its structure and types kept: mappings
+    (a ``dict`` if the type cannot be rebuilt), lists, tuples, namedtuples, dataclasses (frozen
+    and ``init=False`` fields too); other objects with a ``.to()`` (custom batch classes) move
+    themselves; anything else (``str``, numbers, numpy arrays, ``None``) comes back as it is.
+    """
+    return _move(batch, torch.device(device), non_blocking, None)
+
+
+def _move(obj: Any, device: torch.device, non_blocking: bool, made: list | None) -> Any:
+    """``move_to``; appends each CUDA tensor it creates to ``made`` (for ``record_stream``)."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.to(device, non_blocking=non_blocking)
+        if made is not None and out is not obj and out.is_cuda:
+            made.append(out)
+        return out
+    if isinstance(obj, Mapping):
+        items = {key: _move(value, device, non_blocking, made) for key, value in obj.items()}
+        if type(obj) is dict:
+            return items
+        try:  # like torch's pin_memory: a copy keeps extra state (a default_factory)
+            if isinstance(obj, MutableMapping):
+                clone = copy.copy(obj)
+                clone.update(items)
+                return clone
+            return type(obj)(items)
+        except (TypeError, ValueError):
+            return items
+    if isinstance(obj, (list, tuple)):
+        values = [_move(value, device, non_blocking, made) for value in obj]
+        if type(obj) is list:
+            return values
+        if isinstance(obj, tuple) and hasattr(obj, "_make"):  # a namedtuple
+            return obj._make(values)
+        try:
+            return type(obj)(values)
+        except (TypeError, ValueError):
+            return tuple(values) if isinstance(obj, tuple) else values
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        # a copy, not a new __init__: frozen classes, init=False fields and __post_init__ work
+        new = copy.copy(obj)
+        for field in dataclasses.fields(obj):
+            if hasattr(obj, field.name):
+                value = _move(getattr(obj, field.name), device, non_blocking, made)
+                object.__setattr__(new, field.name, value)
+        return new
+    to = getattr(obj, "to", None)
+    if callable(to) and not isinstance(obj, type):
+        try:
+            return to(device, non_blocking=non_blocking)
+        except TypeError:  # a .to() without the keyword
+            return to(device)
+    return obj
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` (a ``torch.device`` or a string) as a ``torch.device`` this machine has."""
+    if not isinstance(device, (str, torch.device)):
+        raise InvalidConfigError(f"device={device!r} is a {type(device).__name__}: {_DEVICE_FIX}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidConfigError(f"device={device!r} is not a torch device: {_DEVICE_FIX}") \
+            from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidConfigError(
+                f"device={device!r} but torch.cuda.is_available() is False (no CUDA device, or "
+                f"torch {torch.__version__} was built without CUDA): pass device=\"cpu\"")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise InvalidConfigError(f"device={device!r} but this machine has {count} CUDA "
+                                     f"device(s): pass an index below {count}")
+    return parsed
+
+
+class DeviceLoader:
+    """Batches of ``loader`` on ``device``, the next one already copying during the step.
+
+    Each ``iter()`` is a fresh pass over ``loader``. On CUDA batch n+1's copy is issued on a
+    side stream before batch n is yielded; on the CPU the loader's own batches are yielded;
+    elsewhere each batch is moved when asked for. ``len()`` and other attributes (``dataset``,
+    ``batch_size``, ``autotune_config``) are the loader's.
+
+    Args:
+        loader: any iterable of batches, typically a ``DataLoader``; tensors in dicts, lists,
+            tuples, namedtuples and dataclasses are moved (see ``move_to``). Give it
+            ``pin_memory=True`` for CUDA: only a pinned batch copies while the step runs.
+        device: a ``torch.device`` or a string: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"mps"``.
+        non_blocking: issue CUDA copies asynchronously (from pinned memory).
+
+    Example::
+
+        loader = factory.create_training_loader(dataset, batch_size=64)
+        with DeviceLoader(loader, "cuda") as batches:
+            for epoch in range(3):
+                for inputs, targets in batches:  # already on the GPU
+                    loss = criterion(model(inputs), targets)
+    """
+
+    def __init__(self, loader: Iterable[Any], device: torch.device | str, *,
+                 non_blocking: bool = True) -> None:
+        self.loader = loader
+        self.device = check_device(device)
+        self.non_blocking = check_bool("non_blocking", non_blocking)
+        self._passes: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.device.type == "cpu":
+            batches = self._as_is()
+        elif self.device.type == "cuda":
+            batches = self._ahead()
+        else:
+            batches = self._moved()
+        self._passes.add(batches)
+        self._closed = False
+        return batches
+
+    def _as_is(self) -> Iterator[Any]:
+        yield from self.loader  # a generator all the same: close() can end it
+
+    def _moved(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield _move(batch, self.device, False, None)
+
+    def _ahead(self) -> Iterator[Any]:
+        device = self.device
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        side = torch.cuda.Stream(device)
+        batches = iter(self.loader)
+        ahead, error = self._copy(batches, side, device), None
+        while ahead is not None:
+            host, moved, made = ahead  # host: alive until its copy is waited on, and past it
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(side)  # only batch n's copy is queued on the side stream yet
+            for tensor in made:
+                tensor.record_stream(current)
+            try:
+                ahead = self._copy(batches, side, device)  # batch n+1 copies during step n
+            except Exception as exc:  # deliver batch n first, then what fetching n+1 raised
+                ahead, error = None, exc
+            yield moved
+        if error is not None:
+            raise error
+
+    def _copy(self, batches: Iterator[Any], side: torch.cuda.Stream,
+              device: torch.device) -> tuple[Any, Any, list[torch.Tensor]] | None:
+        """Fetch the next batch and issue its copy on ``side``; ``None`` at the end."""
+        batch = next(batches, _END)
+        if batch is _END:
+            return None
+        side.wait_stream(torch.cuda.current_stream(device))  # memory freed by queued work
+        made: list[torch.Tensor] = []
+        with torch.cuda.stream(side):
+            moved = _move(batch, device, self.non_blocking, made)
+        return batch, moved, made
+
+    def close(self) -> None:
+        """End every pass in progress (dropping the batch held ahead), then call the loader's
+        ``close()`` if it has one. Idempotent; iterating again afterwards starts a new pass."""
+        for batches in list(self._passes):
+            batches.close()
+        if not self._closed:
+            self._closed = True
+            closer = getattr(self.loader, "close", None)
+            if callable(closer):
+                closer()
+
+    def __enter__(self) -> DeviceLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]  # TypeError like torch's if none
+
+    def __getattr__(self, name: str) -> Any:
+        # only for what this object lacks; a half-built or unpickling one has no loader yet
+        if name.startswith("__") or "loader" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.loader, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_passes"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _passes=weakref.WeakSet())
+
+    def __repr__(self) -> str:
+        return f"DeviceLoader({type(self.loader).__name__}, device={str(self.device)!r})"

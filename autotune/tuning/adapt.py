@@ -1,0 +1,329 @@
+"""Re-tuning while training runs: what ``create_training_loader(..., adapt=True)`` returns.
+
+``AdaptiveLoader`` is iterated like the DataLoader it holds. Every ``every`` steps it looks
+at the last window (its own ``StallMonitor`` clock, the seconds its workers spent making
+samples, their CPU use) and asks ``policy.adapt.decide`` for a worker count; a change builds
+a new loader through the one builder, so the new settings are what the factory would build.
+
+A change mid-epoch neither loses nor repeats a sample: the epoch's batches are drawn from the
+sampler once, at the epoch's start, batches arrive in that order (``in_order=True``), and the
+new loader continues from the first batch not yet delivered. A stream cannot be resumed
+mid-epoch, so its changes wait for the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+from .._check import check_int, is_stream
+from ..config import LoaderConfig
+from ..errors import WorkerSafetyError
+from ..loading.builder import TunedDataLoader, build_loader
+from ..loading.worker import BusyMeter
+from ..monitor import StallMonitor, StallReport
+from ..policy import adapt
+from ..profiles import ProfileEntry, check_key, profile_path, save_entry
+from ..system.distributed import current_ranks
+from ..system.hardware import HardwareInfo
+from ..system.usage import children_cpu_seconds
+from .result import _tuned
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVERY = 20  # steps per window: at most one change per this many steps
+SETTLED_WINDOWS = 3  # this many windows without a change: settled
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptChange:
+    """One change the re-tuner made."""
+
+    epoch: int
+    step: int  # batches the loader had delivered
+    from_workers: int
+    to_workers: int
+    reason: str
+
+
+class AdaptiveLoader:
+    """A training loader that changes its worker count between steps while training runs.
+
+    Built by ``factory.create_training_loader(dataset, batch_size, adapt=True)``; iterate it
+    like a DataLoader. ``changes`` lists what it changed and why (each change is also logged
+    by ``autotune.tuning.adapt`` at INFO), ``report()`` is its ``StallMonitor`` report,
+    ``autotune_config`` the settings now, ``save()`` writes them to this host's profile.
+
+    Example::
+
+        loader = factory.create_training_loader(dataset, batch_size=16, adapt=True)
+        for epoch in range(3):
+            for batch in loader:
+                train_step(batch)
+        print(loader.changes, loader.report().stall_fraction)
+        loader.save()  # the setting it settled on, for the next run
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, config: LoaderConfig, *,
+                 configure: Callable[[int], LoaderConfig], cap: int, hardware: HardwareInfo,
+                 extra: dict[str, Any], shuffle: bool, key: str,
+                 check_workers: Callable[[LoaderConfig], None] | None = None,
+                 every: int = DEFAULT_EVERY, name: str | None = None,
+                 profile_dir: Any = None) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.every = check_int("adapt_every", every, minimum=1)
+        self.key = key
+        self.hardware = hardware
+        self.profile_dir = profile_dir
+        self.changes: list[AdaptChange] = []
+        self.epoch = 0
+        self.steps = 0  # batches delivered since the loader was created
+        self._config = config
+        self._configure = configure
+        self._cap = max(cap, config.num_workers)
+        self._check_workers = check_workers
+        self._checked = config.num_workers > 0  # the factory checked the starting workers
+        self._stream = is_stream(dataset)
+        self._extra = dict(extra)
+        self._order = None if self._stream else _EpochOrder(dataset, batch_size, config,
+                                                            self._extra, shuffle)
+        if self._order is not None:
+            self._extra["batch_sampler"] = _Remaining(self._order)
+        self._loader: TunedDataLoader | None = None
+        self._meter: BusyMeter | None = None
+        self._window: tuple[int, float, float, float, float] | None = None
+        self._wall = 0.0
+        self._stalled_at = -1
+        self._quiet_windows = 0
+        self._pending: adapt.Change | None = None
+        self.monitor = StallMonitor(_Passes(self), name=name or key)
+
+    # -- what users call ---------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.monitor)
+
+    def __len__(self) -> int:
+        if self._order is not None:
+            return self._order.batches_per_epoch()
+        return len(self._current())
+
+    @property
+    def autotune_config(self) -> LoaderConfig:
+        return self._config
+
+    @property
+    def num_workers(self) -> int:
+        return self._config.num_workers
+
+    @property
+    def settled(self) -> bool:
+        """No change over the last ``SETTLED_WINDOWS`` windows."""
+        return self._quiet_windows >= SETTLED_WINDOWS
+
+    def report(self) -> StallReport:
+        return self.monitor.report()
+
+    def save(self, profile_dir: Any = None, key: str | None = None) -> Any:
+        """Write the settings now in use to this host's profile under ``key`` (default: the
+        loader's key) in ``profile_dir`` (default: the factory's), so the next run starts
+        there. Only rank 0 writes under torchrun. Returns the profile's path."""
+        key = check_key(key or self.key)
+        profile_dir = profile_dir if profile_dir is not None else self.profile_dir
+        if current_ranks().rank != 0:
+            return profile_path(self.hardware.host.hostname, profile_dir)
+        report = self.report()
+        measured = {
+            "objective": "adapt: the fewest workers that keep the training loop fed",
+            "stall_fraction": round(report.stall_fraction, 4), "steps": report.steps,
+            "changes": len(self.changes), "settled": self.settled,
+            "batch_size": self.batch_size, "local_world_size": current_ranks().local_world_size,
+            "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "torch": self.hardware.host.torch,
+        }
+        return save_entry(self.hardware, key, ProfileEntry(settings=_tuned(self._config),
+                                                           measured=measured), profile_dir)
+
+    def close(self) -> None:
+        """Stop the workers now (iterating again starts new ones)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self.monitor.close()
+
+    def __enter__(self) -> AdaptiveLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLoader({self.key!r}, num_workers={self.num_workers}, every={self.every})"
+
+    # -- one epoch ---------------------------------------------------------------------------
+
+    def _epoch(self) -> Iterator[Any]:
+        self.epoch += 1
+        if self._pending is not None:
+            self._apply(self._pending)
+        if self._order is None:
+            yield from self._stream_epoch()
+            return
+        total = self._order.new_epoch()
+        delivered = 0
+        while delivered < total:
+            self._order.start = delivered
+            self._window = None
+            changed = False
+            for batch in self._current():
+                delivered += 1
+                self.steps += 1
+                yield batch
+                change = self._watch()
+                if change is not None and self._apply(change):
+                    changed = True
+                    break
+            if not changed:
+                return
+
+    def _stream_epoch(self) -> Iterator[Any]:
+        self._window = None
+        for batch in self._current():
+            self.steps += 1
+            yield batch
+            change = self._watch()
+            if change is not None:
+                self._pending = change  # a stream cannot resume mid-epoch
+
+    def _current(self) -> TunedDataLoader:
+        if self._loader is None:
+            workers = self._config.num_workers
+            self._meter = BusyMeter(workers) if workers else None
+            self._loader = build_loader(self.dataset, self.batch_size, self._config,
+                                        shuffle=False, extra=self._extra, meter=self._meter)
+        return self._loader
+
+    # -- watching and changing -----------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[int, float, float, float, float]:
+        steps, wait_s, step_s = self.monitor.clock.totals()
+        busy = self._meter.total() if self._meter is not None else 0.0
+        return steps, wait_s, step_s, busy, children_cpu_seconds()
+
+    def _watch(self) -> adapt.Change | None:
+        """Called after each step; every ``every`` steps, the decision on the last window."""
+        if self._window is None:  # the first batch after a (re)start waited for start-up
+            self._window = self._snapshot()
+            self._wall = time.perf_counter()
+            return None
+        if self.monitor.clock.steps - self._window[0] < self.every:
+            return None
+        now = self._snapshot()
+        wall = time.perf_counter() - self._wall
+        first, self._window, self._wall = self._window, now, time.perf_counter()
+        window = adapt.Window(
+            workers=self.num_workers, steps=now[0] - first[0], wait_s=now[1] - first[1],
+            step_s=now[2] - first[2],
+            busy_s=now[3] - first[3] if self._meter is not None else None,
+            cpu_used=(now[4] - first[4]) / wall if wall > 0 else None)
+        if adapt.short_of_workers(window):
+            self._stalled_at = max(self._stalled_at, window.workers)
+        change = adapt.decide(window, cap=self._cap, cpu_budget=self.hardware.cpu_budget,
+                              stalled_at=self._stalled_at)
+        self._quiet_windows = 0 if change is not None else self._quiet_windows + 1
+        return change
+
+    def _apply(self, change: adapt.Change) -> bool:
+        """Switch to ``change.workers`` workers; False when it cannot (workers unsafe)."""
+        self._pending = None
+        config = self._configure(change.workers).replace(
+            source="tuned", reason=f"adapt=True: {change.reason}", num_workers=change.workers)
+        if config.num_workers and not self._checked and self._check_workers is not None:
+            try:
+                self._check_workers(config)
+            except WorkerSafetyError as exc:
+                log.warning("autotune adapt: staying at %d workers: %s", self.num_workers, exc)
+                self._cap = self.num_workers
+                return False
+            self._checked = True
+        record = AdaptChange(epoch=self.epoch, step=self.steps,
+                             from_workers=self.num_workers, to_workers=change.workers,
+                             reason=change.reason)
+        self.changes.append(record)
+        log.info("autotune adapt %s: %d -> %d workers (epoch %d, step %d): %s", self.key,
+                 record.from_workers, record.to_workers, record.epoch, record.step, change.reason)
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self._config = config
+        return True
+
+
+class _Passes:
+    """What the monitor iterates: one ``iter()`` is one epoch of the adaptive loader."""
+
+    def __init__(self, owner: AdaptiveLoader) -> None:
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.owner._epoch()
+
+    @property
+    def num_workers(self) -> int:
+        return self.owner.num_workers
+
+
+class _EpochOrder:
+    """The epoch's batches, drawn once at its start from the caller's sampler or batch
+    sampler (or a random or sequential one), so a new loader can continue the same order."""
+
+    def __init__(self, dataset: Any, batch_size: int, config: LoaderConfig,
+                 extra: dict[str, Any], shuffle: bool) -> None:
+        batches = extra.pop("batch_sampler", None)
+        if batches is None:
+            sampler = extra.pop("sampler", None)
+            if sampler is None:
+                sampler = (RandomSampler(dataset, generator=_own(extra.get("generator")))
+                           if shuffle else SequentialSampler(dataset))
+            batches = BatchSampler(sampler, batch_size, config.drop_last)
+        self.source = batches
+        self.batches: list[list[Any]] = []
+        self.start = 0
+
+    def new_epoch(self) -> int:
+        self.batches = [list(batch) for batch in self.source]
+        self.start = 0
+        return len(self.batches)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.source)
+
+
+def _own(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator for the order alone, seeded from the loader's: every new loader draws its
+    workers' base seed from the loader's, and the order must not depend on how many did."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.Generator().manual_seed(seed)
+
+
+class _Remaining:
+    """The batch sampler each built loader gets: the epoch's batches from ``start`` on."""
+
+    def __init__(self, order: _EpochOrder) -> None:
+        self.order = order
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.order.batches[self.order.start:])
+
+    def __len__(self) -> int:
+        return len(self.order.batches) - self.order.start

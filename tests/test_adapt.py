@@ -1,0 +1,165 @@
+"""Re-tuning while training runs (``adapt=True``): real loaders, real workers, a sleeping step.
+
+The full-size case of the issue (2,000 samples of 12 ms, batch 16, 150 ms step) is
+``bench/adapt.py``; these run the same situations scaled down so they fit CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import pytest
+import yaml
+
+from autotune import InvalidConfigError, OptimalDataLoaderFactory
+from autotune.policy.adapt import Window, decide
+from autotune.tuning.adapt import AdaptiveLoader
+from datasets import Indexed, SleepyIndexed, WithLambda
+from fakes import fake_hardware
+
+
+def train(loader, epochs: int, step_s: float) -> list[list[int]]:
+    """Sample ids seen in each epoch, with a sleeping step after each batch."""
+    seen = []
+    for _ in range(epochs):
+        ids: list[int] = []
+        for batch in loader:
+            ids.extend(batch.flatten().tolist())
+            time.sleep(step_s)
+        seen.append(ids)
+    return seen
+
+
+def factory(tmp_path, **kwargs) -> OptimalDataLoaderFactory:
+    return OptimalDataLoaderFactory(hardware=fake_hardware(cpus=2), profile_dir=tmp_path,
+                                    seed=0, **kwargs)
+
+
+def test_grows_mid_epoch_then_stops_stalling_and_every_sample_once(tmp_path, caplog) -> None:
+    dataset = SleepyIndexed(size=320, seconds=0.006)  # 48 ms a batch of 8 at 0 workers
+    with caplog.at_level(logging.INFO, logger="autotune.tuning.adapt"):
+        loader = factory(tmp_path).create_training_loader(
+            dataset, batch_size=8, num_workers=0, adapt=True, adapt_every=8)
+        assert isinstance(loader, AdaptiveLoader) and loader.num_workers == 0
+        epochs = []
+        for _ in range(3):
+            loader.monitor.reset()
+            epochs.append((train(loader, 1, 0.080)[0], loader.report().stall_fraction))
+        loader.close()
+    for ids, _ in epochs:
+        assert sorted(ids) == list(range(320))  # every sample exactly once, every epoch
+    first = loader.changes[0]
+    assert first.epoch == 1 and first.step < 40 and first.from_workers == 0 < first.to_workers
+    assert "input-bound" in first.reason
+    stalls = [s for _, s in epochs]
+    assert stalls[2] < 0.05 and stalls[0] > 2 * stalls[2], stalls
+    assert any("0 -> " in r.getMessage() for r in caplog.records)
+    assert loader.autotune_config.source == "tuned"
+    assert "adapt=True" in loader.autotune_config.reasons["num_workers"]
+
+
+def test_changes_keep_the_epoch_order(tmp_path) -> None:
+    """With a change mid-epoch the epoch yields the order an unchanged loader would."""
+    dataset = SleepyIndexed(size=160, seconds=0.004)
+    adaptive = factory(tmp_path).create_training_loader(
+        dataset, batch_size=4, num_workers=0, adapt=True, adapt_every=5)
+    plain = factory(tmp_path).create_training_loader(
+        dataset, batch_size=4, num_workers=0, adapt=True, adapt_every=10_000)
+    assert train(adaptive, 2, 0.01) == train(plain, 2, 0.0)
+    assert adaptive.changes and not plain.changes
+    assert any(c.step % len(adaptive) for c in adaptive.changes)  # one came mid-epoch
+    adaptive.close()
+
+
+def test_shrinks_when_workers_idle(tmp_path) -> None:
+    dataset = SleepyIndexed(size=240, seconds=0.001)
+    loader = factory(tmp_path).create_training_loader(
+        dataset, batch_size=4, num_workers=6, adapt=True, adapt_every=10)
+    seen = train(loader, 2, 0.03)
+    loader.close()
+    assert all(sorted(ids) == list(range(240)) for ids in seen)
+    assert loader.changes and loader.changes[0].to_workers < 6
+    assert "idle" in loader.changes[0].reason
+
+
+def test_saves_the_setting_it_settled_on(tmp_path) -> None:
+    loader = factory(tmp_path).create_training_loader(
+        SleepyIndexed(size=96, seconds=0.004), batch_size=8, num_workers=0, adapt=True,
+        adapt_every=4, profile_key="adapted")
+    train(loader, 1, 0.03)
+    path = loader.save()
+    loader.close()
+    entry = yaml.safe_load(path.read_text())["loaders"]["adapted"]
+    assert entry["settings"]["num_workers"] == loader.num_workers > 0
+    assert entry["measured"]["changes"] == len(loader.changes)
+    # the next run starts from it
+    again = factory(tmp_path).create_training_loader(
+        SleepyIndexed(size=96, seconds=0.004), batch_size=8, profile_key="adapted")
+    assert again.num_workers == loader.num_workers and again.autotune_config.source == "profile"
+
+
+def test_unpicklable_dataset_stays_in_the_main_process(tmp_path, caplog) -> None:
+    dataset = WithLambda()
+    loader = factory(tmp_path).create_training_loader(
+        dataset, batch_size=4, num_workers=0, adapt=True, adapt_every=2,
+        multiprocessing_context="spawn")  # a lambda does not pickle to spawned workers
+    with caplog.at_level(logging.WARNING, logger="autotune.tuning.adapt"):
+        loader._apply(decide(Window(workers=0, steps=4, wait_s=1.0, step_s=0.1), cap=4,
+                             cpu_budget=2))
+    assert loader.num_workers == 0 and not loader.changes
+    assert any("staying at 0 workers" in r.getMessage() for r in caplog.records)
+    assert len(list(loader)) == len(loader)
+
+
+def test_streams_change_between_epochs(tmp_path) -> None:
+    from datasets import make_stream
+
+    loader = factory(tmp_path).create_training_loader(
+        make_stream(), batch_size=4, num_workers=0, adapt=True, adapt_every=2,
+        drop_last=False)  # each worker keeps its partial batch: every item once
+    loader._pending = decide(Window(workers=0, steps=4, wait_s=1.0, step_s=0.1), cap=2,
+                             cpu_budget=2)
+    first = Counter(x for b in loader for x in b.flatten().tolist())
+    assert loader.num_workers == 2 and loader.changes[0].epoch == 1
+    second = Counter(x for b in loader for x in b.flatten().tolist())
+    loader.close()
+    assert first == second and set(first.values()) == {1}
+
+
+def test_bad_adapt_arguments(tmp_path) -> None:
+    with pytest.raises(InvalidConfigError, match="adapt='yes'"):
+        factory(tmp_path).create_training_loader(Indexed(8), 2, adapt="yes")
+    with pytest.raises(InvalidConfigError, match="adapt_every=0"):
+        factory(tmp_path).create_training_loader(Indexed(8), 2, adapt=True, adapt_every=0)
+
+
+# -- the pure decision ------------------------------------------------------------------------
+
+def test_decide_grows_to_what_the_step_needs() -> None:
+    # 0 workers: the main process waited 190 ms a batch for a 150 ms step
+    change = decide(Window(workers=0, steps=20, wait_s=3.8, step_s=3.0), cap=64, cpu_budget=2)
+    assert change is not None and change.workers == 2
+    # busy meter: a batch costs a worker 400 ms; 100 ms steps -> 6 workers with headroom
+    change = decide(Window(workers=2, steps=10, wait_s=1.0, step_s=1.0, busy_s=4.0),
+                    cap=64, cpu_budget=2)
+    assert change is not None and change.workers == 6
+    assert decide(Window(workers=2, steps=10, wait_s=1.0, step_s=1.0, busy_s=4.0),
+                  cap=2, cpu_budget=2) is None  # at the hardware cap
+    assert decide(Window(workers=2, steps=10, wait_s=1.0, step_s=1.0, busy_s=4.0,
+                         cpu_used=1.9), cap=64, cpu_budget=2) is None  # CPUs are full
+
+
+def test_decide_shrinks_idle_workers_but_not_to_a_count_that_stalled() -> None:
+    idle = Window(workers=8, steps=20, wait_s=0.001, step_s=2.0, busy_s=0.2)  # 10 ms a batch
+    assert decide(idle, cap=64, cpu_budget=2).workers == 1
+    assert decide(idle, cap=64, cpu_budget=2, stalled_at=3).workers == 4
+    tiny = Window(workers=2, steps=20, wait_s=0.0, step_s=2.0, busy_s=0.02)
+    assert decide(tiny, cap=64, cpu_budget=2).workers == 0
+    busy = Window(workers=2, steps=20, wait_s=0.0, step_s=2.0, busy_s=3.0)
+    assert decide(busy, cap=64, cpu_budget=2) is None
+    # the loop waits but the workers idle: the wait is the transfer, more workers won't help
+    overhead = Window(workers=1, steps=20, wait_s=0.2, step_s=2.0, busy_s=0.4)
+    assert decide(overhead, cap=64, cpu_budget=2) is None
+    assert decide(Window(workers=2, steps=0, wait_s=0, step_s=0), cap=4, cpu_budget=2) is None

@@ -1,0 +1,351 @@
+"""The device feed: batches pass through on the CPU, every tensor in a nested batch reaches the
+device with the structure kept, each pass delivers every batch once, and the lifecycle holds."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+from collections import OrderedDict, defaultdict, namedtuple
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from autotune.errors import InvalidConfigError
+from autotune.loading.device import DeviceLoader, move_to
+
+META = torch.device("meta")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+Pair = namedtuple("Pair", "tensor label")
+
+
+@dataclasses.dataclass
+class Sample:
+    tensor: torch.Tensor
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    tensor: torch.Tensor
+    derived: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "derived", self.tensor * 2)
+
+
+class Custom:
+    """A batch class that moves itself, the way many libraries' batch objects do."""
+
+    def __init__(self, tensor: torch.Tensor, *, moved_with: Any = None) -> None:
+        self.tensor, self.moved_with = tensor, moved_with
+
+    def to(self, device: Any, non_blocking: bool = False) -> Custom:
+        return Custom(self.tensor.to(device, non_blocking=non_blocking), moved_with=non_blocking)
+
+
+class OldCustom(Custom):
+    def to(self, device: Any) -> OldCustom:  # type: ignore[override]  # no non_blocking
+        return OldCustom(self.tensor.to(device), moved_with="plain")
+
+
+class Numbers(Dataset):
+    """Sample i is i: the batch's indices say which samples arrived."""
+
+    def __init__(self, size: int = 40) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def nested(indices: list[int]) -> dict[str, Any]:
+    """A batch holding every structure the device feed walks (a module-level collate_fn)."""
+    x = torch.tensor(indices, dtype=torch.float32)
+    return {
+        "indices": list(indices), "x": x, "list": [x, "text", 3], "tuple": (x, None),
+        "pair": Pair(x, "label"), "sample": Sample(x, "name"), "frozen": Frozen(x),
+        "ordered": OrderedDict([("b", x), ("a", 1)]), "default": defaultdict(list, {"k": [x]}),
+        "custom": Custom(x), "old": OldCustom(x), "array": np.arange(3),
+    }
+
+
+def assert_moved(host: Any, moved: Any, device: torch.device) -> None:
+    """The contract: same structure and types, tensors on ``device`` with the same shape and
+    dtype (and values, unless ``device`` is meta), everything else equal."""
+    assert type(moved) is type(host)
+    if isinstance(host, torch.Tensor):
+        assert moved.device.type == device.type
+        assert (moved.shape, moved.dtype) == (host.shape, host.dtype)
+        if device.type != "meta":
+            assert torch.equal(moved.cpu(), host.cpu())
+    elif isinstance(host, dict):
+        assert list(moved) == list(host)
+        if isinstance(host, defaultdict):
+            assert moved.default_factory is host.default_factory
+        for key in host:
+            assert_moved(host[key], moved[key], device)
+    elif isinstance(host, (list, tuple)):
+        assert len(moved) == len(host)
+        for a, b in zip(host, moved):
+            assert_moved(a, b, device)
+    elif dataclasses.is_dataclass(host):
+        for field in dataclasses.fields(host):
+            assert_moved(getattr(host, field.name), getattr(moved, field.name), device)
+    elif isinstance(host, Custom):
+        assert_moved(host.tensor, moved.tensor, device)
+    elif isinstance(host, np.ndarray):
+        assert np.array_equal(moved, host)
+    else:
+        assert moved == host
+
+
+def loader(num_workers: int, **kwargs: Any) -> DataLoader:
+    return DataLoader(Numbers(), batch_size=4, num_workers=num_workers, **kwargs)
+
+
+# -- the CPU: the loader's own objects ----------------------------------------------------------
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cpu_passes_the_loaders_batches_through(num_workers):
+    class Recording(DataLoader):
+        def __iter__(self):
+            self.yielded = []
+            for batch in super().__iter__():
+                self.yielded.append(batch)
+                yield batch
+
+    source = Recording(Numbers(), batch_size=4, num_workers=num_workers)
+    for device in ("cpu", torch.device("cpu")):
+        got = list(DeviceLoader(source, device))
+        assert len(got) == len(source.yielded) == 10
+        assert all(a is b for a, b in zip(got, source.yielded))
+
+
+def test_len_and_attributes_are_the_loaders():
+    source = loader(0)
+    feed = DeviceLoader(source, "cpu")
+    assert len(feed) == 10
+    assert feed.dataset is source.dataset and feed.batch_size == 4
+    assert feed.loader is source and feed.device == torch.device("cpu")
+    with pytest.raises(AttributeError):
+        feed.no_such_attribute
+    with pytest.raises(TypeError):
+        len(DeviceLoader(iter([1, 2]), "cpu"))
+    assert repr(feed) == "DeviceLoader(DataLoader, device='cpu')"
+
+
+def test_half_built_and_copied_loaders_do_not_recurse():
+    with pytest.raises(AttributeError):
+        DeviceLoader.__new__(DeviceLoader).dataset
+    feed = DeviceLoader([torch.zeros(2)], "meta", non_blocking=False)
+    iter(feed)  # a pass in progress is not part of the copy
+    for twin in (copy.deepcopy(feed), pickle.loads(pickle.dumps(feed))):
+        assert (twin.device, twin.non_blocking) == (META, False)
+        assert [batch.device for batch in twin] == [META]
+
+
+# -- moving nested batches (meta: a real device without an accelerator) ------------------------
+
+def test_move_to_moves_every_tensor_and_keeps_the_rest():
+    host = nested([0, 1, 2])
+    moved = move_to(host, "meta", non_blocking=True)
+    assert_moved(host, moved, META)
+    assert moved["list"][1] is host["list"][1] and moved["array"] is host["array"]
+    assert moved["custom"].moved_with is True and moved["old"].moved_with == "plain"
+    assert moved["frozen"].derived.device == META  # an init=False field, not recomputed
+    assert host["x"].device.type == "cpu"  # the host batch is not changed
+
+
+@pytest.mark.parametrize("value", [None, "text", 3, 2.5, b"raw", np.ones(2)])
+def test_move_to_returns_other_values_as_they_are(value):
+    assert move_to(value, "meta") is value
+
+
+class ReadOnly(Mapping):
+    """A mapping whose constructor cannot take the moved items."""
+
+    def __init__(self, *, items: dict) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_move_to_keeps_mapping_state_or_falls_back_to_dict():
+    class Tagged(dict):
+        def __init__(self, *, tag: str) -> None:
+            super().__init__(x=torch.zeros(1))
+            self.tag = tag
+
+    moved = move_to(Tagged(tag="t"), "meta")
+    assert type(moved) is Tagged and moved.tag == "t" and moved["x"].device == META
+    moved = move_to(MappingProxyType({"x": torch.zeros(1)}), "meta")
+    assert type(moved) is MappingProxyType and moved["x"].device == META
+    moved = move_to(ReadOnly(items={"x": torch.zeros(1), "y": 1}), "meta")
+    assert type(moved) is dict and moved["x"].device == META and moved["y"] == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_batch_arrives_once_in_order_on_the_device(num_workers):
+    feed = DeviceLoader(loader(num_workers, collate_fn=nested), "meta")
+    for _ in range(2):  # two epochs
+        batches = list(feed)
+        for batch in batches:
+            assert_moved(nested(batch["indices"]), batch, META)
+        assert [i for batch in batches for i in batch["indices"]] == list(range(40))
+
+
+# -- passes and the lifecycle ------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_pass_left_early_does_not_disturb_the_next(device):
+    feed = DeviceLoader(loader(2, collate_fn=nested), device)
+    for seen, _ in enumerate(feed):
+        if seen == 2:
+            break
+    batches = list(feed)
+    assert [i for batch in batches for i in batch["indices"]] == list(range(40))
+    assert {batch["x"].device.type for batch in batches} == {device}
+
+
+class Closable:
+    """A loader that counts its close() calls."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def __iter__(self):
+        return iter([torch.zeros(2), torch.ones(2)])
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_close_ends_passes_and_closes_the_loader_once(device):
+    source = Closable()
+    feed = DeviceLoader(source, device)
+    batches = iter(feed)
+    next(batches)
+    feed.close()
+    feed.close()
+    assert source.closed == 1
+    assert list(batches) == []  # the pass in progress ended, its batch dropped
+    assert len(list(feed)) == 2  # a new pass after close works ...
+    feed.close()
+    assert source.closed == 2  # ... and is closed again
+
+
+def test_context_manager_closes():
+    source = Closable()
+    with DeviceLoader(source, "meta") as feed:
+        assert len(list(feed)) == 2
+        assert source.closed == 0
+    assert source.closed == 1
+    DeviceLoader([1], "cpu").close()  # a loader without close() is fine
+
+
+class FailsAfter:
+    """Two batches, then the loader raises."""
+
+    def __iter__(self):
+        yield torch.zeros(2)
+        yield torch.ones(2)
+        raise OSError("disk gone")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=[gpu, needs_cuda])])
+def test_batches_before_a_loader_error_are_delivered_first(device):
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for batch in DeviceLoader(FailsAfter(), device):
+            got.append(batch.to("cpu") if device != "meta" else batch)
+    assert len(got) == 2
+    if device != "meta":
+        assert torch.cat(got).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"device": 5}, "device=5"),
+    ({"device": None}, "device=None"),
+    ({"device": "nonsense"}, "device='nonsense'"),
+    ({"device": "cpu", "non_blocking": "yes"}, "non_blocking='yes'"),
+    ({"device": "cpu", "non_blocking": 1}, "non_blocking=1"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, named):
+    with pytest.raises(InvalidConfigError, match=named):
+        DeviceLoader([], **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
+def test_cuda_without_cuda_says_so(device):
+    with pytest.raises(InvalidConfigError, match=r"device=.*cuda.*is_available\(\) is False"):
+        DeviceLoader([], device)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("non_blocking", [True, False])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("pin", [True, False])
+def test_cuda_batches_equal_the_host_batches(pin, num_workers, non_blocking):
+    feed = DeviceLoader(loader(num_workers, collate_fn=nested, pin_memory=pin), "cuda",
+                        non_blocking=non_blocking)
+    for _ in range(2):  # two epochs
+        batches = list(feed)
+        for batch in batches:
+            assert_moved(nested(batch["indices"]), batch, torch.device("cuda"))
+        assert [i for batch in batches for i in batch["indices"]] == list(range(40))
+
+
+class Large(Dataset):
+    """Sample i is a large tensor full of i: a copy that lags behind the step shows."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((1 << 18,), float(index))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cuda_steps_that_write_their_batch_do_not_touch_the_next(num_workers):
+    source = DataLoader(Large(), batch_size=2, num_workers=num_workers, pin_memory=True)
+    feed = DeviceLoader(source, "cuda:0")
+    for _ in range(2):  # two epochs
+        checks = []  # kept on the GPU: a host sync per step would hide a missing stream wait
+        for step, batch in enumerate(feed):
+            assert batch.is_cuda
+            expected = torch.arange(2 * step, 2 * step + 2, device="cuda",
+                                    dtype=torch.float32)[:, None]
+            checks.append((batch == expected).all())  # read at once: the copy must be done
+            torch.cuda._sleep(1_000_000)  # a slow step: the next copies are issued meanwhile
+            checks.append((batch == expected).all())  # its memory must not be reused yet
+            batch.mul_(-1).add_(1000)  # the step writes its batch in place
+            del batch
+        assert len(checks) == 24 and torch.stack(checks).all().item()
