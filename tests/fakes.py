@@ -44,11 +44,20 @@ class FakeMemory:
     used: int
 
 
+@dataclass(frozen=True)
+class FakeUtilization:
+    """Shaped like ``pynvml.c_nvmlUtilization_t``: percent of time busy."""
+
+    gpu: int
+    memory: int
+
+
 class FakeNvml:
     """A fake ``pynvml`` module.
 
     ``gpus``: one dict per GPU with keys name (str, or bytes like old pynvml), total, free
-    (bytes), cc (major, minor), pcie_gen, pcie_width; missing keys take the H100 values.
+    (bytes), cc (major, minor), pcie_gen, pcie_width, util (percent busy, default 0);
+    missing keys take the H100 values.
     ``init_error=True``: ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` (no driver).
     ``failing``: names of functions that raise ``NVMLError_NotSupported``, for example
     ``{"nvmlDeviceGetCurrPcieLinkGeneration"}``.
@@ -106,6 +115,10 @@ class FakeNvml:
     def nvmlDeviceGetCurrPcieLinkWidth(self, handle: int) -> int:
         self._check("nvmlDeviceGetCurrPcieLinkWidth")
         return self.gpus[handle]["pcie_width"]
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> FakeUtilization:
+        self._check("nvmlDeviceGetUtilizationRates")
+        return FakeUtilization(gpu=self.gpus[handle].get("util", 0), memory=0)
 
 
 # --- HardwareInfo records -----------------------------------------------------------------

@@ -349,3 +349,22 @@ def test_cuda_steps_that_write_their_batch_do_not_touch_the_next(num_workers):
             batch.mul_(-1).add_(1000)  # the step writes its batch in place
             del batch
         assert len(checks) == 24 and torch.stack(checks).all().item()
+
+
+def test_factory_wraps_its_loaders_for_a_device(tmp_path) -> None:
+    from autotune import AdaptiveLoader, OptimalDataLoaderFactory, TunedDataLoader
+    from datasets import Indexed
+    from fakes import fake_hardware
+
+    factory = OptimalDataLoaderFactory(hardware=fake_hardware(), profile_dir=tmp_path,
+                                       measure=False)
+    train = factory.create_training_loader(Indexed(16), 4, device="meta", num_workers=0)
+    assert isinstance(train, DeviceLoader) and isinstance(train.loader, TunedDataLoader)
+    assert [b.device.type for b in train] == ["meta"] * 4
+    assert train.autotune_config.pin_memory is False  # meta is not CUDA: pinning would cost
+    val = factory.create_validation_loader(Indexed(16), 4, device=torch.device("cpu"))
+    assert isinstance(val, DeviceLoader) and len(val) == 4
+    adaptive = factory.create_training_loader(Indexed(16), 4, device="cpu", adapt=True)
+    assert isinstance(adaptive.loader, AdaptiveLoader)
+    with pytest.raises(InvalidConfigError, match="device=7"):
+        factory.create_training_loader(Indexed(16), 4, device=7)

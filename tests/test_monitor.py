@@ -144,3 +144,25 @@ def test_bad_arguments_name_themselves(kwargs: dict, named: str) -> None:
     iterable = kwargs.pop("iterable")
     with pytest.raises(InvalidConfigError, match=named.replace("(", r"\(")):
         StallMonitor(iterable, **kwargs)
+
+
+def test_gpu_utilisation_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML is faked at its boundary (no GPU here): the report averages its readings."""
+    import autotune.system.hardware
+    from fakes import FakeNvml
+
+    nvml = FakeNvml([{}, {"util": 73}])
+    monkeypatch.setattr(autotune.system.hardware, "_load_nvml", lambda: nvml)
+    monitor = StallMonitor(DataLoader(Indexed(4), batch_size=2), device="cuda:1",
+                           log_every_s=None)
+    run_loop(monitor, 0.0, epochs=1)
+    assert monitor.report().gpu_utilization == 73.0
+    assert "GPU 73% busy" in monitor.report().summary()
+    monitor.close()
+    assert nvml.shutdown_calls == nvml.init_calls == 1
+    failing = FakeNvml([{}], failing={"nvmlDeviceGetUtilizationRates"})
+    monkeypatch.setattr(autotune.system.hardware, "_load_nvml", lambda: failing)
+    monitor = StallMonitor([1], device="cuda", log_every_s=None)
+    list(monitor)
+    assert monitor.report().gpu_utilization is None
+    assert StallMonitor([1], device="cpu", log_every_s=None).report().gpu_utilization is None
