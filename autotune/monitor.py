@@ -38,6 +38,7 @@ class StallReport:
     passes: int  # iter() calls (epochs)
     wall_s: float  # wait_s + step_s
     wait_s: float
+    start_wait_s: float  # the part of wait_s spent on each pass's first batch
     step_s: float
     wait_mean_s: float | None
     wait_p50_s: float | None
@@ -83,16 +84,19 @@ class StallClock:
         self.steps = 0
         self.passes = 0
         self.wait_s = 0.0
+        self.start_wait_s = 0.0  # the part of wait_s spent on each pass's first batch
         self.step_s = 0.0
         self.waits: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self.step_times: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self._open: float | None = None  # when the running step began
         self._carry = 0.0  # the iter() time a pass's first batch waits on top of its next()
+        self._first = False  # the next batch is its pass's first
 
     def began(self, start: float, end: float) -> None:
         """A pass (``iter()``) began at ``start`` and was ready at ``end``."""
         self._close_step(start)
         self.passes += 1
+        self._first = True
         self._carry += end - start
         self.wait_s += end - start
 
@@ -101,6 +105,9 @@ class StallClock:
         self.wait_s += end - start
         if batch:
             self.waits.append(end - start + self._carry)
+            if self._first:
+                self.start_wait_s += end - start + self._carry
+                self._first = False
             self._carry = 0.0
             self._open = end
 
@@ -214,13 +221,15 @@ class StallMonitor:
         step_p50, step_p95 = _percentiles(step_times)
         return StallReport(
             name=self.name, steps=steps, passes=self.clock.passes, wall_s=wall, wait_s=wait_s,
-            step_s=step_s, wait_mean_s=_mean(waits), wait_p50_s=wait_p50, wait_p95_s=wait_p95,
+            start_wait_s=self.clock.start_wait_s, step_s=step_s, wait_mean_s=_mean(waits), wait_p50_s=wait_p50, wait_p95_s=wait_p95,
             step_mean_s=_mean(step_times), step_p50_s=step_p50, step_p95_s=step_p95,
             stall_fraction=fraction, verdict=stall.verdict(fraction), num_workers=workers,
             workers_cpu=cpu, workers_memory_bytes=self._memory_peak if workers != 0 else None,
             gpu_utilization=_mean(self._gpu_samples),
             suggestion=stall.suggestion(fraction, num_workers=workers, workers_cpu=cpu,
-                                        cpu_budget=_cpu_budget(),
+                                        cpu_budget=_cpu_budget(), wait_s=wait_s,
+                                        start_wait_s=self.clock.start_wait_s,
+                                        passes=self.clock.passes,
                                         wait_p50_s=wait_p50 or 0.0, wait_p95_s=wait_p95 or 0.0))
 
     def history(self) -> tuple[list[float], list[float]]:

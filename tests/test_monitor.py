@@ -122,6 +122,9 @@ def test_suggestions_follow_what_was_seen() -> None:
         0.1, num_workers=4, workers_cpu=0.2, cpu_budget=2, wait_p50_s=0.001, wait_p95_s=0.05)
     assert "more workers" in stall.suggestion(
         0.5, num_workers=4, workers_cpu=0.2, cpu_budget=2, wait_p50_s=0.1, wait_p95_s=0.1)
+    assert "first batch (150 ms a pass)" in stall.suggestion(
+        0.1, num_workers=4, workers_cpu=0.2, cpu_budget=2, wait_p50_s=0.002, wait_p95_s=0.01,
+        wait_s=0.4, start_wait_s=0.3, passes=2)
 
 
 def test_clock_from_timestamps() -> None:
@@ -130,7 +133,7 @@ def test_clock_from_timestamps() -> None:
     clock.waited(1.0, 2.0, True)  # the first batch waited 1 s more
     clock.waited(5.0, 5.5, True)  # a 3 s step, then 0.5 s wait
     clock.waited(6.5, 6.5, False)  # a 1 s step, then the pass ended
-    assert clock.totals() == (2, 2.5, 4.0)
+    assert clock.totals() == (2, 2.5, 4.0) and clock.start_wait_s == 2.0
     assert list(clock.waits) == [2.0, 0.5] and list(clock.step_times) == [3.0, 1.0]
 
 

@@ -59,7 +59,8 @@ def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1) -
 
     Workers busy less than ``IDLE_BUSY`` of the time are not what the loop waits for (a
     batch still costs the main process its transfer): never grow then, shrink to what the
-    step needs. Otherwise grow while the loop is at least moderately input-bound.
+    step needs. Otherwise grow while the loop is at least moderately input-bound and the
+    model asks for more workers than there are.
 
     Args:
         window: the last window; it must hold at least one step.
@@ -87,7 +88,9 @@ def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1) -
         return None
     if workers and window.cpu_used is not None and window.cpu_used >= CPU_SATURATED * cpu_budget:
         return None  # more processes would only share the same CPUs
-    target = min(cap, max(workers + 1, wanted))
+    target = min(cap, wanted)
+    if target <= workers:  # enough workers for the step: the wait is transfer or bursts
+        return None
     return Change(workers=target, reason=(
         f"input-bound: waited {window.stall:.0%} of {window.steps} steps; a batch costs "
         f"{_ms(batch)} of a worker and a step takes {_ms(step)}, so {target} workers hand "

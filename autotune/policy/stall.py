@@ -12,6 +12,7 @@ VERDICTS = ("input-bound", "moderately input-bound", "not input-bound")
 CPU_SATURATED = 0.85  # workers using this share of the CPU budget leave no room for more
 BURSTY = 4.0  # a p95 wait this many times the median: batches arrive in bursts
 IDLE_STALL = 0.01  # below this, the loader has slack
+START_SHARE = 0.5  # epoch starts holding this share of the wait are the problem
 
 
 def verdict(stall_fraction: float) -> str:
@@ -24,14 +25,21 @@ def verdict(stall_fraction: float) -> str:
 
 
 def suggestion(stall_fraction: float, *, num_workers: int | None, workers_cpu: float | None,
-               cpu_budget: int, wait_p50_s: float, wait_p95_s: float) -> str:
-    """What to change, in words, from what the monitor saw."""
+               cpu_budget: int, wait_p50_s: float, wait_p95_s: float, wait_s: float = 0.0,
+               start_wait_s: float = 0.0, passes: int = 0) -> str:
+    """What to change, in words, from what the monitor saw. ``start_wait_s``: the part of
+    ``wait_s`` spent on the passes' first batches."""
     if stall_fraction < MODERATE:
         text = "the step is the bottleneck: data arrives in time"
         if num_workers and stall_fraction < IDLE_STALL:
             text += (f"; fewer than {num_workers} workers may keep up too "
                      "(adapt=True finds the fewest)")
         return text
+    if num_workers and passes and wait_s > 0 and start_wait_s >= START_SHARE * wait_s:
+        return (f"most of the wait is each epoch's first batch ({start_wait_s / passes * 1e3:.0f} "
+                f"ms a pass): workers start (or restart) and torch does not prefetch across "
+                "epochs; persistent_workers=True avoids restarts, and the share shrinks with "
+                "longer epochs; within an epoch the data keeps up")
     if num_workers == 0:
         return ("load in worker processes: the main process makes every batch while the step "
                 "waits (set num_workers, or adapt=True to size them while training)")
