@@ -1,5 +1,7 @@
-"""Lightning integration: ``AutotuneDataModule``, a ``LightningDataModule`` whose loaders
-come from ``OptimalDataLoaderFactory`` (optional: ``pip install 'autotune[lightning]'``).
+"""Lightning integration (optional: ``pip install 'autotune[lightning]'``):
+``AutotuneDataModule``, a ``LightningDataModule`` whose loaders come from
+``OptimalDataLoaderFactory``, and ``StallMonitorCallback``, which tells whether a
+``Trainer``'s training is input-bound (``StallMonitor`` for a loop Lightning owns).
 
 ``import autotune`` never imports Lightning; only ``import autotune.lightning`` does. It uses
 ``lightning.pytorch`` when installed, else ``pytorch_lightning``: the Trainer must come from
@@ -9,24 +11,29 @@ the same package (Lightning refuses a mix of the two).
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from typing import Any
 
 from ._check import check_int
 from .errors import InvalidConfigError
 from .loading.builder import TunedDataLoader
-from .loading.factory import OptimalDataLoaderFactory
+from .loading.factory import TRAINING_ONLY, OptimalDataLoaderFactory
 from .loading.splits import DEFAULT_SPLITS, split_dataset
+from .monitor import DEFAULT_LOG_EVERY_S, StallMonitor, StallReport
 
 try:
-    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch import Callback, LightningDataModule
 except ImportError as first:
     try:
-        from pytorch_lightning import LightningDataModule  # type: ignore[no-redef]
+        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]
     except ImportError:
         raise ImportError("autotune.lightning needs Lightning (lightning.pytorch or "
                           "pytorch_lightning). Fix: pip install 'autotune[lightning]'") from first
 
-__all__ = ["AutotuneDataModule"]
+__all__ = ["AutotuneDataModule", "StallMonitorCallback"]
+
+log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "val", "test")
 
@@ -125,7 +132,8 @@ class AutotuneDataModule(LightningDataModule):
         if name == "train":
             loader = self.factory.create_training_loader(data, self.batch_size, **keywords)
         else:
-            loader = self.factory.create_validation_loader(data, self.batch_size, **keywords)
+            evaluation = {k: v for k, v in keywords.items() if k not in TRAINING_ONLY}
+            loader = self.factory.create_validation_loader(data, self.batch_size, **evaluation)
         old, self._loaders[name] = self._loaders.get(name), loader
         if old is not None:
             old.close()
@@ -138,3 +146,143 @@ class AutotuneDataModule(LightningDataModule):
             data = self._whole if self._whole is not None else self.datasets[name]
             self._workloads[key] = self.factory._measure_once(data, keywords)
         return self._workloads[key]
+
+
+class StallMonitorCallback(Callback):
+    """Is a ``Trainer``'s training input-bound? What ``StallMonitor`` reports for a plain
+    loop, for the loop Lightning owns: how long training waits for each batch against the
+    time it spends on the batch (the step).
+
+    The step runs from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
+    backward, optimizer). The wait for a batch runs from the previous batch's
+    ``on_train_batch_end`` (or the epoch's start) to its ``on_train_batch_start``: Lightning
+    fetches the batch and moves it to the device there, so that is the input wait, and it
+    also holds Lightning's own per-batch bookkeeping (loggers, schedulers: about half a
+    millisecond, so a step of a few milliseconds shows some stall). Validation runs (at an
+    epoch's end or mid-epoch) count neither way, nor does anything after
+    ``on_train_epoch_end`` (epoch-end checkpoints); a checkpoint Lightning saves right after a
+    mid-epoch validation counts as waiting. Lightning makes the first epoch's iterator before
+    the epoch starts, so starting its workers is not counted (later epochs' starts are). With
+    ``training_step(dataloader_iter)`` the step fetches its own batches and the wait is not
+    seen.
+
+    Every rank times itself; only global rank 0 logs: the periodic summary (logger
+    ``autotune.monitor``) and, at ``on_train_end``, the final one (logger
+    ``autotune.lightning``, INFO). Nothing is checkpointed: a resumed run is timed from the
+    resume on. ``teardown`` releases NVML and leaves the trainer's loader open.
+
+    Args:
+        name: a label for logs and reports.
+        log_every_s: a one-line summary at most this often while training; ``None`` for none.
+        device: where the step runs, for GPU utilisation through NVML. Default: the
+            trainer's device (``trainer.strategy.root_device``).
+
+    Attributes:
+        monitor: the ``StallMonitor`` the hooks feed (``monitor.history()`` for a plot).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from autotune.lightning import StallMonitorCallback
+
+        callback = StallMonitorCallback()
+        trainer = pl.Trainer(max_epochs=2, callbacks=[callback])
+        trainer.fit(model, train_loader)
+        print(callback.report())   # stall_fraction, verdict, suggestion, ...
+    """
+
+    def __init__(self, *, name: str | None = "train",
+                 log_every_s: float | None = DEFAULT_LOG_EVERY_S, device: Any = None) -> None:
+        super().__init__()
+        self.monitor = StallMonitor([], name=name, device=device, log_every_s=log_every_s)
+        self._device = device
+        self._in_pass = False  # between on_train_epoch_start and on_train_epoch_end
+        self._wait_start: float | None = None  # when the loop began waiting for a batch
+        self._validating = False  # a validation run inside a pass: counted neither way
+
+    def report(self) -> StallReport:
+        """What training did so far (``StallMonitor.report``)."""
+        return self.monitor.report()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        monitor = self.monitor
+        if self._device is None and monitor.clock.passes == 0:  # now the device is known
+            self.monitor = StallMonitor([], name=monitor.name, log_every_s=monitor.log_every_s,
+                                        device=trainer.strategy.root_device)
+            monitor.close()  # its NVML handle, if a report opened one; [] has nothing to close
+        if not trainer.is_global_zero:
+            self.monitor.log_every_s = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        now = time.perf_counter()
+        loader = _train_loader(trainer)
+        if loader is not None:  # report().num_workers reads it
+            self.monitor.iterable = loader
+        self._begin(now)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        now = time.perf_counter()
+        if not self._in_pass:  # resumed mid-epoch: Lightning skips on_train_epoch_start
+            self._begin(now)
+        start = self._wait_start if self._wait_start is not None else now
+        self.monitor.waited(start, now, True)  # the step begins now
+        self._wait_start = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._in_pass:
+            self._wait_start = time.perf_counter()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._in_pass and not self._validating:
+            self._pause(time.perf_counter())
+            self._validating = True
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._validating:
+            self._validating = False
+            self._wait_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end(time.perf_counter())
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._end(time.perf_counter())  # the running step ends here
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero and self.monitor.clock.passes:
+            log.info("autotune stall %s", self.report().summary())
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Release NVML. The loader stays open: it is the trainer's (``StallMonitor.close``
+        would close it), and stays the monitor's for ``report().num_workers``."""
+        loader, self.monitor.iterable = self.monitor.iterable, []
+        try:
+            self.monitor.close()
+        finally:
+            self.monitor.iterable = loader
+
+    def _begin(self, now: float) -> None:
+        self._end(now)  # a pass whose end was not seen
+        self.monitor.began(now, now)
+        self._in_pass, self._wait_start, self._validating = True, now, False
+
+    def _end(self, now: float) -> None:
+        if self._in_pass:
+            self._pause(now)
+            self._in_pass = self._validating = False
+
+    def _pause(self, now: float) -> None:
+        """Close the running step (or the wait so far): what follows counts neither way."""
+        start = self._wait_start if self._wait_start is not None else now
+        self.monitor.waited(start, now, False)
+        self._wait_start = None
+
+
+def _train_loader(trainer: Any) -> Any:
+    """The trainer's one training loader, or None (not made yet, or several)."""
+    loader = getattr(trainer, "train_dataloader", None)
+    for combined in ("iterables", "loaders"):  # a CombinedLoader (Lightning 1.x gives one)
+        loader = getattr(loader, combined, loader)
+    return loader if isinstance(getattr(loader, "num_workers", None), int) else None

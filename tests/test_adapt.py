@@ -163,3 +163,12 @@ def test_decide_shrinks_idle_workers_but_not_to_a_count_that_stalled() -> None:
     overhead = Window(workers=1, steps=20, wait_s=0.2, step_s=2.0, busy_s=0.4)
     assert decide(overhead, cap=64, cpu_budget=2) is None
     assert decide(Window(workers=2, steps=0, wait_s=0, step_s=0), cap=4, cpu_budget=2) is None
+
+
+def test_create_dataloaders_adapts_the_training_loader_only(tmp_path) -> None:
+    train, val, test = factory(tmp_path).create_dataloaders(
+        Indexed(64), 4, splits=(0.5, 0.25, 0.25), adapt=True, adapt_every=5, num_workers=0)
+    assert isinstance(train, AdaptiveLoader) and train.every == 5
+    assert not isinstance(val, AdaptiveLoader) and not isinstance(test, AdaptiveLoader)
+    assert sorted(x for b in train for x in b.flatten().tolist()) == sorted(
+        i for i in train.dataset.indices)

@@ -215,3 +215,19 @@ def test_ddp_validation_counts_every_sample_once(ddp_ranks, request):
         assert rank["val_loader"]["sampler"] == "ShardSampler" and rank["val_loader"]["kept"]
     seen = sorted(ranks[0]["val"] + ranks[1]["val"])  # 2 validation runs
     assert seen == sorted(val_split * 2)
+
+
+def test_adapt_reaches_the_training_loader_only():
+    """adapt=True under a Trainer: Lightning iterates the AdaptiveLoader like any iterable;
+    validation gets a plain loader (only training re-tunes)."""
+    from autotune import AdaptiveLoader
+
+    data = AutotuneDataModule(dataset=Indexed(40), batch_size=4, splits=(0.8, 0.2, None),
+                              num_workers=0, adapt=True, adapt_every=2)
+    model, trainer = Recorder(), quiet_trainer(max_epochs=2)
+    trainer.fit(model, datamodule=data)
+    train, _ = split_dataset(Indexed(40), (0.8, 0.2, None), seed=0)[:2]
+    assert isinstance(trainer.train_dataloader, AdaptiveLoader)
+    assert isinstance(trainer.val_dataloaders, TunedDataLoader)
+    assert [sorted(epoch) for epoch in model.train_epochs] == [sorted(train.indices)] * 2
+    data.teardown("fit")

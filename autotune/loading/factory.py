@@ -40,6 +40,8 @@ from .splits import DEFAULT_SPLITS, split_dataset
 
 log = logging.getLogger(__name__)
 
+TRAINING_ONLY = ("adapt", "adapt_every")  # create_training_loader's own keywords
+
 # Keywords passed straight to DataLoader (everything it takes that is not ours to choose).
 _PASS_THROUGH = frozenset(inspect.signature(DataLoader.__init__).parameters) - {
     "self", "dataset", "batch_size", *SETTINGS}
@@ -178,7 +180,8 @@ class OptimalDataLoaderFactory:
             batch_size: samples per batch for all three loaders.
             splits: fractions of the samples for train, val and test (``split_dataset``).
             seed: the split's permutation seed (the same split on every run and rank).
-            **keywords: what ``create_training_loader`` takes (also given to the other two).
+            **keywords: what ``create_training_loader`` takes (also given to the other two,
+                except ``adapt`` and ``adapt_every``: only training re-tunes).
 
         Example::
 
@@ -187,9 +190,10 @@ class OptimalDataLoaderFactory:
         train, val, test = split_dataset(dataset, splits, seed=seed)
         if keywords.get("workload") is None:
             keywords["workload"] = self._measure_once(dataset, keywords)
+        evaluation = {k: v for k, v in keywords.items() if k not in TRAINING_ONLY}
         return (train and self.create_training_loader(train, batch_size, **keywords),
-                val and self.create_validation_loader(val, batch_size, **keywords),
-                test and self.create_validation_loader(test, batch_size, **keywords))
+                val and self.create_validation_loader(val, batch_size, **evaluation),
+                test and self.create_validation_loader(test, batch_size, **evaluation))
 
     def profile_entry(self, key: str) -> ProfileEntry | None:
         """The tuned entry for key in the profile that applies to this machine, if any."""
