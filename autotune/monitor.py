@@ -221,7 +221,8 @@ class StallMonitor:
         step_p50, step_p95 = _percentiles(step_times)
         return StallReport(
             name=self.name, steps=steps, passes=self.clock.passes, wall_s=wall, wait_s=wait_s,
-            start_wait_s=self.clock.start_wait_s, step_s=step_s, wait_mean_s=_mean(waits), wait_p50_s=wait_p50, wait_p95_s=wait_p95,
+            start_wait_s=self.clock.start_wait_s, step_s=step_s, wait_mean_s=_mean(waits),
+            wait_p50_s=wait_p50, wait_p95_s=wait_p95,
             step_mean_s=_mean(step_times), step_p50_s=step_p50, step_p95_s=step_p95,
             stall_fraction=fraction, verdict=stall.verdict(fraction), num_workers=workers,
             workers_cpu=cpu, workers_memory_bytes=self._memory_peak if workers != 0 else None,
