@@ -13,6 +13,7 @@ from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileErr
 from .loading.builder import TunedDataLoader
 from .loading.device import DeviceLoader
 from .loading.factory import OptimalDataLoaderFactory
+from .loading.multi import MultiLoader
 from .sources.sharding import ShardedIterable, shard_iterable
 from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidConfigError",
     "LoaderConfig",
     "MemoryInfo",
+    "MultiLoader",
     "OptimalDataLoaderFactory",
     "ProfileError",
     "ShardedIterable",

@@ -14,7 +14,7 @@ import collections
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,6 +53,8 @@ class StallReport:
     workers_memory_bytes: int | None  # their PSS, the most seen
     gpu_utilization: float | None  # percent, mean of NVML samples
     suggestion: str
+    # a MultiLoader's: name -> batches, wait_s, wait_mean_s, num_workers of each loader
+    loaders: Mapping[str, Mapping[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
