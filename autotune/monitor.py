@@ -5,7 +5,7 @@ The stall fraction is the share of the loop's time spent inside ``iter()`` and `
 (epoch starts count: starting workers is waiting too). The time between one pass's end and
 the next ``iter()`` (validation, checkpoints) counts neither way. Worker CPU and memory and
 GPU utilisation are sampled only when a summary is logged or a report is asked for, so the
-per-batch cost is two clock reads (well under 1% of a 1 ms step; ``bench/monitor_overhead.py``).
+per-batch cost is two clock reads (0.16% of a 1 ms step, measured in ``bench/adapt.py``).
 """
 
 from __future__ import annotations
@@ -120,6 +120,11 @@ class StallClock:
             self.steps += 1
             self._open = None
 
+    @property
+    def stepping(self) -> bool:
+        """A step is running (a batch was handed out and the loop has not come back)."""
+        return self._open is not None
+
     def totals(self, now: float | None = None) -> tuple[int, float, float]:
         """(steps, wait_s, step_s) so far, a running step counted up to ``now``."""
         running = 0.0 if self._open is None or now is None else max(0.0, now - self._open)
@@ -160,7 +165,7 @@ class StallMonitor:
         self.name = name
         self.log_every_s = log_every_s
         self.clock = StallClock()
-        self._gpu_index = _gpu_index(device)
+        self._device = _check_device(device)
         self._gpu: usage.GpuUtilization | None = None
         self._gpu_samples: list[float] = []
         self._cpu_start: float | None = None
@@ -200,10 +205,13 @@ class StallMonitor:
         return getattr(self.iterable, name)
 
     def reset(self) -> None:
-        """Forget what was timed so far (e.g. after a warm-up epoch)."""
+        """Forget what was timed so far (e.g. after a warm-up epoch); a pass running goes on
+        being timed from now."""
         self.clock = StallClock()
         self._gpu_samples.clear()
-        self._wall_start = self._cpu_start = self._memory_peak = None
+        self._memory_peak = None
+        self._wall_start = time.perf_counter()
+        self._cpu_start = usage.children_cpu_seconds()
 
     def report(self) -> StallReport:
         """What the loop did so far (a step still running counts up to now)."""
@@ -229,7 +237,8 @@ class StallMonitor:
             stall_fraction=fraction, verdict=stall.verdict(fraction), num_workers=workers,
             workers_cpu=cpu, workers_memory_bytes=self._memory_peak if workers != 0 else None,
             gpu_utilization=_mean(self._gpu_samples),
-            suggestion=stall.suggestion(fraction, num_workers=workers, workers_cpu=cpu,
+            suggestion=stall.suggestion(fraction, steps=steps, num_workers=workers,
+                                        workers_cpu=cpu,
                                         cpu_budget=_cpu_budget(), wait_s=wait_s,
                                         start_wait_s=self.clock.start_wait_s,
                                         passes=self.clock.passes,
@@ -261,9 +270,10 @@ class StallMonitor:
         """The slow readings: worker memory and GPU utilisation (logs and reports only)."""
         memory = usage.process_memory_bytes(children_only=True)
         self._memory_peak = max(self._memory_peak or 0, memory)
-        if self._gpu_index is not None:
+        index = _gpu_index(self._device)
+        if index is not None:
             if self._gpu is None:
-                self._gpu = usage.GpuUtilization(self._gpu_index)
+                self._gpu = usage.GpuUtilization(index)
             busy = self._gpu.read()
             if busy is not None:
                 self._gpu_samples.append(busy)
@@ -276,11 +286,20 @@ class StallMonitor:
 class _Timed:
     """One pass: the wrapped iterator with each ``next()`` timed."""
 
-    __slots__ = ("_iterator", "_monitor")
+    __slots__ = ("_iterator", "_monitor", "_clock", "_pass")
 
     def __init__(self, iterator: Iterator[Any], monitor: StallMonitor) -> None:
         self._iterator = iterator
         self._monitor = monitor
+        self._clock, self._pass = monitor.clock, monitor.clock.passes
+
+    def __del__(self) -> None:
+        """Left before its end (``break``): the step running ends now, what follows counts
+        neither way (unless another pass began since)."""
+        clock = self._clock
+        if clock is self._monitor.clock and clock.passes == self._pass and clock.stepping:
+            now = time.perf_counter()
+            clock.waited(now, now, False)
 
     def __iter__(self) -> _Timed:
         return self
@@ -289,25 +308,37 @@ class _Timed:
         start = time.perf_counter()
         try:
             batch = next(self._iterator)
-        except StopIteration:
+        except BaseException:  # the end, or an error: what was waited for counts, no step
             self._monitor.waited(start, time.perf_counter(), False)
             raise
         self._monitor.waited(start, time.perf_counter(), True)
         return batch
 
 
-def _gpu_index(device: Any) -> int | None:
-    """The CUDA device index to read utilisation from, or None (a CPU or no GPU)."""
+def _check_device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` (None stays None); never initialises CUDA."""
     import torch
 
     if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_available() else None
+        return None
     try:
-        device = torch.device(device)
+        return torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise InvalidConfigError(
             f"device={device!r} is not a torch device: pass e.g. 'cuda:0', 'cpu' or None "
             f"({exc})") from None
+
+
+def _gpu_index(device: Any) -> int | None:
+    """The CUDA device index to read utilisation from, or None (a CPU, or no GPU in use).
+    Without a device: the current CUDA device if this process already uses CUDA (asking
+    torch earlier would start CUDA here, before a launcher forks or picks the device)."""
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.current_device()
+        return None
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else 0

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 
 from autotune import InvalidConfigError, OptimalDataLoaderFactory
@@ -73,6 +74,7 @@ def test_changes_keep_the_epoch_order(tmp_path) -> None:
     adaptive.close()
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 6 worker processes")
 def test_shrinks_when_workers_idle(tmp_path) -> None:
     dataset = SleepyIndexed(size=240, seconds=0.001)
     loader = factory(tmp_path).create_training_loader(
@@ -172,3 +174,104 @@ def test_create_dataloaders_adapts_the_training_loader_only(tmp_path) -> None:
     assert not isinstance(val, AdaptiveLoader) and not isinstance(test, AdaptiveLoader)
     assert sorted(x for b in train for x in b.flatten().tolist()) == sorted(
         i for i in train.dataset.indices)
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+def slow_collate(batch):
+    time.sleep(0.03)
+    import torch
+
+    return torch.stack(batch)
+
+
+def test_collate_time_counts_as_the_workers_work(tmp_path) -> None:
+    """A cheap dataset whose cost is in collate_fn: its workers are not idle."""
+    loader = factory(tmp_path).create_training_loader(
+        Indexed(400), batch_size=4, num_workers=2, adapt=True, adapt_every=8,
+        collate_fn=slow_collate)
+    train(loader, 1, 0.02)
+    loader.close()
+    assert all(c.to_workers >= c.from_workers for c in loader.changes), loader.changes
+
+
+def test_short_epochs_still_adapt(tmp_path) -> None:
+    loader = factory(tmp_path).create_training_loader(
+        SleepyIndexed(size=48, seconds=0.004), batch_size=8, num_workers=0, adapt=True,
+        adapt_every=4)  # 6 batches an epoch, a window every 4 steps across epochs
+    train(loader, 4, 0.01)
+    loader.close()
+    assert loader.changes and loader.changes[0].to_workers > 0
+
+
+def test_shuffle_false_keeps_sampler_order(tmp_path) -> None:
+    loader = factory(tmp_path).create_training_loader(
+        Indexed(16), batch_size=4, num_workers=0, adapt=True, shuffle=False)
+    assert [b.flatten().tolist() for b in loader] == [list(range(i, i + 4))
+                                                      for i in range(0, 16, 4)]
+
+
+def test_an_endless_sampler_is_drawn_as_needed(tmp_path) -> None:
+    import itertools
+
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            return itertools.cycle(range(8))
+
+    loader = factory(tmp_path).create_training_loader(
+        Indexed(8), batch_size=2, num_workers=0, adapt=True, sampler=Endless())
+    first = list(itertools.islice(iter(loader), 6))
+    assert [b.flatten().tolist() for b in first] == [[0, 1], [2, 3], [4, 5], [6, 7],
+                                                     [0, 1], [2, 3]]
+
+
+def test_a_reset_mid_epoch_does_not_stall_adapting(tmp_path) -> None:
+    loader = factory(tmp_path).create_training_loader(
+        SleepyIndexed(size=160, seconds=0.004), batch_size=4, num_workers=0, adapt=True,
+        adapt_every=5)
+    for step, _ in enumerate(loader):
+        time.sleep(0.005)
+        if step == 12:
+            loader.monitor.reset()
+        if loader.changes:
+            break
+    loader.close()
+    assert loader.changes and loader.changes[0].step <= 12 + 2 * 5 + 2
+
+
+def test_a_stream_growing_past_one_worker_is_checked_for_sharding(tmp_path, caplog) -> None:
+    from datasets import make_unsharded_stream
+
+    loader = factory(tmp_path).create_training_loader(
+        make_unsharded_stream(), batch_size=4, num_workers=1, adapt=True, drop_last=False)
+    loader._pending = decide(Window(workers=1, steps=4, wait_s=1.0, step_s=0.1, busy_s=0.8),
+                             cap=4, cpu_budget=2)
+    with caplog.at_level(logging.WARNING, logger="autotune.tuning.adapt"):
+        items = Counter(x for b in loader for x in b.flatten().tolist())
+    loader.close()
+    assert loader.num_workers == 1 and set(items.values()) == {1}
+    assert any("staying at 1 workers" in r.getMessage() for r in caplog.records)
+
+
+def test_a_profile_entrys_other_settings_survive_a_change(tmp_path) -> None:
+    from autotune.profiles import ProfileEntry, save_entry
+
+    f = factory(tmp_path)
+    save_entry(f.hardware, "Indexed", ProfileEntry(settings={
+        "num_workers": 2, "prefetch_factor": 6, "multiprocessing_context": "spawn"}), tmp_path)
+    loader = f.create_training_loader(Indexed(64), batch_size=4, adapt=True)
+    assert loader.num_workers == 2 and loader.autotune_config.prefetch_factor == 6
+    assert loader._apply(decide(Window(workers=2, steps=20, wait_s=0.0, step_s=2.0,
+                                       busy_s=0.02), cap=4, cpu_budget=2))
+    config = loader.autotune_config
+    assert config.num_workers in (0, 1)
+    if config.num_workers:
+        assert config.prefetch_factor == 6 and config.multiprocessing_context == "spawn"
+    loader.close()
+
+
+def test_adapt_keywords_are_for_training_only(tmp_path) -> None:
+    with pytest.raises(InvalidConfigError, match="adapt_every=5 without adapt=True"):
+        factory(tmp_path).create_training_loader(Indexed(8), 2, adapt_every=5)
+    with pytest.raises(InvalidConfigError, match="adapt= is for training loaders only"):
+        factory(tmp_path).create_validation_loader(Indexed(8), 2, adapt=True)

@@ -169,3 +169,42 @@ def test_gpu_utilisation_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     list(monitor)
     assert monitor.report().gpu_utilization is None
     assert StallMonitor([1], device="cpu", log_every_s=None).report().gpu_utilization is None
+
+
+def test_leaving_a_pass_early_ends_its_step_there() -> None:
+    monitor = StallMonitor(DataLoader(Indexed(20), batch_size=2), log_every_s=None)
+    for i, _ in enumerate(monitor):
+        time.sleep(0.01)
+        if i == 3:
+            break
+    time.sleep(0.3)  # after the loop: neither waiting nor stepping
+    report = monitor.report()
+    assert report.steps == 4 and report.step_s < 0.2
+
+
+def test_a_failing_loader_counts_its_wait_and_no_step() -> None:
+    def batches():
+        yield 1
+        time.sleep(0.1)
+        raise OSError("disk gone")
+
+    monitor = StallMonitor(_Iterable(batches), log_every_s=None)
+    with pytest.raises(OSError):
+        for _ in monitor:
+            pass
+    time.sleep(0.2)
+    report = monitor.report()
+    assert report.wait_s >= 0.09 and report.step_s < 0.05
+
+
+class _Iterable:
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
+
+
+def test_a_report_before_any_step_says_so() -> None:
+    report = StallMonitor([1, 2], log_every_s=None).report()
+    assert report.steps == 0 and report.suggestion.startswith("no step timed yet")

@@ -9,13 +9,13 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from .._check import is_stream
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
 from .crash import CrashNamingIterator
-from .worker import BusyMeter, NamedErrors, NamedStreamErrors
+from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
 
 class TunedDataLoader(DataLoader):
@@ -102,7 +102,7 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
     ``generator``, ...); a ``worker_init_fn`` there runs after autotune's own.
     With a ``batch_sampler`` it decides batching, order and the last batch itself.
     An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it.
-    A ``meter`` adds up the seconds the workers spend making samples.
+    A ``meter`` adds up the seconds the workers spend making and collating batches.
     """
     extra = dict(extra or {})
     stream = is_stream(dataset)
@@ -119,6 +119,8 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
         kwargs["batch_size"] = batch_size
         if "sampler" not in extra and not stream:
             extra.setdefault("shuffle", shuffle)
+    if meter is not None and kwargs.get("batch_size", 1) is not None:  # batches are collated
+        extra["collate_fn"] = TimedCollate(extra.get("collate_fn") or default_collate, meter)
     try:
         wrapped = (NamedStreamErrors if stream else NamedErrors)(dataset, meter)
         loader = TunedDataLoader(wrapped, autotune_config=config, **kwargs, **extra)

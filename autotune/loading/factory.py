@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .._check import check_bool, check_int, dataset_size, is_stream
 from .._warn import warn_user
-from ..config import SETTINGS, LoaderConfig
+from ..config import SETTINGS, TUNED_SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError, ProfileError
 from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
@@ -33,6 +33,8 @@ from ..system.hardware import HardwareInfo, probe_hardware
 from ..tuning.adapt import DEFAULT_EVERY, AdaptiveLoader
 from .builder import TunedDataLoader, build_loader
 from .device import DeviceLoader, check_device
+from .group import create_group
+from .multi import MultiLoader
 from .safety import (check_stream_ranks, check_stream_sharding, check_worker_safety,
                      copy_on_read_risks)
 from .samplers import EpochDistributedSampler, ShardSampler
@@ -115,7 +117,7 @@ class OptimalDataLoaderFactory:
                                has_augmentation: bool = False, has_standardization: bool = False,
                                profile_key: str | None = None,
                                workload: WorkloadProfile | None = None, adapt: bool = False,
-                               adapt_every: int = DEFAULT_EVERY, device: Any = None,
+                               adapt_every: int | None = None, device: Any = None,
                                **dataloader_overrides: Any) -> Any:
         """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed.
 
@@ -137,7 +139,8 @@ class OptimalDataLoaderFactory:
                 runs and changes the worker count between steps (more while the loop waits,
                 fewer while the workers idle, within the hardware budget); an explicit
                 ``num_workers`` is where it starts. Batches come in sampler order.
-            adapt_every: steps between two looks (at most one change per this many steps).
+            adapt_every: steps between two looks, at most one change per this many steps
+                (default 20; only with ``adapt=True``).
             device: where batches go (``"cuda"``): the rules pin memory for a CUDA device and
                 the loader comes wrapped in a ``DeviceLoader`` that copies one batch ahead.
             **dataloader_overrides: any ``DataLoader`` keyword; it wins over profile and rules.
@@ -147,10 +150,15 @@ class OptimalDataLoaderFactory:
             in a ``DeviceLoader`` with ``device=``.
         """
         check_bool("adapt", adapt)
-        check_int("adapt_every", adapt_every, minimum=1)
+        if adapt_every is not None:
+            check_int("adapt_every", adapt_every, minimum=1)
+            if not adapt:
+                raise InvalidConfigError(f"adapt_every={adapt_every} without adapt=True: "
+                                         "pass adapt=True to re-tune while training runs")
         return self._create(dataset, batch_size, True, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides,
-                            adapt_every=adapt_every if adapt else None, device=device)
+                            adapt_every=(adapt_every or DEFAULT_EVERY) if adapt else None,
+                            device=device)
 
     @_on_instance_or_default
     def create_validation_loader(self, dataset: Any, batch_size: int, *,
@@ -194,6 +202,49 @@ class OptimalDataLoaderFactory:
         return (train and self.create_training_loader(train, batch_size, **keywords),
                 val and self.create_validation_loader(val, batch_size, **evaluation),
                 test and self.create_validation_loader(test, batch_size, **evaluation))
+
+    @_on_instance_or_default
+    def create_training_loaders(self, datasets: Any, batch_size: int, *,
+                                strategy: str = "sequential", weights: Any = None,
+                                stop: str = "max_cycle", seed: int | None = None,
+                                **keywords: Any) -> MultiLoader:
+        """Training loaders for several datasets in one loop, sized together, in a
+        ``MultiLoader``.
+
+        Each dataset is measured; then the CPUs and the memory for batches in flight are
+        split among the loaders by each one's cost per batch and its share of the batches
+        (``policy.joint``): none starves, and together they fit the machine (sized alone,
+        each would assume the whole machine). Native thread pools are budgeted over all the
+        loaders' workers. ``sequential`` runs one loader at a time, so each is sized alone.
+
+        Args:
+            datasets: a mapping name -> dataset (or a list, named "0", "1", ...).
+            batch_size: samples per batch, for every loader.
+            strategy, weights, stop, seed: how the loop interleaves them (``MultiLoader``).
+            **keywords: what ``create_training_loader`` takes, given to every loader (an
+                explicit ``num_workers`` sets every loader's count: no joint sizing);
+                ``profile_key`` names each loader's entry ``"<key>.<name>"``.
+
+        Example::
+
+            multi = factory.create_training_loaders({"images": ds_a, "captions": ds_b},
+                                                    batch_size=64, strategy="weighted",
+                                                    weights={"images": 3, "captions": 1})
+            for name, batch in multi:
+                ...
+        """
+        check_int("batch_size", batch_size, minimum=1)
+        unknown = sorted(set(keywords) & {"adapt", "adapt_every", "device"})
+        if unknown:
+            raise InvalidConfigError(f"{unknown[0]}= is not supported by "
+                                     "create_training_loaders yet: build the loaders one by one "
+                                     "with create_training_loader and pass them to MultiLoader")
+        return create_group(self, datasets, batch_size, strategy=strategy, weights=weights,
+                            stop=stop, seed=seed, keywords=keywords)
+
+    def _hardware_here(self) -> HardwareInfo:
+        """This machine as this rank shares it."""
+        return _per_rank(self.hardware)
 
     def profile_entry(self, key: str) -> ProfileEntry | None:
         """The tuned entry for key in the profile that applies to this machine, if any."""
@@ -241,10 +292,16 @@ class OptimalDataLoaderFactory:
     def _create(self, dataset: Any, batch_size: int, training: bool, has_augmentation: bool,
                 has_standardization: bool, profile_key: str | None,
                 workload: WorkloadProfile | None, overrides: dict[str, Any], *,
-                adapt_every: int | None = None, device: Any = None) -> Any:
-        """``adapt_every``: an ``AdaptiveLoader`` looking every so many steps (None: none)."""
+                adapt_every: int | None = None, device: Any = None,
+                shape: Callable[[LoaderConfig], LoaderConfig] | None = None) -> Any:
+        """``adapt_every``: an ``AdaptiveLoader`` looking every so many steps (None: none).
+        ``shape``: a last change to the resolved settings (a group's share of the machine)."""
         check_int("batch_size", batch_size, minimum=1)
         target = check_device(device) if device is not None else None
+        if not training and set(overrides) & set(TRAINING_ONLY):
+            raise InvalidConfigError(
+                f"{sorted(set(overrides) & set(TRAINING_ONLY))[0]}= is for training loaders "
+                "only (create_training_loader): evaluation keeps its settings")
         unknown = set(overrides) - _PASS_THROUGH - set(SETTINGS)
         if unknown:
             raise InvalidConfigError(
@@ -266,6 +323,8 @@ class OptimalDataLoaderFactory:
         if workload is None and self._needs_measuring(entry, explicit):
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         config = self._resolve(hints, workload, entry, key, explicit)
+        if shape is not None:
+            config = shape(config)
         if adapt_every is not None:
             config = _in_order(config)
         if not ordered and size is not None:
@@ -291,20 +350,27 @@ class OptimalDataLoaderFactory:
                   explicit: dict[str, Any], overrides: dict[str, Any], key: str,
                   every: int) -> AdaptiveLoader:
         """An ``AdaptiveLoader`` starting at ``config``; each count it moves to gets the
-        settings the factory gives that count (the caller's other keywords kept)."""
+        settings the factory gives that count, with the caller's other keywords and the
+        profile entry's other tuned settings kept."""
         hardware = _per_rank(self.hardware)
         fixed = {k: v for k, v in explicit.items() if k != "num_workers"}
+        entry = self.profile_entry(key)
+        tuned = {k: v for k, v in (entry.settings.items() if entry is not None else ())
+                 if k in TUNED_SETTINGS and k != "num_workers" and k not in fixed}
 
         def configure(workers: int) -> LoaderConfig:
-            return _in_order(resolve(hardware, hints, workload,
-                                     explicit={**fixed, "num_workers": workers}))
+            config = resolve(hardware, hints, workload, explicit={**fixed, "num_workers": workers})
+            if tuned and workers:
+                config = config.replace(reason=entry.reason(key), **tuned)  # type: ignore[union-attr]
+            return _in_order(config)
 
         def check(candidate: LoaderConfig) -> None:
             self._check_workers(dataset, candidate, overrides, workload, hints)
 
         return AdaptiveLoader(dataset, batch_size, config, configure=configure,
                               cap=rules.max_workers(hardware, hints, workload),
-                              hardware=hardware, extra=overrides, shuffle=True, key=key,
+                              hardware=hardware, extra=overrides,
+                              shuffle=overrides.pop("shuffle", True), key=key,
                               check_workers=check, every=every, profile_dir=self.profile_dir)
 
     def _needs_measuring(self, entry: ProfileEntry | None, explicit: Mapping[str, Any]) -> bool:

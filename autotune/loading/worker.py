@@ -76,6 +76,20 @@ class BusyMeter:
         return float(self.seconds.sum())
 
 
+class TimedCollate:
+    """A ``collate_fn`` that adds its time to a ``BusyMeter``: collating (tokenising,
+    padding) is the workers' work too."""
+
+    def __init__(self, collate_fn: Callable[[Any], Any], meter: BusyMeter) -> None:
+        self.collate_fn, self.meter = collate_fn, meter
+
+    def __call__(self, batch: Any) -> Any:
+        start = time.perf_counter()
+        result = self.collate_fn(batch)
+        self.meter.add(time.perf_counter() - start)
+        return result
+
+
 class NamedErrors:
     """Wraps a map-style dataset so an exception from ``dataset[i]`` says which ``i``.
 
@@ -94,28 +108,32 @@ class NamedErrors:
 
     def __getitem__(self, index: Any) -> Any:
         start = time.perf_counter()
-        try:
-            item = self.dataset[index]
-        except Exception as exc:
-            exc.add_note(f"autotune: raised by dataset[{index!r}] ({type(self.dataset).__name__})")
-            raise
+        item = self._get(index)
         if self.meter is not None:
             self.meter.add(time.perf_counter() - start)
         return item
 
+    def _get(self, index: Any) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            exc.add_note(f"autotune: raised by dataset[{index!r}] ({type(self.dataset).__name__})")
+            raise
+
     def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
         """A batch at once where the dataset can (``Subset``, Hugging Face), else one by one;
-        defined here so that such a batch is named and timed too."""
+        defined here so that such a batch is named and timed too (once per batch)."""
+        start = time.perf_counter()
         getitems = getattr(self.dataset, "__getitems__", None)
         if not getitems:
-            return [self[index] for index in indices]
-        start = time.perf_counter()
-        try:
-            items = getitems(indices)
-        except Exception as exc:
-            exc.add_note(f"autotune: raised by dataset.__getitems__({list(indices)!r}) "
-                         f"({type(self.dataset).__name__})")
-            raise
+            items = [self._get(index) for index in indices]
+        else:
+            try:
+                items = getitems(indices)
+            except Exception as exc:
+                exc.add_note(f"autotune: raised by dataset.__getitems__({list(indices)!r}) "
+                             f"({type(self.dataset).__name__})")
+                raise
         if self.meter is not None:
             self.meter.add(time.perf_counter() - start)
         return items

@@ -26,9 +26,11 @@ def verdict(stall_fraction: float) -> str:
 
 def suggestion(stall_fraction: float, *, num_workers: int | None, workers_cpu: float | None,
                cpu_budget: int, wait_p50_s: float, wait_p95_s: float, wait_s: float = 0.0,
-               start_wait_s: float = 0.0, passes: int = 0) -> str:
+               start_wait_s: float = 0.0, passes: int = 0, steps: int | None = None) -> str:
     """What to change, in words, from what the monitor saw. ``start_wait_s``: the part of
     ``wait_s`` spent on the passes' first batches."""
+    if steps == 0:
+        return "no step timed yet: iterate the monitor and report after some steps"
     if stall_fraction < MODERATE:
         text = "the step is the bottleneck: data arrives in time"
         if num_workers and stall_fraction < IDLE_STALL:

@@ -90,7 +90,8 @@ class AdaptiveLoader:
         self._configure = configure
         self._cap = max(cap, config.num_workers)
         self._check_workers = check_workers
-        self._checked = config.num_workers > 0  # the factory checked the starting workers
+        # the worker set-ups already checked (the factory checked the starting one)
+        self._checked = {(min(config.num_workers, 2), config.multiprocessing_context)}
         self._stream = is_stream(dataset)
         self._extra = dict(extra)
         self._order = None if self._stream else _EpochOrder(dataset, batch_size, config,
@@ -99,8 +100,7 @@ class AdaptiveLoader:
             self._extra["batch_sampler"] = _Remaining(self._order)
         self._loader: TunedDataLoader | None = None
         self._meter: BusyMeter | None = None
-        self._window: tuple[int, float, float, float, float] | None = None
-        self._wall = 0.0
+        self._window: _Snapshot | None = None
         self._stalled_at = -1
         self._quiet_windows = 0
         self._pending: adapt.Change | None = None
@@ -113,7 +113,7 @@ class AdaptiveLoader:
 
     def __len__(self) -> int:
         if self._order is not None:
-            return self._order.batches_per_epoch()
+            return len(self._order.source)
         return len(self._current())
 
     @property
@@ -177,25 +177,20 @@ class AdaptiveLoader:
         if self._order is None:
             yield from self._stream_epoch()
             return
-        total = self._order.new_epoch()
-        delivered = 0
-        while delivered < total:
-            self._order.start = delivered
-            self._window = None
-            changed = False
+        self._order.new_epoch()
+        while True:
             for batch in self._current():
-                delivered += 1
+                self._order.delivered += 1
                 self.steps += 1
                 yield batch
                 change = self._watch()
                 if change is not None and self._apply(change):
-                    changed = True
+                    self._order.start = self._order.delivered  # the new loader goes on here
                     break
-            if not changed:
+            else:
                 return
 
     def _stream_epoch(self) -> Iterator[Any]:
-        self._window = None
         for batch in self._current():
             self.steps += 1
             yield batch
@@ -213,27 +208,30 @@ class AdaptiveLoader:
 
     # -- watching and changing -----------------------------------------------------------------
 
-    def _snapshot(self) -> tuple[int, float, float, float, float]:
-        steps, wait_s, step_s = self.monitor.clock.totals()
-        busy = self._meter.total() if self._meter is not None else 0.0
-        return steps, wait_s, step_s, busy, children_cpu_seconds()
+    def _snapshot(self) -> _Snapshot:
+        clock = self.monitor.clock
+        steps, wait_s, step_s = clock.totals()
+        return _Snapshot(clock=clock, steps=steps, wait_s=wait_s - clock.start_wait_s,
+                         step_s=step_s, wall=time.perf_counter(), cpu=children_cpu_seconds(),
+                         busy=self._meter.total() if self._meter is not None else 0.0)
 
     def _watch(self) -> adapt.Change | None:
-        """Called after each step; every ``every`` steps, the decision on the last window."""
-        if self._window is None:  # the first batch after a (re)start waited for start-up
+        """Called after each step; every ``every`` steps, the decision on the last window.
+        Windows span epochs; the waits for each epoch's first batch are left out (no worker
+        count shortens them), as is the first batch after a change (the new workers start)."""
+        first = self._window
+        if first is None or first.clock is not self.monitor.clock:  # a change, or a reset
             self._window = self._snapshot()
-            self._wall = time.perf_counter()
             return None
-        if self.monitor.clock.steps - self._window[0] < self.every:
+        if self.monitor.clock.steps - first.steps < self.every:
             return None
-        now = self._snapshot()
-        wall = time.perf_counter() - self._wall
-        first, self._window, self._wall = self._window, now, time.perf_counter()
+        now = self._window = self._snapshot()
+        wall = now.wall - first.wall
         window = adapt.Window(
-            workers=self.num_workers, steps=now[0] - first[0], wait_s=now[1] - first[1],
-            step_s=now[2] - first[2],
-            busy_s=now[3] - first[3] if self._meter is not None else None,
-            cpu_used=(now[4] - first[4]) / wall if wall > 0 else None)
+            workers=self.num_workers, steps=now.steps - first.steps,
+            wait_s=max(0.0, now.wait_s - first.wait_s), step_s=now.step_s - first.step_s,
+            busy_s=now.busy - first.busy if self._meter is not None else None,
+            cpu_used=(now.cpu - first.cpu) / wall if wall > 0 else None)
         if adapt.short_of_workers(window):
             self._stalled_at = max(self._stalled_at, window.workers)
         change = adapt.decide(window, cap=self._cap, cpu_budget=self.hardware.cpu_budget,
@@ -246,14 +244,16 @@ class AdaptiveLoader:
         self._pending = None
         config = self._configure(change.workers).replace(
             source="tuned", reason=f"adapt=True: {change.reason}", num_workers=change.workers)
-        if config.num_workers and not self._checked and self._check_workers is not None:
-            try:
+        checked = (min(config.num_workers, 2), config.multiprocessing_context)
+        if config.num_workers and checked not in self._checked \
+                and self._check_workers is not None:
+            try:  # pickling (spawn), a stream's sharding (> 1 worker): before workers start
                 self._check_workers(config)
             except WorkerSafetyError as exc:
                 log.warning("autotune adapt: staying at %d workers: %s", self.num_workers, exc)
                 self._cap = self.num_workers
                 return False
-            self._checked = True
+            self._checked.add(checked)
         record = AdaptChange(epoch=self.epoch, step=self.steps,
                              from_workers=self.num_workers, to_workers=change.workers,
                              reason=change.reason)
@@ -264,6 +264,7 @@ class AdaptiveLoader:
             self._loader.close()
             self._loader = None
         self._config = config
+        self._window = None
         return True
 
 
@@ -281,9 +282,23 @@ class _Passes:
         return self.owner.num_workers
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """The running totals at a window's edge."""
+
+    clock: Any
+    steps: int
+    wait_s: float  # without the epochs' first batches
+    step_s: float
+    wall: float
+    cpu: float
+    busy: float
+
+
 class _EpochOrder:
-    """The epoch's batches, drawn once at its start from the caller's sampler or batch
-    sampler (or a random or sequential one), so a new loader can continue the same order."""
+    """The epoch's batches as drawn from the caller's sampler or batch sampler (or a random
+    or sequential one), kept from the first not yet delivered on: a new loader continues the
+    same order. Drawn as the loaders ask (an endless sampler works), once per epoch."""
 
     def __init__(self, dataset: Any, batch_size: int, config: LoaderConfig,
                  extra: dict[str, Any], shuffle: bool) -> None:
@@ -295,16 +310,32 @@ class _EpochOrder:
                            if shuffle else SequentialSampler(dataset))
             batches = BatchSampler(sampler, batch_size, config.drop_last)
         self.source = batches
-        self.batches: list[list[Any]] = []
-        self.start = 0
+        self.drawn: list[list[Any]] = []  # batches drawn and not yet delivered ...
+        self.offset = 0  # ... the first of them is the epoch's batch number offset
+        self.start = 0  # where the loader being built begins
+        self.delivered = 0
+        self._draw: Iterator[Any] = iter(())
 
-    def new_epoch(self) -> int:
-        self.batches = [list(batch) for batch in self.source]
-        self.start = 0
-        return len(self.batches)
+    def new_epoch(self) -> None:
+        self._draw = iter(self.source)
+        self.drawn, self.offset, self.start, self.delivered = [], 0, 0, 0
 
-    def batches_per_epoch(self) -> int:
-        return len(self.source)
+    def batches_from(self, start: int) -> Iterator[list[Any]]:
+        position = start
+        while True:
+            if self.delivered - self.offset > 1024:  # forget what was delivered
+                cut = self.delivered - self.offset
+                del self.drawn[:cut]
+                self.offset += cut
+            if position - self.offset < len(self.drawn):
+                yield self.drawn[position - self.offset]
+            else:
+                batch = next(self._draw, None)
+                if batch is None:
+                    return
+                self.drawn.append(list(batch))
+                yield self.drawn[-1]
+            position += 1
 
 
 def _own(generator: torch.Generator | None) -> torch.Generator | None:
@@ -323,7 +354,7 @@ class _Remaining:
         self.order = order
 
     def __iter__(self) -> Iterator[list[Any]]:
-        return iter(self.order.batches[self.order.start:])
+        return self.order.batches_from(self.order.start)
 
     def __len__(self) -> int:
-        return len(self.order.batches) - self.order.start
+        return len(self.order.source) - self.order.start
