@@ -64,7 +64,7 @@ class MultiLoader:
         if stop not in STOPS:
             raise InvalidConfigError(f"stop={stop!r} must be one of {', '.join(STOPS)}")
         self.strategy, self.stop = strategy, stop
-        self.weights = _weights(weights, self.names, strategy)
+        self.weights = check_weights(weights, self.names, strategy)
         self.seed = check_int("seed", seed, minimum=0) if seed is not None \
             else random.SystemRandom().randrange(2**63)
         self.epoch = 0
@@ -241,7 +241,7 @@ def _named(loaders: Any) -> dict[str, Iterable[Any]]:
     return named
 
 
-def _weights(weights: Any, names: list[str], strategy: str) -> list[float]:
+def check_weights(weights: Any, names: list[str], strategy: str) -> list[float]:
     """Weights in loader order, checked for the strategy (1 each when it takes none)."""
     if strategy in ("sequential", "round_robin"):
         if weights is not None:

@@ -131,7 +131,7 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     wait = 1 - workload.cpu_fraction
     needed = n
     if n > budget:  # waiting-bound: margin above the knee, as much as a worker would wait
-        headroom = 1 + (WAIT_HEADROOM - 1) * _worker_wait_share(workload)
+        headroom = 1 + (WAIT_HEADROOM - 1) * worker_wait_share(workload)
         n = min(cap, max(n, round(n * headroom)))
     shown = needed if needed else best_pool
     detail = (f"measured {workload.sec_per_sample * 1e3:.3f} ms/sample, {wait:.0%} waiting"
@@ -151,15 +151,20 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
 def predicted_rates(hw: HardwareInfo, workload: WorkloadProfile, batch_size: int,
                     cap: int) -> dict[int, float]:
     """Samples/s the cost model predicts for 0..cap workers."""
-    collate = workload.collate_sec_per_sample or 0.0
-    transfer = TRANSFER_S_PER_BATCH / batch_size + workload.sample_bytes * TRANSFER_S_PER_BYTE
-    in_process = workload.sec_per_sample + collate
-    per_worker = _worker_wall_s(workload) + collate + transfer
-    cpu = _worker_cpu_s(workload) + collate + transfer
+    per_worker, cpu = worker_costs(workload, batch_size)
+    in_process = workload.sec_per_sample + (workload.collate_sec_per_sample or 0.0)
     rates = {0: 1 / max(in_process, 1e-9)}
     for n in range(1, cap + 1):
         rates[n] = min(n / per_worker, hw.cpu_budget / cpu)
     return rates
+
+
+def worker_costs(workload: WorkloadProfile, batch_size: int) -> tuple[float, float]:
+    """(wall, CPU) seconds one sample costs a worker, collating and shipping it included."""
+    collate = workload.collate_sec_per_sample or 0.0
+    transfer = TRANSFER_S_PER_BATCH / batch_size + workload.sample_bytes * TRANSFER_S_PER_BYTE
+    return (_worker_wall_s(workload) + collate + transfer,
+            _worker_cpu_s(workload) + collate + transfer)
 
 
 def _worker_wall_s(workload: WorkloadProfile) -> float:
@@ -174,7 +179,7 @@ def _worker_wall_s(workload: WorkloadProfile) -> float:
     return cpu + max(wait, _tail_wait_s(workload) or 0.0)
 
 
-def _worker_wait_share(workload: WorkloadProfile) -> float:
+def worker_wait_share(workload: WorkloadProfile) -> float:
     """Share of a worker's wall time per sample (``_worker_wall_s``) spent waiting."""
     wall = _worker_wall_s(workload)
     return 1 - min(1.0, _measured_parts(workload)[0] / wall) if wall > 0 else 0.0

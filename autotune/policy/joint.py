@@ -1,0 +1,102 @@
+"""One machine for several loaders in one loop (``factory.create_training_loaders``).
+
+Loader i hands out a share ``p_i`` of the loop's batches; one of its batches costs a worker
+``c_i`` wall seconds and the machine ``u_i`` CPU seconds (the rules' cost model,
+``rules.worker_costs``). Together they can go no faster than the CPUs allow,
+``r = cpu_budget / sum(p_i * u_i)`` batches/s, nor faster than a loader's worker cap allows
+(``cap_i / (p_i * c_i)``). Each loader gets the workers that supply its share at that rate,
+``p_i * r * c_i`` (at the lean end of ``NEAR_BEST``, with the rules' margin for data that
+waits), never more than the rules give it alone. Sized alone, a loader whose samples wait on
+storage is sized for the rate it could reach with the whole machine; next to a CPU-bound
+loader the loop never asks that much of it.
+
+Native thread pools (BLAS) are budgeted over all the loaders' workers at once, so that
+together they fit the CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..measure.workload import WorkloadProfile
+from ..system.hardware import HardwareInfo
+from . import rules
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """One loader of the group, as the joint split sees it."""
+
+    name: str
+    hints: rules.DatasetHints
+    workload: WorkloadProfile | None
+    share: float  # of the loop's batches, 0 < share <= 1
+    alone: int  # the workers the rules give it alone
+
+
+@dataclass(frozen=True, kw_only=True)
+class Split:
+    workers: int
+    reason: str
+
+
+def split_workers(hw: HardwareInfo, members: list[Member]) -> dict[str, Split]:
+    """Workers for each member, with the reason; members without a measurement keep the
+    rules' count alone."""
+    measured = [m for m in members if m.workload is not None and m.alone > 0]
+    if not measured:
+        return {m.name: Split(workers=m.alone, reason=_alone(m)) for m in members}
+    costs = {m.name: _batch_costs(m) for m in measured}
+    cpu_rate = hw.cpu_budget / max(1e-12, sum(m.share * costs[m.name][1] for m in measured))
+    caps = {m.name: rules.max_workers(hw, m.hints, m.workload) for m in measured}
+    cap_rate = min(caps[m.name] / (m.share * costs[m.name][0]) for m in measured)
+    rate = min(cpu_rate, cap_rate) / rules.NEAR_BEST
+    bound = "the CPUs" if cpu_rate <= cap_rate else "a loader's worker cap"
+    result = {}
+    for m in members:
+        if m not in measured:
+            result[m.name] = Split(workers=m.alone, reason=_alone(m))
+            continue
+        wall, _ = costs[m.name]
+        needed = m.share * rate * wall
+        headroom = 1 + (rules.WAIT_HEADROOM - 1) * rules.worker_wait_share(m.workload)
+        workers = max(1, min(m.alone, caps[m.name], math.ceil(needed * headroom)))
+        others = ", ".join(o.name for o in members if o is not m)
+        result[m.name] = Split(workers=workers, reason=(
+            f"shares the loop with {others}: {m.share:.0%} of the batches at the "
+            f"{rate:,.1f} batches/s {bound} allow for all of them; a batch costs a worker "
+            f"{wall * 1e3:,.0f} ms, so {needed:.1f} workers supply it"
+            f"{', with margin for waiting data' if headroom > 1.01 else ''} "
+            f"(alone: {m.alone})"))
+    return result
+
+
+def thread_budget(hw: HardwareInfo, total_workers: int) -> tuple[int, str]:
+    """Native threads per worker so that every loader's workers and the main process fit
+    the CPUs together."""
+    threads = max(1, hw.cpu_budget // (total_workers + 1))
+    return threads, (f"({total_workers} workers across the loaders + the main process) x "
+                     f"{threads} thread(s) fit {hw.cpu_budget} CPUs")
+
+
+def batch_shares(strategy: str, weights: list[float]) -> list[float]:
+    """Each loader's share of the loop's batches (sequential: each runs alone, so 1 each)."""
+    if strategy == "sequential":
+        return [1.0] * len(weights)
+    if strategy == "round_robin":
+        return [1 / len(weights)] * len(weights)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _batch_costs(member: Member) -> tuple[float, float]:
+    """(wall, CPU) seconds one of the member's batches costs a worker."""
+    batch = member.hints.batch_size or rules.ASSUMED_BATCH_SIZE
+    wall, cpu = rules.worker_costs(member.workload, batch)  # type: ignore[arg-type]
+    return wall * batch, cpu * batch
+
+
+def _alone(member: Member) -> str:
+    return "sized alone: " + ("no measurement to share the machine by" if member.workload is None
+                              else "no workers alone either")
