@@ -112,3 +112,14 @@ def test_bad_arguments(tmp_path, call: dict, named: str) -> None:
     with pytest.raises(InvalidConfigError, match=named):
         OptimalDataLoaderFactory(profile_dir=tmp_path, measure=False).create_training_loaders(
             datasets, batch_size, **call)
+
+
+def test_weighted_draws_get_a_prefetch_deep_enough_for_their_runs() -> None:
+    assert joint.burst(0.5, "weighted") == 7 and joint.burst(0.9, "weighted") == 44
+    assert joint.burst(0.5, "round_robin") == joint.burst(1.0, "weighted") == 1
+    hw = fake_hardware(cpus=2)
+    io = member("io", "io", 0.5)
+    assert joint.prefetch_for_bursts(hw, io, 1, 7, 2)[0] == 7
+    assert joint.prefetch_for_bursts(hw, io, 4, 7, 2) == (None, None)  # 4 x 2 hold 7
+    tight = fake_hardware(cpus=2, available_bytes=40_000, shm_free_bytes=40_000)
+    assert joint.prefetch_for_bursts(tight, io, 1, 7, 2) == (None, None)  # no room for more

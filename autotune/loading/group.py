@@ -49,7 +49,8 @@ def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: i
     for member in members:
         shape = None
         if not explicit_workers and strategy != "sequential":
-            shape = _sharer(hardware, member, splits, total, keywords)
+            shape = _sharer(hardware, member, splits, total, keywords,
+                            run=joint.burst(member.share, strategy))
         loaders[member.name] = factory._create(
             named[member.name], batch_size, True, keywords.get("has_augmentation", False),
             keywords.get("has_standardization", False),
@@ -59,16 +60,20 @@ def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: i
 
 
 def _sharer(hardware: Any, member: joint.Member, splits: dict[str, joint.Split], total: int,
-            keywords: Mapping[str, Any]) -> Any:
-    """The change that gives this member its share: workers, native threads, and the part of
-    the in-flight memory budget its batches may take (settings passed by keyword stay)."""
+            keywords: Mapping[str, Any], run: int) -> Any:
+    """The change that gives this member its share: workers, native threads, a prefetch deep
+    enough for the runs of its batches that the strategy asks for, and the part of the
+    in-flight memory budget its batches may take (settings passed by keyword stay)."""
     split = splits[member.name]
     workers = split.workers
 
     def shape(config: LoaderConfig) -> LoaderConfig:
         config = config.replace(reason=split.reason, num_workers=workers)
-        prefetch = rules.prefetch_factor(_memory_share(hardware, member, splits), member.hints,
-                                         member.workload, workers)
+        memory = _memory_share(hardware, member, splits)
+        prefetch = rules.prefetch_factor(memory, member.hints, member.workload, workers)
+        deeper = joint.prefetch_for_bursts(memory, member, workers, run, prefetch[0])
+        if deeper[0] is not None:
+            prefetch = deeper  # type: ignore[assignment]
         native = member.workload is not None and workers > 0 \
             and member.workload.parallelism > rules.PARALLEL_THRESHOLD
         threads = (joint.thread_budget(hardware, total) if native

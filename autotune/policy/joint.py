@@ -23,6 +23,8 @@ from ..measure.workload import WorkloadProfile
 from ..system.hardware import HardwareInfo
 from . import rules
 
+RUN_ODDS = 0.01  # prefetch covers runs of one loader's batches longer only this often
+
 
 @dataclass(frozen=True, kw_only=True)
 class Member:
@@ -78,6 +80,32 @@ def thread_budget(hw: HardwareInfo, total_workers: int) -> tuple[int, str]:
     threads = max(1, hw.cpu_budget // (total_workers + 1))
     return threads, (f"({total_workers} workers across the loaders + the main process) x "
                      f"{threads} thread(s) fit {hw.cpu_budget} CPUs")
+
+
+def burst(share: float, strategy: str) -> int:
+    """Batches a loader may be asked for in a row: under ``weighted`` draws, the run that
+    is longer only once in ``1 / RUN_ODDS`` (a share of 0.5 gives 7); 1 for fixed patterns."""
+    if strategy != "weighted" or share >= 1:
+        return 1
+    return math.ceil(math.log(RUN_ODDS) / math.log(share))
+
+
+def prefetch_for_bursts(hw: HardwareInfo, member: Member, workers: int, run: int,
+                        prefetch: int | None) -> tuple[int | None, str | None]:
+    """A prefetch deep enough that ``workers`` hold a run of ``run`` batches ready, within
+    the memory for batches in flight; None when the rules' depth already does."""
+    if not workers or prefetch is None or workers * prefetch >= run:
+        return None, None
+    deeper = math.ceil(run / workers)
+    room = rules.memory_budget_bytes(hw)
+    if member.workload is not None and room is not None:
+        batch = max(1, member.workload.sample_bytes * (member.hints.batch_size or 1))
+        deeper = min(deeper, max(prefetch, room // (workers * batch)))
+    if deeper <= prefetch:
+        return None, None
+    return deeper, (f"weighted draws ask for up to {run} batches of this loader in a row (1 "
+                    f"run in {1 / RUN_ODDS:.0f} is longer): {workers} worker(s) x {deeper} "
+                    "keep them ready")
 
 
 def batch_shares(strategy: str, weights: list[float]) -> list[float]:
