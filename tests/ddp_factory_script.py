@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 import autotune  # noqa: E402
-from datasets import Indexed, RankStream, Stream, UnshardedStream  # noqa: E402
+from datasets import Indexed, RankStream, SleepyIndexed, Stream, UnshardedStream  # noqa: E402
 
 
 def items(loader) -> list[int]:
@@ -49,6 +50,26 @@ def main() -> None:
         if dist.get_rank() == 0:  # the other rank builds no loader: nothing to compare
             factory.create_validation_loader(Stream(32), batch_size=4, num_workers=0)
     seen["warnings"] = [str(w.message) for w in caught]
+    # adapt=True: each rank re-tunes its own loader; a change mid-epoch keeps the rank's share
+    with factory.create_training_loader(SleepyIndexed(96, 0.004), batch_size=4, num_workers=0,
+                                        adapt=True, adapt_every=3) as adaptive:
+        epochs = []
+        for _ in range(2):
+            epoch = []
+            for batch in adaptive:
+                epoch += batch.view(-1).tolist()
+                time.sleep(0.005)
+            epochs.append(epoch)
+        seen["adapt"] = {"epochs": epochs, "changes": [c.step for c in adaptive.changes],
+                         "per_epoch": len(adaptive)}
+    # several loaders sized together: each loader's share split by rank
+    multi = factory.create_training_loaders({"a": Indexed(40), "b": Indexed(24)}, batch_size=4,
+                                            strategy="round_robin", stop="max", num_workers=0)
+    by_name: dict[str, list[int]] = {"a": [], "b": []}
+    for name, batch in multi:
+        by_name[name] += batch.view(-1).tolist()
+    seen["multi"] = by_name
+    multi.close()
     everyone: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, seen)
     if dist.get_rank() == 0:

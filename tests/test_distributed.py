@@ -62,3 +62,19 @@ def test_a_stream_that_splits_by_rank_itself_passes_quietly(ranks):
 def test_a_stream_built_on_one_rank_only_gets_a_warning_not_a_hang(ranks):
     assert any("could not compare across ranks" in w and "shard_iterable" in w
                for w in ranks[0]["warnings"])
+
+
+def test_adapt_keeps_each_ranks_share_through_a_change_mid_epoch(ranks):
+    for epoch in range(2):
+        zero, one = (r["adapt"]["epochs"][epoch] for r in ranks)
+        assert len(zero) == len(one) == 48 and sorted(zero + one) == list(range(96))
+    for rank in ranks:
+        per_epoch = rank["adapt"]["per_epoch"]
+        assert any(step % per_epoch for step in rank["adapt"]["changes"])  # one mid-epoch
+        assert rank["adapt"]["epochs"][0] != rank["adapt"]["epochs"][1]  # reshuffled
+
+
+def test_loaders_sized_together_split_each_dataset_by_rank(ranks):
+    for name, size in (("a", 40), ("b", 24)):
+        zero, one = ranks[0]["multi"][name], ranks[1]["multi"][name]
+        assert not set(zero) & set(one) and sorted(zero + one) == list(range(size))

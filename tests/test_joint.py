@@ -123,3 +123,18 @@ def test_weighted_draws_get_a_prefetch_deep_enough_for_their_runs() -> None:
     assert joint.prefetch_for_bursts(hw, io, 4, 7, 2) == (None, None)  # 4 x 2 hold 7
     tight = fake_hardware(cpus=2, available_bytes=40_000, shm_free_bytes=40_000)
     assert joint.prefetch_for_bursts(tight, io, 1, 7, 2) == (None, None)  # no room for more
+
+
+def test_a_stream_and_a_map_style_dataset_together(tmp_path) -> None:
+    from datasets import make_stream
+
+    multi = OptimalDataLoaderFactory(profile_dir=tmp_path, measure=False).create_training_loaders(
+        {"stream": make_stream(), "map": Indexed(24)}, 4, strategy="round_robin", stop="max",
+        drop_last=False)
+    seen: dict[str, list[int]] = {"stream": [], "map": []}
+    for name, batch in multi:
+        seen[name] += batch.flatten().tolist()
+    multi.close()
+    assert sorted(seen["map"]) == list(range(24))
+    assert len(seen["stream"]) == len(set(seen["stream"])) > 0
+    assert multi.report().loaders["stream"]["batches"] == -(-len(seen["stream"]) // 4)

@@ -24,7 +24,8 @@ NUMBERS = st.one_of(
     st.integers(min_value=-3, max_value=10**9), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0, 1, -1, 0.5, 1e-12, 1e300, float("nan"), float("inf"), -0.0]))
 VALUES = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=6),
-                   st.sampled_from(["fork", "spawn", "forkserver", "thread", "cuda:0"]))
+                   st.sampled_from(["fork", "spawn", "forkserver", "thread", "cuda:0", "cpu",
+                                    "meta"]))
 TOKENS = st.one_of(
     st.sampled_from(["probe", "recommend", "show", "tune", "--json", "--save", "--profile-dir",
                      "--dataset-size", "--batch-size", "--augmentation", "--standardization",
@@ -51,7 +52,7 @@ def test_cli_any_argv_is_an_exit_code(argv):
 LOADER_KEYWORDS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
                    "multiprocessing_context", "worker_threads", "in_order", "drop_last",
                    "timeout", "has_augmentation", "has_standardization", "profile_key",
-                   "shuffle", "workload")
+                   "shuffle", "workload", "adapt", "adapt_every", "device")
 
 
 @QUICK

@@ -297,6 +297,9 @@ class OptimalDataLoaderFactory:
         """``adapt_every``: an ``AdaptiveLoader`` looking every so many steps (None: none).
         ``shape``: a last change to the resolved settings (a group's share of the machine)."""
         check_int("batch_size", batch_size, minimum=1)
+        if workload is not None and not isinstance(workload, WorkloadProfile):
+            raise InvalidConfigError(f"workload={workload!r} must be a WorkloadProfile (from "
+                                     "autotune.measure_workload) or None")
         target = check_device(device) if device is not None else None
         if not training and set(overrides) & set(TRAINING_ONLY):
             raise InvalidConfigError(
