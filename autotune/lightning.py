@@ -209,7 +209,7 @@ class StallMonitorCallback(Callback):
         if self._device is None and monitor.clock.passes == 0:  # now the device is known
             self.monitor = StallMonitor([], name=monitor.name, log_every_s=monitor.log_every_s,
                                         device=trainer.strategy.root_device)
-            monitor.close()  # its NVML handle, if a report opened one; [] has nothing to close
+            monitor.release()  # its NVML handle, if a report opened one
         if not trainer.is_global_zero:
             self.monitor.log_every_s = None
 
@@ -255,13 +255,9 @@ class StallMonitorCallback(Callback):
             log.info("autotune stall %s", self.report().summary())
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Release NVML. The loader stays open: it is the trainer's (``StallMonitor.close``
-        would close it), and stays the monitor's for ``report().num_workers``."""
-        loader, self.monitor.iterable = self.monitor.iterable, []
-        try:
-            self.monitor.close()
-        finally:
-            self.monitor.iterable = loader
+        """Release NVML. The loader stays open (it is the trainer's) and stays the monitor's
+        for ``report().num_workers``."""
+        self.monitor.release()
 
     def _begin(self, now: float) -> None:
         self._end(now)  # a pass whose end was not seen

@@ -14,7 +14,7 @@ import collections
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -248,11 +248,15 @@ class StallMonitor:
         """(waits, steps) per batch, the latest ``HISTORY``: for a plot of stall over steps."""
         return list(self.clock.waits), list(self.clock.step_times)
 
-    def close(self) -> None:
-        """Release NVML and close the wrapped loader if it can be closed."""
+    def release(self) -> None:
+        """Release what the monitor itself holds (NVML); the wrapped loader stays open."""
         if self._gpu is not None:
             self._gpu.close()
             self._gpu = None
+
+    def close(self) -> None:
+        """``release()``, and close the wrapped loader if it can be closed."""
+        self.release()
         close = getattr(self.iterable, "close", None)
         if callable(close):
             close()
@@ -281,6 +285,22 @@ class StallMonitor:
     def _log(self, now: float) -> None:
         self._next_log = now + (self.log_every_s or float("inf"))
         log.info("autotune stall %s", self.report().summary())
+
+
+class Epochs:
+    """An iterable whose every ``iter()`` is one call of ``epoch()``, telling its
+    ``num_workers`` through ``workers()``: what a wrapper that makes its own epochs
+    (``AdaptiveLoader``, ``MultiLoader``) hands its monitor."""
+
+    def __init__(self, epoch: Callable[[], Iterator[Any]], workers: Callable[[], int]) -> None:
+        self.epoch, self.workers = epoch, workers
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.epoch()
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers()
 
 
 class _Timed:

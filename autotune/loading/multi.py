@@ -17,7 +17,7 @@ from typing import Any
 
 from .._check import check_int
 from ..errors import InvalidConfigError
-from ..monitor import StallMonitor, StallReport
+from ..monitor import Epochs, StallMonitor, StallReport
 from .schedule import STOPS, STRATEGIES, Schedule, count_batches
 
 _END = object()
@@ -74,7 +74,7 @@ class MultiLoader:
         self._passes = [0] * len(self.names)
         self._batches = [0] * len(self.names)
         self._wait_s = [0.0] * len(self.names)
-        self.monitor = StallMonitor(_Passes(self), name="multi")
+        self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers), name="multi")
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return iter(self.monitor)
@@ -135,9 +135,7 @@ class MultiLoader:
             closer = getattr(loader, "close", None)
             if callable(closer):
                 closer()
-        self.monitor.iterable = []
-        self.monitor.close()
-        self.monitor.iterable = _Passes(self)
+        self.monitor.release()
 
     def __enter__(self) -> MultiLoader:
         return self
@@ -207,20 +205,6 @@ class MultiLoader:
         batch = next(iterator, _END) if iterator is not None else _END
         self._wait_s[index] += time.perf_counter() - start
         return batch
-
-
-class _Passes:
-    """What the monitor iterates: one ``iter()`` is one epoch of the multi-loader."""
-
-    def __init__(self, owner: MultiLoader) -> None:
-        self.owner = owner
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return self.owner._epoch()
-
-    @property
-    def num_workers(self) -> int:
-        return self.owner.num_workers
 
 
 def _named(loaders: Any) -> dict[str, Iterable[Any]]:

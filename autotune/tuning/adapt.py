@@ -28,7 +28,7 @@ from ..config import LoaderConfig
 from ..errors import WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
 from ..loading.worker import BusyMeter
-from ..monitor import StallMonitor, StallReport
+from ..monitor import Epochs, StallMonitor, StallReport
 from ..policy import adapt
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
 from ..system.distributed import current_ranks
@@ -104,7 +104,8 @@ class AdaptiveLoader:
         self._stalled_at = -1
         self._quiet_windows = 0
         self._pending: adapt.Change | None = None
-        self.monitor = StallMonitor(_Passes(self), name=name or key)
+        self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers),
+                                    name=name or key)
 
     # -- what users call ---------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class AdaptiveLoader:
         if self._loader is not None:
             self._loader.close()
             self._loader = None
-        self.monitor.close()
+        self.monitor.release()
 
     def __enter__(self) -> AdaptiveLoader:
         return self
@@ -266,20 +267,6 @@ class AdaptiveLoader:
         self._config = config
         self._window = None
         return True
-
-
-class _Passes:
-    """What the monitor iterates: one ``iter()`` is one epoch of the adaptive loader."""
-
-    def __init__(self, owner: AdaptiveLoader) -> None:
-        self.owner = owner
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.owner._epoch()
-
-    @property
-    def num_workers(self) -> int:
-        return self.owner.num_workers
 
 
 @dataclass(frozen=True)
