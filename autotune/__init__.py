@@ -6,7 +6,7 @@
     print(loader.autotune_config.explain())
 """
 
-from .config import LoaderConfig
+from .config import GroupConfig, LoaderConfig
 from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
                      WorkerCrashError, WorkerSafetyError)
@@ -20,8 +20,9 @@ from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, H
 from .policy.rules import DatasetHints
 from .loading.safety import check_worker_safety, copy_on_read_risks
 from .measure.trial import Trial
-from .tuning.result import TuningResult
+from .tuning.result import MultiTuningResult, TuningResult
 from .tuning.adapt import AdaptiveLoader
+from .tuning.group import MultiAutotuner
 from .tuning.tuner import Autotuner
 from .measure.workload import WorkloadProfile, measure_workload
 from .monitor import StallMonitor, StallReport
@@ -41,12 +42,15 @@ __all__ = [
     "DeviceLoader",
     "DistributedInfo",
     "GpuInfo",
+    "GroupConfig",
     "HardwareInfo",
     "HostInfo",
     "InvalidConfigError",
     "LoaderConfig",
     "MemoryInfo",
+    "MultiAutotuner",
     "MultiLoader",
+    "MultiTuningResult",
     "OptimalDataLoaderFactory",
     "ProfileError",
     "ShardedIterable",

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import AutotuneError
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="measure settings on your dataset, save the best")
     tune.add_argument("target", metavar="MODULE:CALLABLE",
                       help="returns the dataset, e.g. examples/datasets.py:make_dataset or "
-                           "mypkg.data:make_dataset")
+                           "mypkg.data:make_dataset; or a mapping name -> dataset, tuned as "
+                           "one training loop (with --strategy)")
     tune.add_argument("--batch-size", type=_positive_int, required=True, metavar="B")
     tune.add_argument("--budget-s", type=_positive_float, default=60.0, metavar="S",
                       help="time to spend measuring (default 60)")
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="a batch (or, while measuring, a sample) slower than this counts "
                            "as hung (default: 20x the measured batch time, at least 10 s; "
                            "30 s for a sample)")
+    tune.add_argument("--strategy", choices=("round_robin", "alternating", "weighted"),
+                      help="several datasets: how the loop interleaves them (MultiLoader)")
+    tune.add_argument("--weights", type=_weights, metavar="NAME=W,...",
+                      help="several datasets: weights for alternating or weighted, e.g. "
+                           "images=3,text=1")
     tune.add_argument("--profile-dir", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tune.add_argument("--plot", metavar="FILE.png", help="draw samples/s of every trial "
@@ -97,6 +103,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            weights[name.strip()] = int(value)
+        except ValueError:
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{part!r} must look like NAME=WEIGHT, e.g. "
+                                             "images=3,text=1")
+    return weights
 
 
 def _positive_float(text: str) -> float:
@@ -166,7 +189,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from ._load import load_dataset
     from .tuning.ranks import Team
-    from .tuning.tuner import Autotuner
 
     def prepare() -> Any:
         check_writable(args.profile_dir)  # fail now, not after the whole budget was spent
@@ -174,10 +196,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     team = Team.current()
     dataset = prepare() if team is None else team.each(prepare)
-    tuner = Autotuner(dataset, args.batch_size, budget_s=args.budget_s, key=args.key,
-                      step_time_s=args.step_time_s, max_workers=args.max_workers,
-                      hang_timeout_s=args.hang_timeout_s,
-                      progress=None if team is None or team.leads else False)
+    tuner = _tuner(args, dataset, progress=None if team is None or team.leads else False)
     result = tuner.run()
     prints = team is None or team.leads
 
@@ -199,13 +218,43 @@ def _tune(args: argparse.Namespace) -> int:
     else:
         print(result.table())
         print(f"saved key {result.key!r} to {path}")
-        print(f"use it: factory.create_training_loader(dataset, batch_size={args.batch_size}, "
-              f"profile_key={result.key!r})")
+        if isinstance(dataset, Mapping):
+            print(f"use it: factory.create_training_loaders(datasets, batch_size="
+                  f"{args.batch_size}, strategy={args.strategy!r}"
+                  + ("" if args.weights is None else f", weights={args.weights!r}")
+                  + f", profile_key={result.key!r})")
+        else:
+            print(f"use it: factory.create_training_loader(dataset, batch_size="
+                  f"{args.batch_size}, profile_key={result.key!r})")
     if args.plot:
         from .tuning._plot import plot_trials
 
         plot_trials(result, args.plot)
     return 0
+
+
+def _tuner(args: argparse.Namespace, dataset: Any, progress: bool | None) -> Any:
+    """An ``Autotuner`` for one dataset, a ``MultiAutotuner`` for a mapping of them."""
+    from .tuning.group import MultiAutotuner
+    from .tuning.tuner import Autotuner
+
+    common = dict(budget_s=args.budget_s, key=args.key, step_time_s=args.step_time_s,
+                  max_workers=args.max_workers, hang_timeout_s=args.hang_timeout_s,
+                  progress=progress)
+    if not isinstance(dataset, Mapping):
+        if args.strategy is not None or args.weights is not None:
+            raise AutotuneError(f"--strategy and --weights are for several datasets; "
+                                f"{args.target} returned one ({type(dataset).__name__})")
+        return Autotuner(dataset, args.batch_size, **common)
+    if args.strategy is None:
+        raise AutotuneError(f"{args.target} returned {len(dataset)} datasets "
+                            f"({', '.join(map(str, dataset))}): pass --strategy round_robin, "
+                            "alternating or weighted (how the loop interleaves them) to tune "
+                            "them as one loop")
+    if args.plot:
+        raise AutotuneError("--plot draws one dataset's trials; leave it out for several")
+    return MultiAutotuner(dataset, args.batch_size, strategy=args.strategy,
+                          weights=args.weights, **common)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -227,8 +276,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"  updated {profile.updated}, {len(profile.loaders)} tuned loader(s)")
     for key, entry in sorted(profile.loaders.items()):
-        settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
-        print(f"  {key}: {settings}")
+        if entry.members:
+            print(f"  {key}: a group of {len(entry.members)} loaders")
+        for name, settings in (entry.members or {"": entry.settings}).items():
+            listed = ", ".join(f"{k}={v}" for k, v in settings.items())
+            print(f"    {name}: {listed}" if name else f"  {key}: {listed}")
         if entry.measured:
             measured = ", ".join(f"{k}={_short(v)}" for k, v in entry.measured.items())
             print(f"    measured: {measured}")

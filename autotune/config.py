@@ -143,3 +143,31 @@ class LoaderConfig(Mapping):
 
 def _rebuild(data: dict[str, Any]) -> LoaderConfig:
     return LoaderConfig.from_dict(data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """The settings of several loaders that share one loop (a ``MultiLoader``), by name.
+
+    ``num_workers`` is their total: what a group costs in processes, and what the joint
+    search keeps low.
+    """
+
+    members: Mapping[str, LoaderConfig]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", MappingProxyType(dict(self.members)))
+
+    @property
+    def num_workers(self) -> int:
+        return sum(config.num_workers for config in self.members.values())
+
+    def workers(self) -> dict[str, int]:
+        return {name: config.num_workers for name, config in self.members.items()}
+
+    def settings(self) -> dict[str, dict[str, Any]]:
+        """Each member's settings alone, as plain data."""
+        return {name: config.settings() for name, config in self.members.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: config.to_dict() for name, config in self.members.items()}

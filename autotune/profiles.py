@@ -1,7 +1,10 @@
 """Per-host YAML profiles: ``profiles/<hostname>.yaml``, schema version 1.
 
 A profile holds this host's hardware facts and fingerprint, and ``loaders``: for each key
-(a dataset name) the tuned settings and how they were measured. Read with safe YAML
+(a dataset name) the tuned settings and how they were measured. A group of loaders tuned as
+one (``MultiAutotuner``) is one entry whose ``members`` hold each loader's settings by name
+(schema 2; a profile without group entries is written as schema 1, which older autotune
+reads). Read with safe YAML
 loading only (no tag ever constructs an object); written atomically (temporary file in the
 same directory, then rename) under a lock on the directory, merging with what is on disk.
 
@@ -35,7 +38,7 @@ from .system.hardware import HardwareInfo
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added group entries (``members``)
 DEFAULT_PROFILE_DIR = "profiles"
 _KEY = re.compile(r"\w[\w.:+-]{0,127}")
 _TOP_LEVEL = {"schema_version", "hostname", "fingerprint", "updated", "hardware", "loaders"}
@@ -43,16 +46,33 @@ _TOP_LEVEL = {"schema_version", "hostname", "fingerprint", "updated", "hardware"
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileEntry:
-    """Tuned settings for one key, and how they were measured (free-form plain data)."""
+    """Tuned settings for one key, and how they were measured (free-form plain data).
 
-    settings: Mapping[str, Any]
+    A group's entry has ``members`` (loader name -> settings) and no ``settings``;
+    ``member(name)`` is one loader's part of it.
+    """
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
     measured: Mapping[str, Any] = field(default_factory=dict)
+    members: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    loader: str | None = None  # the loader of a group this entry is a part of (not stored)
+
+    def member(self, name: str) -> ProfileEntry:
+        return ProfileEntry(settings=self.members[name], measured=self.measured, loader=name)
 
     def reason(self, key: str) -> str:
         """Why a setting came from this entry, for ``LoaderConfig.explain()``."""
         rate = self.measured.get("samples_per_s")
-        measured = f", {rate:,.0f} samples/s measured" if isinstance(rate, (int, float)) else ""
-        return f"tuned on this host (profile key {key!r}{measured})"
+        loop = " of the loop" if self.loader is not None else ""
+        measured = (f", {rate:,.0f} samples/s{loop} measured"
+                    if isinstance(rate, (int, float)) else "")
+        part = f", loader {self.loader!r} of the group" if self.loader is not None else ""
+        return f"tuned on this host (profile key {key!r}{part}{measured})"
+
+    def to_dict(self) -> dict[str, Any]:
+        stored = ({"members": _plain(self.members)} if self.members
+                  else {"settings": _plain(self.settings)})
+        return {**stored, "measured": _plain(self.measured)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,15 +88,14 @@ class Profile:
         return self.fingerprint == hw.fingerprint
 
     def to_dict(self) -> dict[str, Any]:
+        groups = any(entry.members for entry in self.loaders.values())
         return {
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION if groups else 1,  # what a reader needs
             "hostname": self.hostname,
             "fingerprint": self.fingerprint,
             "updated": self.updated,
             "hardware": _plain(self.hardware),
-            "loaders": {key: {"settings": _plain(entry.settings),
-                              "measured": _plain(entry.measured)}
-                        for key, entry in sorted(self.loaders.items())},
+            "loaders": {key: entry.to_dict() for key, entry in sorted(self.loaders.items())},
         }
 
     @classmethod
@@ -121,23 +140,40 @@ def _entry(path: object, key: Any, raw: Any) -> ProfileEntry:
         check_key(key)
     except InvalidConfigError as exc:
         raise ProfileError(path, where, str(exc)) from None
-    if not isinstance(raw, Mapping) or not isinstance(raw.get("settings"), Mapping):
-        raise ProfileError(path, f"{where}.settings", "each entry needs a 'settings' mapping")
-    unknown = set(raw) - {"settings", "measured"}
+    if not isinstance(raw, Mapping) or ("settings" in raw) == ("members" in raw):
+        raise ProfileError(path, f"{where}.settings", "each entry needs a 'settings' mapping "
+                           "(or, for a group of loaders, a 'members' mapping), not both")
+    unknown = set(raw) - {"settings", "members", "measured"}
     if unknown:
         raise ProfileError(path, f"{where}.{sorted(unknown)[0]}", "unknown field")
     measured = raw.get("measured") or {}
     if not isinstance(measured, Mapping):
         raise ProfileError(path, f"{where}.measured", "must be a mapping")
-    unknown = set(raw["settings"]) - set(SETTINGS)
+    if "settings" in raw:
+        return ProfileEntry(settings=_settings(path, f"{where}.settings", raw["settings"]),
+                            measured=dict(measured))
+    members = raw["members"]
+    if not isinstance(members, Mapping) or not members:
+        raise ProfileError(path, f"{where}.members",
+                           "must be a mapping of loader name -> settings")
+    return ProfileEntry(members={str(name): _settings(path, f"{where}.members.{name}", value)
+                                 for name, value in members.items()},
+                        measured=dict(measured))
+
+
+def _settings(path: object, where: str, raw: Any) -> dict[str, Any]:
+    """One loader's tuned settings, each checked as ``LoaderConfig`` checks it."""
+    if not isinstance(raw, Mapping):
+        raise ProfileError(path, where, "must be a mapping of setting -> value")
+    unknown = set(raw) - set(SETTINGS)
     if unknown:
-        raise ProfileError(path, f"{where}.settings.{sorted(unknown)[0]}",
+        raise ProfileError(path, f"{where}.{sorted(unknown)[0]}",
                            f"unknown setting; settings are {', '.join(SETTINGS)}")
     try:
-        LoaderConfig(**raw["settings"])
+        LoaderConfig(**raw)
     except InvalidConfigError as exc:
-        raise ProfileError(path, f"{where}.settings", str(exc)) from None
-    return ProfileEntry(settings=dict(raw["settings"]), measured=dict(measured))
+        raise ProfileError(path, where, str(exc)) from None
+    return dict(raw)
 
 
 def check_key(key: Any) -> str:
@@ -154,6 +190,11 @@ def dataset_key(dataset: Any) -> str:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return type(dataset).__name__
+
+
+def group_key(datasets: Mapping[str, Any]) -> str:
+    """Default profile key of a group of loaders: their datasets' keys joined by ``+``."""
+    return "+".join(dataset_key(dataset) for dataset in datasets.values())[:128]
 
 
 def profile_dir(directory: str | os.PathLike[str] | None = None) -> Path:

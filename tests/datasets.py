@@ -376,3 +376,9 @@ class SleepyIndexed(Sized):
     def __getitem__(self, index: int) -> torch.Tensor:
         time.sleep(self.seconds)
         return torch.tensor([index])
+
+
+def make_pair() -> dict[str, Dataset]:
+    """For `autotune tune tests/datasets.py:make_pair --strategy weighted`: one loop, two
+    datasets (storage waits and pure-Python work)."""
+    return {"io": Sleepy(size=512, seconds=0.002), "cpu": Busy(size=512, loops=2_000)}

@@ -72,7 +72,7 @@ BAD = {
     "truncated": ("schema_version: 1\nhostname: [unclosed\n", None, "not valid YAML"),
     "python_tag": ("!!python/object/apply:os.system ['echo hacked']\n", None, "not valid YAML"),
     "not_mapping": ("- 1\n- 2\n", None, "mapping"),
-    "newer": ("schema_version: 2\nhostname: h\nfingerprint: f\n", "schema_version", "newer"),
+    "newer": ("schema_version: 3\nhostname: h\nfingerprint: f\n", "schema_version", "newer"),
     "version_type": ("schema_version: one\n", "schema_version", "integer"),
     "unknown_top": ("schema_version: 1\nhostname: h\nfingerprint: f\nextra: 1\n", "extra",
                     "unknown"),

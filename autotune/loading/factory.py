@@ -293,9 +293,11 @@ class OptimalDataLoaderFactory:
                 has_standardization: bool, profile_key: str | None,
                 workload: WorkloadProfile | None, overrides: dict[str, Any], *,
                 adapt_every: int | None = None, device: Any = None,
-                shape: Callable[[LoaderConfig], LoaderConfig] | None = None) -> Any:
+                shape: Callable[[LoaderConfig], LoaderConfig] | None = None,
+                profile: tuple[str, ProfileEntry | None] | None = None) -> Any:
         """``adapt_every``: an ``AdaptiveLoader`` looking every so many steps (None: none).
-        ``shape``: a last change to the resolved settings (a group's share of the machine)."""
+        ``shape``: a last change to the resolved settings (a group's share of the machine).
+        ``profile``: the key and entry to apply instead of looking the key up (a group's)."""
         check_int("batch_size", batch_size, minimum=1)
         if workload is not None and not isinstance(workload, WorkloadProfile):
             raise InvalidConfigError(f"workload={workload!r} must be a WorkloadProfile (from "
@@ -322,7 +324,7 @@ class OptimalDataLoaderFactory:
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
                             stream=stream, device=None if target is None else str(target))
         key = check_key(profile_key) if profile_key is not None else dataset_key(dataset)
-        entry = self.profile_entry(key)
+        entry = self.profile_entry(key) if profile is None else profile[1]
         if workload is None and self._needs_measuring(entry, explicit):
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         config = self._resolve(hints, workload, entry, key, explicit)

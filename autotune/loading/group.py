@@ -1,19 +1,24 @@
 """Training loaders for several datasets in one loop, sized together
 (``factory.create_training_loaders``): each dataset measured, the machine split among them by
-``policy.joint``, the loaders handed back in a ``MultiLoader``.
+``policy.joint``, the loaders handed back in a ``MultiLoader``. A group tuned as one
+(``MultiAutotuner``) is one profile entry: each loader takes its part of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._check import dataset_size, is_stream
-from ..config import LoaderConfig
+from .._warn import warn_user
+from ..config import GroupConfig, LoaderConfig
 from ..errors import InvalidConfigError
+from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import joint, rules
+from ..profiles import ProfileEntry, check_key, group_key
 from ..system.distributed import current_ranks
+from ..system.hardware import HardwareInfo
 from .multi import MultiLoader, check_weights
 
 if TYPE_CHECKING:
@@ -26,46 +31,101 @@ def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: i
     named = _named_datasets(datasets)
     names = list(named)
     shares = joint.batch_shares(strategy, check_weights(weights, names, strategy))
+    key = keywords.get("profile_key")
+    key = check_key(key) if key is not None else group_key(named)
+    entry = _group_entry(factory.profile_entry(key), key, names, strategy, shares)
+    flags = (keywords.get("has_augmentation", False), keywords.get("has_standardization", False))
+    if entry is not None:  # tuned as one: each loader takes its part of the entry
+        loaders = {name: factory._create(
+            named[name], batch_size, True, *flags, key, keywords.get("workload"),
+            _overrides(keywords), profile=(key, entry.member(name))) for name in names}
+        return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
     explicit_workers = "num_workers" in keywords
     hardware = factory._hardware_here()
-    members = []
-    for (name, dataset), share in zip(named.items(), shares):
-        workload = keywords.get("workload") or factory._measure_once(dataset, keywords)
-        size = dataset_size(dataset, who="create_training_loaders")
-        if size is not None:
-            size = max(1, size // current_ranks().world_size)
-        hints = factory._hints(size, keywords.get("has_augmentation", False),
-                               keywords.get("has_standardization", False), batch_size, True,
-                               stream=is_stream(dataset))
-        alone = rules.recommend(hardware, hints, workload).num_workers
-        members.append(joint.Member(name=name, hints=hints, workload=workload, share=share,
-                                    alone=alone))
+    measuring = keywords.get("workload") is None and factory._needs_measuring(None, keywords)
+    workloads = {name: measure_workload(dataset, collate_fn=keywords.get("collate_fn"))
+                 if measuring else keywords.get("workload") for name, dataset in named.items()}
+    members = plan_members(hardware, named, shares, workloads,
+                           lambda size, stream: factory._hints(size, *flags, batch_size, True,
+                                                               stream=stream))
     if strategy == "sequential" or explicit_workers:
         splits = {m.name: joint.Split(workers=m.alone, reason="") for m in members}
     else:
         splits = joint.split_workers(hardware, members)
-    total = sum(s.workers for s in splits.values())
     loaders = {}
     for member in members:
         shape = None
         if not explicit_workers and strategy != "sequential":
-            shape = _sharer(hardware, member, splits, total, keywords,
-                            run=joint.burst(member.share, strategy))
+            shape = sharer(hardware, member, splits, strategy, keywords)
         loaders[member.name] = factory._create(
-            named[member.name], batch_size, True, keywords.get("has_augmentation", False),
-            keywords.get("has_standardization", False),
-            keywords.get("profile_key", None) and f"{keywords['profile_key']}.{member.name}",
-            member.workload, _overrides(keywords), shape=shape)
+            named[member.name], batch_size, True, *flags, key, member.workload,
+            _overrides(keywords), shape=shape, profile=(key, None))
     return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
 
 
-def _sharer(hardware: Any, member: joint.Member, splits: dict[str, joint.Split], total: int,
-            keywords: Mapping[str, Any], run: int) -> Any:
+def plan_members(hardware: HardwareInfo, named: Mapping[str, Any], shares: list[float],
+                 workloads: Mapping[str, WorkloadProfile | None],
+                 hints_for: Callable[[int | None, bool], rules.DatasetHints]
+                 ) -> list[joint.Member]:
+    """Each dataset as the joint split sees it: its share, hints (this rank's part of it),
+    measurement and the workers the rules give it alone."""
+    members = []
+    for (name, dataset), share in zip(named.items(), shares):
+        size = dataset_size(dataset, who="create_training_loaders")
+        if size is not None:
+            size = max(1, size // current_ranks().world_size)
+        hints = hints_for(size, is_stream(dataset))
+        alone = rules.recommend(hardware, hints, workloads[name]).num_workers
+        members.append(joint.Member(name=name, hints=hints, workload=workloads[name],
+                                    share=share, alone=alone))
+    return members
+
+
+def group_config(hardware: HardwareInfo, members: list[joint.Member],
+                 workers: Mapping[str, int], strategy: str, reason: str) -> GroupConfig:
+    """Every member's settings for these worker counts, shared as ``create_training_loaders``
+    shares the machine (the joint search measures these)."""
+    splits = {m.name: joint.Split(workers=workers[m.name], reason=reason) for m in members}
+    return GroupConfig(members={
+        m.name: sharer(hardware, m, splits, strategy, {})(
+            rules.recommend(hardware, m.hints, m.workload, workers=workers[m.name]))
+        for m in members})
+
+
+def _group_entry(entry: ProfileEntry | None, key: str, names: list[str], strategy: str,
+                 shares: list[float]) -> ProfileEntry | None:
+    """The profile entry tuned for this group, if it is one; a warning says why an entry
+    under the key does not apply."""
+    if entry is None:
+        return None
+    if not entry.members:
+        warn_user(f"profile key {key!r} holds one loader's settings, not a group's: the "
+                  "loaders are sized together by the rules. Tune the group with "
+                  "autotune.MultiAutotuner, or pass another profile_key")
+        return None
+    if sorted(entry.members) != sorted(names):
+        warn_user(f"profile key {key!r} was tuned for loaders {sorted(entry.members)}, not "
+                  f"{sorted(names)}: the loaders are sized together by the rules. Re-tune the "
+                  "group with autotune.MultiAutotuner")
+        return None
+    tuned = entry.measured.get("strategy"), entry.measured.get("shares")
+    here = strategy, {name: round(share, 3) for name, share in zip(names, shares)}
+    if tuned[0] is not None and tuned != here:
+        warn_user(f"profile key {key!r} was tuned with strategy={tuned[0]!r} and shares "
+                  f"{tuned[1]}, this loop has strategy={strategy!r} and shares {here[1]}: "
+                  "its worker split may not fit. Re-tune with autotune.MultiAutotuner")
+    return entry
+
+
+def sharer(hardware: Any, member: joint.Member, splits: Mapping[str, joint.Split],
+           strategy: str, keywords: Mapping[str, Any]) -> Callable[[LoaderConfig], LoaderConfig]:
     """The change that gives this member its share: workers, native threads, a prefetch deep
     enough for the runs of its batches that the strategy asks for, and the part of the
     in-flight memory budget its batches may take (settings passed by keyword stay)."""
     split = splits[member.name]
     workers = split.workers
+    total = sum(s.workers for s in splits.values())
+    run = joint.burst(member.share, strategy)
 
     def shape(config: LoaderConfig) -> LoaderConfig:
         config = config.replace(reason=split.reason, num_workers=workers)
@@ -89,7 +149,7 @@ def _sharer(hardware: Any, member: joint.Member, splits: dict[str, joint.Split],
 
 
 def _memory_share(hardware: Any, member: joint.Member,
-                  splits: dict[str, joint.Split]) -> Any:
+                  splits: Mapping[str, joint.Split]) -> Any:
     """The machine with only this member's part of RAM and /dev/shm (by workers, as batches
     in flight grow with them)."""
     share = splits[member.name].workers / max(1, sum(s.workers for s in splits.values()))

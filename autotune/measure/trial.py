@@ -19,15 +19,17 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 from .._check import is_stream
-from ..config import LoaderConfig
+from ..config import GroupConfig, LoaderConfig
 from ..loading.builder import build_loader
+from ..loading.multi import MultiLoader, check_weights
+from ..policy.joint import batch_shares
 from ..system.usage import CpuClock, PeakMemory
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
@@ -42,7 +44,7 @@ WAIT_MARGIN = 1.5  # a stream's trial waits for an epoch end it may reach by thi
 class Trial:
     """What one configuration did."""
 
-    config: LoaderConfig
+    config: LoaderConfig | GroupConfig  # a group's (``run_group_trial``): each member's
     phase: str  # which step of the search asked for it: baseline, rules, ladder, ...
     samples_per_s: float | None = None
     first_batch_s: float | None = None
@@ -77,12 +79,62 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
     ``epoch``: for a stream, what earlier trials saw of its epochs: (its samples, if one
     ended in a trial, and the most samples a trial drew without an end), ``_WholeEpochs``.
     """
+    def build() -> DataLoader:
+        built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
+        return build_loader(dataset, batch_size, built, shuffle=True,
+                            extra={"collate_fn": collate_fn})
+
+    pace = _Pace(burst=config.num_workers * (config.prefetch_factor or 2),
+                 rounds=ROUNDS * config.num_workers,
+                 epochs=_WholeEpochs(*epoch) if is_stream(dataset) else None)
+    return _run(build, config, pace, phase=phase, window_s=window_s, hang_s=hang_s,
+                consumer=consumer)
+
+
+def run_group_trial(datasets: Mapping[str, Any], batch_size: int, config: GroupConfig, *,
+                    strategy: str, weights: Any, seed: int, phase: str, window_s: float,
+                    hang_s: float, consumer: Callable[[Any], None] | None = None) -> Trial:
+    """Measure a group: samples/s of the ``MultiLoader`` loop over every member's loader,
+    as ``run_trial`` measures one (the consumer gets ``(name, batch)``). A member with a
+    share ``p`` of the batches needs ``ROUNDS / p`` loop batches per round of its workers."""
+    shares = batch_shares(strategy, check_weights(weights, list(datasets), strategy))
+
+    def build() -> MultiLoader:
+        loaders = {}
+        for name, member in config.members.items():
+            built = member.replace(timeout=hang_s) if member.num_workers > 0 else member
+            loaders[name] = build_loader(datasets[name], batch_size, built, shuffle=True)
+        return MultiLoader(loaders, strategy=strategy, weights=weights, seed=seed)
+
+    members = list(config.members.values())
+    pace = _Pace(burst=sum(m.num_workers * (m.prefetch_factor or 2) for m in members),
+                 rounds=max(math.ceil(ROUNDS * m.num_workers / share)
+                            for m, share in zip(members, shares)),
+                 count=lambda named: batch_length(named[1]))
+    return _run(build, config, pace, phase=phase, window_s=window_s, hang_s=hang_s,
+                consumer=consumer)
+
+
+@dataclass(frozen=True)
+class _Pace:
+    """How a trial counts: batches to let pass as the prefetch burst, batches to count at
+    least (rounds of the workers), a stream's epochs, and the samples in what it yields."""
+
+    burst: int
+    rounds: int
+    epochs: _WholeEpochs | None = None
+    count: Callable[[Any], int] = field(default=lambda batch: batch_length(batch))
+
+
+def _run(build: Callable[[], Any], config: LoaderConfig | GroupConfig, pace: _Pace, *,
+         phase: str, window_s: float, hang_s: float,
+         consumer: Callable[[Any], None] | None) -> Trial:
+    """Measure what ``build()`` makes in a thread of its own, bounded in time."""
     box: dict[str, Any] = {}
     stop = threading.Event()
     runner = threading.Thread(
         target=_measure_into, name="autotune-trial", daemon=True,
-        args=(box, dataset, batch_size, config, window_s, hang_s, collate_fn, consumer, stop,
-              epoch))
+        args=(box, build, pace, window_s, consumer, stop))
     memory = PeakMemory()
     memory.start()
     runner.start()
@@ -102,16 +154,13 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
     return Trial(config=config, phase=phase, peak_memory_bytes=memory.peak, **box["result"])
 
 
-def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: LoaderConfig,
-                  window_s: float, hang_s: float, collate_fn: Callable[..., Any] | None,
-                  consumer: Callable[[Any], None] | None, stop: threading.Event,
-                  epoch: tuple[int | None, int]) -> None:
+def _measure_into(box: dict[str, Any], build: Callable[[], Any], pace: _Pace,
+                  window_s: float, consumer: Callable[[Any], None] | None,
+                  stop: threading.Event) -> None:
     loader = None
     try:
-        built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
-        loader = build_loader(dataset, batch_size, built, shuffle=True,
-                              extra={"collate_fn": collate_fn})
-        box["result"] = _steady_state(loader, config, window_s, consumer, stop, epoch)
+        loader = build()
+        box["result"] = _steady_state(loader, pace, window_s, consumer, stop)
     except MemoryError:
         box["error"] = "out of memory in the main process"
     except BaseException as exc:  # the dataset's, the workers' or the consumer's failure
@@ -124,28 +173,27 @@ def _measure_into(box: dict[str, Any], dataset: Any, batch_size: int, config: Lo
                 box.setdefault("error", _one_line(exc))
 
 
-def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
-                  consumer: Callable[[Any], None] | None, stop: threading.Event,
-                  epoch: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
+def _steady_state(loader: Any, pace: _Pace, window_s: float,
+                  consumer: Callable[[Any], None] | None,
+                  stop: threading.Event) -> dict[str, Any]:
     start = time.perf_counter()
     iterator = iter(loader)
     batch = next(iterator)
     first_batch_s = time.perf_counter() - start
-    epochs = _WholeEpochs(*epoch) if is_stream(loader.dataset) else None
-    drawn = batch_length(batch)  # samples since the loader's (and its first epoch's) start
-    burst = config.num_workers * (config.prefetch_factor or 2) + WARMUP_BATCHES
-    for _ in range(burst):  # prefetched batches arrive at once: not the steady rate
+    epochs = pace.epochs
+    drawn = pace.count(batch)  # samples since the loader's (and its first epoch's) start
+    for _ in range(pace.burst + WARMUP_BATCHES):  # prefetched batches arrive at once
         batch, iterator, ended = _next(iterator, loader, stop)
         if epochs is not None and ended:
             epochs.ended(drawn)
-        drawn += batch_length(batch)
+        drawn += pace.count(batch)
         if time.perf_counter() - start > window_s + first_batch_s:
             break
     del batch
     cpu = CpuClock()
     samples = batches = 0
     waiting = 0.0
-    enough = ROUNDS * config.num_workers
+    enough = pace.rounds
     if consumer is not None:  # one slow step must not decide whether a setting keeps up
         enough = max(enough, CONSUMER_STEPS)
     began = time.perf_counter()
@@ -155,7 +203,7 @@ def _steady_state(loader: DataLoader, config: LoaderConfig, window_s: float,
         waiting += time.perf_counter() - asked
         if epochs is not None and ended:
             epochs.ended(drawn)
-        size = batch_length(batch)
+        size = pace.count(batch)
         samples += size
         drawn += size
         batches += 1
@@ -217,7 +265,7 @@ class _WholeEpochs:
         return counted >= self.target
 
 
-def _next(iterator: Any, loader: DataLoader, stop: threading.Event) -> tuple[Any, Any, bool]:
+def _next(iterator: Any, loader: Any, stop: threading.Event) -> tuple[Any, Any, bool]:
     """(the next batch, the iterator to go on with, whether an epoch just ended): a new
     epoch (same persistent workers) starts at the end of one. Raises once the trial was
     given up on."""

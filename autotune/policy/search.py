@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, LoaderConfig
+from ..config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, GroupConfig, LoaderConfig
 from ..errors import InvalidConfigError
 from ..measure.trial import Trial
 
@@ -105,39 +105,32 @@ class SearchOutcome:
     why: str  # one line: what was chosen over what
 
 
-class Search:
-    """One search; ``run()`` once.
+class Measurements:
+    """What a search measured, and the choice over it: the bookkeeping, the noise, the lean
+    pick and confirming the leaders, shared by ``Search`` and the joint search of a group
+    (``policy.joint_search``), which differ only in the steps they take.
 
     Args:
         measure: ``measure(config, phase) -> Trial``; must not raise for a failing setting
             (return a Trial with ``error``), which is recorded and never chosen.
-        space: the settings to explore.
         budget_s: stop starting trials once the next would pass this (clock seconds),
             keeping time back to confirm the leaders.
         keep_up: trials carry a consumer's stall: choose the cheapest setting that keeps up.
         clock: seconds, for the budget (tests pass a counter).
     """
 
-    def __init__(self, measure: Measure, space: SearchSpace, *, budget_s: float = math.inf,
+    def __init__(self, measure: Measure, *, budget_s: float = math.inf,
                  keep_up: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
         self.measure = measure
-        self.space = space
         self.budget_s = budget_s
         self.keep_up = keep_up
         self.clock = clock
         self._trials: list[Trial] = []
         self._runs: dict[tuple[Any, ...], list[Trial]] = {}
+        self._start = clock()
 
-    def run(self) -> SearchOutcome:
-        self._start = self.clock()
-        baseline = self._measure(LoaderConfig(reasons={}), "baseline")
-        space = self.space
-        self._measure(space.configure(min(space.rules_workers, space.cap)), "rules")
-        self._ladder(space.start)
-        self._refine()
-        pick = self._pick()
-        if pick is not None:
-            self._tune_around(pick.config)
+    def outcome(self, baseline: Trial) -> SearchOutcome:
+        """Confirm the leaders, then choose."""
         self._confirm()
         chosen = self._pick()
         if chosen is None:
@@ -149,6 +142,138 @@ class Search:
                              baseline=Candidate(config=baseline.config, runs=tuple(runs)),
                              trials=tuple(self._trials), noise=self.noise(),
                              why=self._why(chosen, fastest))
+
+    def _confirm(self) -> None:
+        """Measure the candidates that could be chosen again, leanest first; the mean of
+        all runs decides."""
+        candidates = [c for c in self._candidates()]
+        if not candidates:
+            return
+        if self.keep_up:
+            order = sorted(candidates, key=self._keep_up_rank)
+        else:
+            lead = max(c.samples_per_s for c in candidates)
+            close = [c for c in candidates if c.samples_per_s >= CONFIRM_WITHIN * lead]
+            fastest = max(candidates, key=lambda c: c.samples_per_s)
+            order = [fastest] + sorted((c for c in close if c is not fastest),
+                                       key=lambda c: (c.config.num_workers, -c.samples_per_s))
+        for candidate in order[:CONFIRM_MAX]:
+            if len(candidate.runs) < 2 and self._has_time(reserve=False):
+                self._measure(candidate.config, "confirm", again=True)
+
+    # -- the choice -----------------------------------------------------------------
+
+    def noise(self) -> float:
+        """Relative spread of repeated runs (median over settings run twice or more)."""
+        spreads = [s for c in self._candidates() if (s := c.spread) is not None]
+        if not spreads:
+            return NOISE_DEFAULT
+        return min(NOISE_MAX, max(NOISE_MIN, statistics.median(spreads)))
+
+    def _pick(self) -> Candidate | None:
+        candidates = self._candidates()
+        if not candidates:
+            return None
+        if self.keep_up:
+            return min(candidates, key=self._keep_up_rank)
+        best = max(c.samples_per_s for c in candidates)
+        band = [c for c in candidates if c.samples_per_s >= best * (1 - self.noise())]
+        fewest = min(c.config.num_workers for c in band)
+        lean = [c for c in band if c.config.num_workers == fewest]
+        least = min((c.peak_memory_bytes for c in lean if c.peak_memory_bytes), default=None)
+        if least is not None:
+            lean = [c for c in lean if (c.peak_memory_bytes or least) <= MEMORY_TIE * least]
+        return max(lean, key=lambda c: c.samples_per_s)
+
+    def _keep_up_rank(self, c: Candidate) -> tuple[Any, ...]:
+        """Lower is better: keeps up, then fewest workers, then least memory, then fastest."""
+        if c.keeps_up:
+            return (0, c.config.num_workers, c.peak_memory_bytes or 0, -c.samples_per_s)
+        return (1, -c.samples_per_s)
+
+    def _why(self, chosen: Candidate, fastest: Candidate) -> str:
+        runs = len(self._trials)
+        if self.keep_up:
+            what = ("the fewest workers that keep up with the step" if chosen.keeps_up
+                    else "none kept up with the step: the fastest")
+        elif setting_key(chosen.config) == setting_key(fastest.config):
+            what = "the fastest"
+        else:
+            saving = ("fewer workers" if chosen.config.num_workers < fastest.config.num_workers
+                      else "less memory")
+            what = (f"within noise ({self.noise():.0%}) of the fastest "
+                    f"({fastest.config.num_workers} workers, {fastest.samples_per_s:,.0f} "
+                    f"samples/s), with {saving}")
+        return f"measured {chosen.samples_per_s:,.0f} samples/s, {what}; {runs} trials"
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _measure(self, config: LoaderConfig, phase: str, *, again: bool = False) -> Trial:
+        key = setting_key(config)
+        if key in self._runs and not again:
+            return self._runs[key][-1]
+        trial = self.measure(config, phase)
+        self._trials.append(trial)
+        self._runs.setdefault(key, []).append(trial)
+        return trial
+
+    def _candidates(self) -> list[Candidate]:
+        """Every setting measured, whose runs all succeeded."""
+        found = [Candidate(config=runs[0].config, runs=tuple(runs))
+                 for runs in self._runs.values()]
+        return [c for c in found if c.ok]
+
+    def _best_rate(self, *, excluding: Trial | None = None) -> float:
+        return max((t.samples_per_s or 0.0 for t in self._trials
+                    if t.ok and t is not excluding), default=0.0)
+
+    def _clearly_better(self, trial: Trial) -> bool:
+        """Faster than every earlier trial by more than the noise."""
+        return trial.ok and (trial.samples_per_s or 0.0) > \
+            self._best_rate(excluding=trial) * (1 + self.noise())
+
+    def _in_band(self, trial: Trial) -> bool:
+        """Within the noise of the best trial so far."""
+        return trial.ok and (trial.samples_per_s or 0.0) >= \
+            self._best_rate() * (1 - self.noise())
+
+    def _keeps_up(self, trial: Trial) -> bool:
+        return self.keep_up and trial.ok and (trial.stall_fraction or 0.0) <= STALL_OK
+
+    def _has_time(self, *, reserve: bool = True) -> bool:
+        """Room for one more trial, keeping enough back to confirm the leaders."""
+        elapsed = self.clock() - self._start
+        per_trial = elapsed / max(1, len(self._trials))
+        held = CONFIRM_RESERVE * per_trial if reserve else 0.0
+        return elapsed + per_trial + held <= self.budget_s
+
+
+
+class Search(Measurements):
+    """One search over one loader's settings; ``run()`` once.
+
+    Args:
+        measure: ``measure(config, phase) -> Trial`` (see ``Measurements``).
+        space: the settings to explore.
+        budget_s, keep_up, clock: as ``Measurements``.
+    """
+
+    def __init__(self, measure: Measure, space: SearchSpace, *, budget_s: float = math.inf,
+                 keep_up: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__(measure, budget_s=budget_s, keep_up=keep_up, clock=clock)
+        self.space = space
+
+    def run(self) -> SearchOutcome:
+        self._start = self.clock()
+        baseline = self._measure(LoaderConfig(reasons={}), "baseline")
+        space = self.space
+        self._measure(space.configure(min(space.rules_workers, space.cap)), "rules")
+        self._ladder(space.start)
+        self._refine()
+        pick = self._pick()
+        if pick is not None:
+            self._tune_around(pick.config)
+        return self.outcome(baseline)
 
     # -- steps ----------------------------------------------------------------------
 
@@ -220,119 +345,18 @@ class Search:
         if space.cuda and self._has_time():
             self._measure(pick.replace(pin_memory=not pick.pin_memory), "pin")
 
-    def _confirm(self) -> None:
-        """Measure the candidates that could be chosen again, leanest first; the mean of
-        all runs decides."""
-        candidates = [c for c in self._candidates()]
-        if not candidates:
-            return
-        if self.keep_up:
-            order = sorted(candidates, key=self._keep_up_rank)
-        else:
-            lead = max(c.samples_per_s for c in candidates)
-            close = [c for c in candidates if c.samples_per_s >= CONFIRM_WITHIN * lead]
-            fastest = max(candidates, key=lambda c: c.samples_per_s)
-            order = [fastest] + sorted((c for c in close if c is not fastest),
-                                       key=lambda c: (c.config.num_workers, -c.samples_per_s))
-        for candidate in order[:CONFIRM_MAX]:
-            if len(candidate.runs) < 2 and self._has_time(reserve=False):
-                self._measure(candidate.config, "confirm", again=True)
-
-    # -- the choice -----------------------------------------------------------------
-
-    def noise(self) -> float:
-        """Relative spread of repeated runs (median over settings run twice or more)."""
-        spreads = [s for c in self._candidates() if (s := c.spread) is not None]
-        if not spreads:
-            return NOISE_DEFAULT
-        return min(NOISE_MAX, max(NOISE_MIN, statistics.median(spreads)))
-
-    def _pick(self) -> Candidate | None:
-        candidates = self._candidates()
-        if not candidates:
-            return None
-        if self.keep_up:
-            return min(candidates, key=self._keep_up_rank)
-        best = max(c.samples_per_s for c in candidates)
-        band = [c for c in candidates if c.samples_per_s >= best * (1 - self.noise())]
-        fewest = min(c.config.num_workers for c in band)
-        lean = [c for c in band if c.config.num_workers == fewest]
-        least = min((c.peak_memory_bytes for c in lean if c.peak_memory_bytes), default=None)
-        if least is not None:
-            lean = [c for c in lean if (c.peak_memory_bytes or least) <= MEMORY_TIE * least]
-        return max(lean, key=lambda c: c.samples_per_s)
-
     def _pick_with(self, workers: int) -> LoaderConfig | None:
         """The best measured setting with this many workers."""
         same = [c for c in self._candidates() if c.config.num_workers == workers]
         return max(same, key=lambda c: c.samples_per_s).config if same else None
 
-    def _keep_up_rank(self, c: Candidate) -> tuple[Any, ...]:
-        """Lower is better: keeps up, then fewest workers, then least memory, then fastest."""
-        if c.keeps_up:
-            return (0, c.config.num_workers, c.peak_memory_bytes or 0, -c.samples_per_s)
-        return (1, -c.samples_per_s)
 
-    def _why(self, chosen: Candidate, fastest: Candidate) -> str:
-        runs = len(self._trials)
-        if self.keep_up:
-            what = ("the fewest workers that keep up with the step" if chosen.keeps_up
-                    else "none kept up with the step: the fastest")
-        elif setting_key(chosen.config) == setting_key(fastest.config):
-            what = "the fastest"
-        else:
-            saving = ("fewer workers" if chosen.config.num_workers < fastest.config.num_workers
-                      else "less memory")
-            what = (f"within noise ({self.noise():.0%}) of the fastest "
-                    f"({fastest.config.num_workers} workers, {fastest.samples_per_s:,.0f} "
-                    f"samples/s), with {saving}")
-        return f"measured {chosen.samples_per_s:,.0f} samples/s, {what}; {runs} trials"
-
-    # -- bookkeeping ----------------------------------------------------------------
-
-    def _measure(self, config: LoaderConfig, phase: str, *, again: bool = False) -> Trial:
-        key = setting_key(config)
-        if key in self._runs and not again:
-            return self._runs[key][-1]
-        trial = self.measure(config, phase)
-        self._trials.append(trial)
-        self._runs.setdefault(key, []).append(trial)
-        return trial
-
-    def _candidates(self) -> list[Candidate]:
-        """Every setting measured, whose runs all succeeded."""
-        found = [Candidate(config=runs[0].config, runs=tuple(runs))
-                 for runs in self._runs.values()]
-        return [c for c in found if c.ok]
-
-    def _best_rate(self, *, excluding: Trial | None = None) -> float:
-        return max((t.samples_per_s or 0.0 for t in self._trials
-                    if t.ok and t is not excluding), default=0.0)
-
-    def _clearly_better(self, trial: Trial) -> bool:
-        """Faster than every earlier trial by more than the noise."""
-        return trial.ok and (trial.samples_per_s or 0.0) > \
-            self._best_rate(excluding=trial) * (1 + self.noise())
-
-    def _in_band(self, trial: Trial) -> bool:
-        """Within the noise of the best trial so far."""
-        return trial.ok and (trial.samples_per_s or 0.0) >= \
-            self._best_rate() * (1 - self.noise())
-
-    def _keeps_up(self, trial: Trial) -> bool:
-        return self.keep_up and trial.ok and (trial.stall_fraction or 0.0) <= STALL_OK
-
-    def _has_time(self, *, reserve: bool = True) -> bool:
-        """Room for one more trial, keeping enough back to confirm the leaders."""
-        elapsed = self.clock() - self._start
-        per_trial = elapsed / max(1, len(self._trials))
-        held = CONFIRM_RESERVE * per_trial if reserve else 0.0
-        return elapsed + per_trial + held <= self.budget_s
-
-
-def setting_key(config: LoaderConfig) -> tuple[Any, ...]:
+def setting_key(config: LoaderConfig | GroupConfig) -> tuple[Any, ...]:
     """What makes two settings measure differently: the tuned settings, and of those only
-    pinning when batches are made in-process (the rest are about workers)."""
+    pinning when batches are made in-process (the rest are about workers); a group's,
+    each member's."""
+    if isinstance(config, GroupConfig):
+        return tuple((name, setting_key(member)) for name, member in config.members.items())
     if config.num_workers == 0:
         return (0, config.pin_memory)
     return tuple(getattr(config, name) for name in TUNED_SETTINGS)

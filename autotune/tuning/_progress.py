@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import LoaderConfig
+from ..config import GroupConfig, LoaderConfig
 from ..measure.trial import Trial
 
 
@@ -13,14 +13,13 @@ class Progress:
         self.enabled = enabled
         self.budget_s = budget_s
 
-    def show(self, number: int, phase: str, config: LoaderConfig, elapsed: float) -> None:
+    def show(self, number: int, phase: str, config: LoaderConfig | GroupConfig,
+             elapsed: float) -> None:
         if self.enabled:
             done = min(1.0, elapsed / self.budget_s)
             bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
-            prefetch = "-" if config.prefetch_factor is None else config.prefetch_factor
             sys.stderr.write(f"\r[{bar}] {elapsed:4.0f}/{self.budget_s:.0f} s  trial {number} "
-                             f"({phase}): {config.num_workers} workers, prefetch "
-                             f"{prefetch} ...\x1b[K")
+                             f"({phase}): {_setting(config)} ...\x1b[K")
             sys.stderr.flush()
 
     def result(self, trial: Trial) -> None:
@@ -33,3 +32,10 @@ class Progress:
         if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+def _setting(config: LoaderConfig | GroupConfig) -> str:
+    if isinstance(config, GroupConfig):
+        return " + ".join(f"{n} {w}" for n, w in config.workers().items()) + " workers"
+    prefetch = "-" if config.prefetch_factor is None else config.prefetch_factor
+    return f"{config.num_workers} workers, prefetch {prefetch}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TUNED_SETTINGS, LoaderConfig
+from ..config import TUNED_SETTINGS, GroupConfig, LoaderConfig
 from ..measure.trial import Trial
 from ..measure.workload import WorkloadProfile
 from ..policy.search import setting_key
@@ -59,18 +59,7 @@ class TuningResult:
             key: the entry's key (default: the tuner's ``key``).
         """
         key = check_key(key or self.key)
-        measured: dict[str, Any] = {
-            "samples_per_s": round(self.best_samples_per_s, 1),
-            "peak_memory_mb": _mb_value(self.best_memory_bytes),
-            "baseline_samples_per_s": None if self.baseline_samples_per_s is None
-            else round(self.baseline_samples_per_s, 1),
-            "batch_size": self.batch_size, "objective": self.objective,
-            "noise": None if self.noise is None else round(self.noise, 3),
-            "trials": len(self.trials), "tuning_s": round(self.elapsed_s, 1),
-            "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "torch": self.hardware.host.torch,
-            "local_world_size": self.local_world_size,
-        }
+        measured = _measured(self)
         if self.fastest is not None:
             measured["fastest"] = {
                 **_tuned(self.fastest),
@@ -143,6 +132,121 @@ class TuningResult:
         if self.rank_trials:
             data["ranks"] = [r.to_dict() for r in self.rank_trials[index]]
         return data
+
+
+@dataclass(kw_only=True)
+class MultiTuningResult:
+    """What ``MultiAutotuner`` chose for loaders sharing one loop: every loader's settings
+    (``best.members``), measured as the loop's samples/s; saved as one profile entry."""
+
+    best: GroupConfig  # the chosen split: the fewest workers in all within noise of the fastest
+    best_samples_per_s: float  # of the loop, all loaders together
+    baseline_samples_per_s: float | None  # torch's defaults for every loader, same run
+    trials: tuple[Trial, ...]
+    elapsed_s: float
+    batch_size: int
+    key: str
+    objective: str
+    strategy: str
+    shares: dict[str, float]  # each loader's share of the loop's batches
+    workloads: dict[str, WorkloadProfile]
+    hardware: HardwareInfo = field(repr=False)
+    best_memory_bytes: int | None = None
+    fastest: GroupConfig | None = None
+    fastest_samples_per_s: float | None = None
+    fastest_memory_bytes: int | None = None
+    noise: float | None = None
+    local_world_size: int = 1  # tuned in one process
+
+    def save(self, profile_dir: str | os.PathLike[str] | None = None,
+             key: str | None = None) -> Path:
+        """Merge the chosen split into this host's profile as one entry (atomically; other
+        keys kept); ``factory.create_training_loaders`` with the same datasets (or
+        ``profile_key=key``) applies it."""
+        key = check_key(key or self.key)
+        measured = {**_measured(self), "strategy": self.strategy, "shares": dict(self.shares)}
+        if self.fastest is not None:
+            measured["fastest"] = {
+                "workers": self.fastest.workers(),
+                "samples_per_s": round(self.fastest_samples_per_s or 0.0, 1),
+                "peak_memory_mb": _mb_value(self.fastest_memory_bytes)}
+        entry = ProfileEntry(members={name: _tuned(config)
+                                      for name, config in self.best.members.items()},
+                             measured=measured)
+        path = save_entry(self.hardware, key, entry, profile_dir)
+        self.best = GroupConfig(members={name: config.replace(source="profile")
+                                         for name, config in self.best.members.items()})
+        self.key = key
+        return path
+
+    def table(self) -> str:
+        """Every trial: each loader's workers, the loop's samples/s, memory and CPU."""
+        names = list(self.best.members)
+        width = max(7, *(len(n) for n in names))
+        header = (f"{'#':>3} {'phase':<9} " + " ".join(f"{n:>{width}}" for n in names)
+                  + f" {'total':>5} {'samples/s':>10} {'memory':>9} {'CPU':>5} {'stall':>6}")
+        lines = [header]
+        chosen = setting_key(self.best)
+        fastest = setting_key(self.fastest) if self.fastest else None
+        for i, t in enumerate(self.trials, 1):
+            workers = t.config.workers()  # type: ignore[union-attr]
+            mark = ""
+            if not t.ok:
+                mark = f"  FAILED: {t.error}"
+            elif setting_key(t.config) == chosen:
+                mark = "  <- chosen"
+            elif setting_key(t.config) == fastest:
+                mark = "  <- fastest"
+            lines.append(
+                f"{i:>3} {t.phase:<9} " + " ".join(f"{workers[n]:>{width}}" for n in names)
+                + f" {t.config.num_workers:>5} {_n(t.samples_per_s):>10} "
+                f"{_mb(t.peak_memory_bytes):>9} {_f(t.cpu_percent, '%', 0):>5} "
+                f"{_f(_pct(t.stall_fraction), '%', 0):>6}{mark}")
+        base = self.baseline_samples_per_s
+        gain = f" = {self.best_samples_per_s / base:.1f}x torch's defaults" if base else ""
+        split = " + ".join(f"{n} {w}" for n, w in self.best.workers().items())
+        lines.append(f"chosen: {split} workers, {self.best_samples_per_s:,.0f} samples/s of "
+                     f"the loop{gain}, {_mb(self.best_memory_bytes)}")
+        if self.fastest is not None and fastest != chosen:
+            split = " + ".join(f"{n} {w}" for n, w in self.fastest.workers().items())
+            lines.append(f"fastest: {split} workers, {self.fastest_samples_per_s or 0:,.0f} "
+                         f"samples/s, {_mb(self.fastest_memory_bytes)}")
+        first = next(iter(self.best.members.values()))
+        lines.append(f"why: {first.reasons.get('num_workers', '')}")
+        lines.append(f"{len(self.trials)} trials in {self.elapsed_s:.1f} s ({self.objective}; "
+                     f"strategy {self.strategy!r}, shares "
+                     + ", ".join(f"{n} {s:.0%}" for n, s in self.shares.items()) + ")")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "best": self.best.to_dict(),
+                "best_samples_per_s": self.best_samples_per_s,
+                "best_memory_bytes": self.best_memory_bytes,
+                "fastest": None if self.fastest is None else self.fastest.to_dict(),
+                "fastest_samples_per_s": self.fastest_samples_per_s,
+                "fastest_memory_bytes": self.fastest_memory_bytes, "noise": self.noise,
+                "baseline_samples_per_s": self.baseline_samples_per_s,
+                "elapsed_s": self.elapsed_s, "batch_size": self.batch_size,
+                "objective": self.objective, "strategy": self.strategy,
+                "shares": dict(self.shares),
+                "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
+                "trials": [t.to_dict() for t in self.trials]}
+
+
+def _measured(result: TuningResult | MultiTuningResult) -> dict[str, Any]:
+    """How a result was measured, as its profile entry records it."""
+    return {
+        "samples_per_s": round(result.best_samples_per_s, 1),
+        "peak_memory_mb": _mb_value(result.best_memory_bytes),
+        "baseline_samples_per_s": None if result.baseline_samples_per_s is None
+        else round(result.baseline_samples_per_s, 1),
+        "batch_size": result.batch_size, "objective": result.objective,
+        "noise": None if result.noise is None else round(result.noise, 3),
+        "trials": len(result.trials), "tuning_s": round(result.elapsed_s, 1),
+        "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "torch": result.hardware.host.torch,
+        "local_world_size": result.local_world_size,
+    }
 
 
 def _tuned(config: LoaderConfig) -> dict[str, Any]:
