@@ -49,6 +49,20 @@ def test_save_hardware_then_entries_merge(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
+def test_a_group_entry_round_trips_and_is_what_needs_schema_2(tmp_path):
+    hw = probe_hardware()
+    path = save_entry(hw, "a", ProfileEntry(settings={"num_workers": 2}), tmp_path)
+    assert yaml.safe_load(path.read_text())["schema_version"] == 1  # older autotune reads it
+    group = ProfileEntry(members={"x": {"num_workers": 3}, "y": {"num_workers": 1}},
+                         measured={"samples_per_s": 10.0})
+    save_entry(hw, "x+y", group, tmp_path)
+    assert yaml.safe_load(path.read_text())["schema_version"] == 2
+    assert load_profile(path).loaders["x+y"] == group
+    assert_profile_roundtrip(path, tmp_path)
+    part = group.member("y")
+    assert part.settings == {"num_workers": 1} and "loader 'y' of the group" in part.reason("x+y")
+
+
 def _save_many(directory: str, prefix: str) -> None:
     hw = probe_hardware()
     for i in range(15):
@@ -82,6 +96,17 @@ BAD = {
     "unknown_setting": ("schema_version: 1\nhostname: h\nfingerprint: f\nloaders:\n  k:\n"
                         "    settings: {num_wrokers: 2}\n", "loaders.k.settings.num_wrokers",
                         "unknown setting"),
+    "group_and_settings": ("schema_version: 2\nhostname: h\nfingerprint: f\nloaders:\n  k:\n"
+                           "    settings: {}\n    members: {a: {}}\n", "loaders.k.settings",
+                           "not both"),
+    "group_empty": ("schema_version: 2\nhostname: h\nfingerprint: f\nloaders:\n  k:\n"
+                    "    members: {}\n", "loaders.k.members", "loader name -> settings"),
+    "group_setting": ("schema_version: 2\nhostname: h\nfingerprint: f\nloaders:\n  k:\n"
+                      "    members: {a: {num_wrokers: 2}}\n", "loaders.k.members.a.num_wrokers",
+                      "unknown setting"),
+    "group_value": ("schema_version: 2\nhostname: h\nfingerprint: f\nloaders:\n  k:\n"
+                    "    members: {a: {num_workers: -1}}\n", "loaders.k.members.a",
+                    "num_workers"),
     "bad_key": ("schema_version: 1\nhostname: h\nfingerprint: f\nloaders:\n  ../../etc:\n"
                 "    settings: {}\n", "loaders.../../etc", "profile key"),
 }

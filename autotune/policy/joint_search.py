@@ -6,10 +6,10 @@ rules set it (``configure``: the thread budget over all the workers, prefetch fo
 strategy's runs, each loader's part of the memory). The steps:
 
 1. torch's defaults (no workers anywhere), the rules' joint split, and each loader sized alone;
-2. the joint split scaled: all counts doubled while that clearly pays, halved while the loop
-   stays as fast (or, with a consumer, keeps up);
-3. each loader's count doubled on its own while that clearly pays: a loader the rules
-   underrated holds the whole loop back;
+2. up from the lean pick, the first move that clearly pays, again and again: all counts
+   doubled, or one loader's alone. The loop goes at the pace of the loader that falls short,
+   so what holds it back may be one loader (the rules underrated it) or all of them;
+3. all counts halved while the loop stays as fast (or, with a consumer, keeps up);
 4. each loader's count halved on its own while the loop stays as fast, most workers first, with
    one midpoint when a halving went too far: a loader that does not hold the loop back gives
    its workers up;
@@ -56,48 +56,41 @@ class JointSearch(Measurements):
         self._start = self.clock()
         baseline = self._measure(GroupConfig(members={
             name: LoaderConfig(reasons={}) for name in self.names}), "baseline")
-        first = self._try(self.space.start, "rules")
+        self._try(self.space.start, "rules")
         self._try(self.space.alone, "alone")
-        self._scale(first)
-        for name in self.names:
-            self._grow(name)
+        self._climb()
+        self._shrink()
         for name in sorted(self.names, key=lambda n: -self._lean()[n]):
             self._trim(name)
         return self.outcome(baseline)
 
     # -- steps ----------------------------------------------------------------------
 
-    def _scale(self, first: Trial) -> None:
-        """All counts doubled while that clearly pays, else halved while as good."""
-        current, went_up = dict(self.space.start), False
-        while not self._keeps_up(first) and self._has_time():
-            up = self._capped({n: max(1, 2 * w) for n, w in current.items()})
-            if up == current:
-                break
-            trial = self._try(up, "scale")
-            if not self._clearly_better(trial):
-                break
-            current, went_up = up, True
-            if self._keeps_up(trial):
-                break
-        if went_up and not self.keep_up:
-            return
-        current = dict(self.space.start)
-        while self._has_time():
-            down = {n: max(1, w // 2) for n, w in current.items()}
-            if down == current or not self._good(self._try(down, "scale")):
-                break
-            current = down
+    def _climb(self) -> None:
+        """From the lean pick, the first move up that clearly pays, again and again: every
+        count doubled, or one loader's alone (the loop goes at the pace of the loader that
+        falls short, so one loader's or all of theirs may be what holds it back)."""
+        while self._has_time() and not self._keeps_up_now():
+            lean = self._lean()
+            moves = [("scale", {n: max(1, 2 * w) for n, w in lean.items()})]
+            moves += [("grow", {**lean, n: max(1, 2 * lean[n])}) for n in self.names]
+            for phase, counts in moves:
+                counts = self._capped(counts)
+                if counts == lean or self._tried(counts):
+                    continue
+                if not self._has_time():
+                    return
+                if self._clearly_better(self._try(counts, phase)):
+                    break
+            else:
+                return  # no move up paid
 
-    def _grow(self, name: str) -> None:
-        """This loader's count doubled on its own while that clearly pays."""
+    def _shrink(self) -> None:
+        """Every count halved while the loop stays as good."""
         while self._has_time():
             lean = self._lean()
-            if self._keeps_up_now():
-                return
-            more = self._capped({**lean, name: max(1, 2 * lean[name])})
-            if more == lean or self._tried(more) \
-                    or not self._clearly_better(self._try(more, "grow")):
+            down = {n: max(1, w // 2) for n, w in lean.items()}
+            if down == lean or self._tried(down) or not self._good(self._try(down, "scale")):
                 return
 
     def _trim(self, name: str) -> None:
