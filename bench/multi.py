@@ -4,17 +4,19 @@ alone and against a grid over the two worker counts, measured side by side on th
 1. A CPU-bound dataset (pure Python, ~2 ms a sample) and a waiting-bound one (storage
    latency, heavy tail) drawn 0.5/0.5 (``weighted``), batch 32: loop samples/s of the
    MultiLoader in steady state. The grid covers workers {1..4} x {1..48}; its top settings,
-   the jointly sized and the alone-sized ones are then measured again, interleaved.
+   the jointly sized, the tuned-as-one (``MultiAutotuner``) and the alone-sized ones are then
+   measured again, interleaved.
 2. Two CPU-bound loaders with native thread pools (numpy BLAS): the joint thread budget
    against each sized alone (each assuming the whole machine) and against uncapped pools.
 
-    python bench/multi.py        # about 8 minutes on 2 CPUs; writes bench/RESULTS-multi.md
+    python bench/multi.py        # about 12 minutes on 2 CPUs; writes bench/RESULTS-multi.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import random
 import statistics
 import sys
 import tempfile
@@ -27,7 +29,8 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from autotune import MultiLoader, OptimalDataLoaderFactory, probe_hardware  # noqa: E402
+from autotune import (MultiAutotuner, MultiLoader, OptimalDataLoaderFactory,  # noqa: E402
+                      probe_hardware)
 from autotune.loading.builder import build_loader  # noqa: E402
 from autotune.policy import rules  # noqa: E402
 from workloads import BlasAugment, StorageLatency  # noqa: E402
@@ -82,7 +85,8 @@ def at(hw, hints, workload, workers: int, threads: object = "rules"):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window-s", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tune-budget-s", type=float, default=90.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS-multi.md"))
     args = parser.parse_args()
     hw = probe_hardware()
@@ -108,6 +112,11 @@ def main() -> None:
     def configs(workers: dict[str, int]) -> dict[str, object]:
         return {n: at(hw, hints, workloads[n], w) for n, w in workers.items()}
 
+    tuned = MultiAutotuner(datasets, BATCH, strategy="weighted", weights=WEIGHTS,
+                           budget_s=args.tune_budget_s, hardware=hw).run()
+    print(tuned.table(), flush=True)
+    tuned_workers = tuned.best.workers()
+
     grid = {}
     for w_cpu in (1, 2, 3, 4):
         for w_io in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48):
@@ -118,19 +127,27 @@ def main() -> None:
     top = max(grid, key=grid.get)
     near = sorted((k for k in grid if grid[k] >= 0.90 * grid[top]), key=lambda k: (sum(k), k))
     candidates = {"jointly sized": (joint["cpu"], joint["io"]),
+                  "tuned as one": (tuned_workers["cpu"], tuned_workers["io"]),
                   "sized alone": (alone["cpu"], alone["io"]), "grid top": top}
     for k in near[:4]:
         if k not in candidates.values():
             candidates[f"grid {k[0]}+{k[1]}"] = k
     runs: dict[str, list[float]] = {name: [] for name in candidates}
     joint_configs = {n: loader.autotune_config for n, loader in multi.loaders.items()}
-    for _ in range(args.rounds):
-        for name, (w_cpu, w_io) in candidates.items():
-            chosen = joint_configs if name == "jointly sized" else configs(
-                {"cpu": w_cpu, "io": w_io})
+    for round_ in range(args.rounds):  # each round in its own order: drift hits all alike
+        order = list(candidates.items())
+        random.Random(round_).shuffle(order)
+        for name, (w_cpu, w_io) in order:
+            chosen = (joint_configs if name == "jointly sized" else tuned.best.members
+                      if name == "tuned as one" else configs({"cpu": w_cpu, "io": w_io}))
             runs[name].append(loop_rate(datasets, chosen, args.window_s))
     means = {name: statistics.fmean(r) for name, r in runs.items()}
     best = max(means.values())
+    top_name = max(means, key=means.get)
+    # the machine drifts by more than settings differ: each run against the best setting's
+    # run of the same round, the median over rounds
+    paired = {name: statistics.median(r / t for r, t in zip(runs[name], runs[top_name]))
+              for name in runs}
     leanest = min((n for n in means if means[n] >= 0.97 * best and n.startswith("grid")),
                   key=lambda n: sum(candidates[n]), default=None)
     lines += [
@@ -140,26 +157,36 @@ def main() -> None:
         f"sample) and `StorageLatency` (lognormal waits, median 2 ms), batch {BATCH}, "
         "`MultiLoader(strategy='weighted', weights=0.5/0.5)`: samples/s of the loop, steady "
         f"state, mean of {args.rounds} interleaved runs of {args.window_s:g} s each; 'of best' "
-        "is against the best mean among these. Grid: cpu workers {1, 2, 3, 4} x io workers "
-        "{1, 2, 4, 6, 8, 12, 16, 24, 32, 48}, each with the rules' other settings for its "
-        "count; its top and its leanest settings within 10% were measured again here.",
+        "is against the best mean among these; 'paired' is the median over rounds of each run "
+        "against the best setting's run in the same round (rounds run in shuffled orders), "
+        "which the machine's drift over time touches less. Grid: cpu workers {1, 2, 3, 4} x "
+        "io workers {1, 2, 4, 6, 8, 12, 16, 24, 32, 48}, each with the rules' other settings "
+        "for its count; its top and its leanest settings within 10% were measured again here.",
         "",
-        "| setting | workers (cpu + io) | samples/s | of best | runs |",
-        "|---|---|---|---|---|"]
+        "| setting | workers (cpu + io) | samples/s | of best | paired | runs |",
+        "|---|---|---|---|---|---|"]
     for name in sorted(candidates, key=lambda n: -means[n]):
         w = candidates[name]
         mark = " (leanest within 3% of best)" if name == leanest else ""
         lines.append(f"| {name}{mark} | {w[0]} + {w[1]} = {sum(w)} | {means[name]:,.0f} | "
-                     f"{means[name] / best:.2f} | "
+                     f"{means[name] / best:.2f} | {paired[name]:.2f} | "
                      f"{', '.join(f'{r:,.0f}' for r in runs[name])} |")
     lines += ["", "Why the joint sizing chose its counts:", ""]
     lines += [f"- {n}: {reasons[n]}" for n in reasons]
+    lines += ["", f"Tuned as one: `MultiAutotuner(..., strategy='weighted', budget_s="
+              f"{args.tune_budget_s:g})`, {len(tuned.trials)} trials in {tuned.elapsed_s:.0f} s; "
+              f"its own measurement: {tuned.best_samples_per_s:,.0f} samples/s of the loop.", "",
+              "```", tuned.table(), "```"]
     if leanest is not None:
         lean_total = sum(candidates[leanest])
         lines += ["", f"Targets: jointly sized >= 0.95 of the best: "
-                  f"**{means['jointly sized'] / best:.2f}**; its {sum(candidates['jointly sized'])}"
+                  f"**{means['jointly sized'] / best:.2f}** (paired "
+                  f"{paired['jointly sized']:.2f}); its {sum(candidates['jointly sized'])}"
                   f" workers against 1.5 x the leanest grid setting within 3% ({lean_total}): "
                   f"**{sum(candidates['jointly sized']) / lean_total:.2f}x** (target <= 1.5x); "
+                  f"tuned as one: **{means['tuned as one'] / best:.2f}** of the best (paired "
+                  f"{paired['tuned as one']:.2f}) with "
+                  f"{sum(candidates['tuned as one'])} workers; "
                   f"sized alone: {sum(candidates['sized alone'])} workers."]
 
     # 2. two BLAS-heavy loaders: thread budgets

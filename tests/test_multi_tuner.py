@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autotune import (GroupConfig, InvalidConfigError, LoaderConfig, MultiAutotuner,
+from autotune import (DeviceLoader, GroupConfig, InvalidConfigError, LoaderConfig, MultiAutotuner,
                       OptimalDataLoaderFactory, probe_hardware)
 from autotune.measure.trial import run_group_trial
 from autotune.profiles import ProfileEntry, load_profile, save_entry
@@ -87,6 +87,11 @@ def test_bad_arguments(kwargs, match):
         MultiAutotuner(pair(), 8, **kwargs)
 
 
+def test_an_empty_dataset_is_named():
+    with pytest.raises(InvalidConfigError, match=r"datasets\['cpu'\]: len\(dataset\)=0"):
+        MultiAutotuner({"io": Sleepy(), "cpu": Indexed(0)}, 8, strategy="round_robin")
+
+
 def test_one_dataset_and_torchrun_are_refused(monkeypatch):
     with pytest.raises(InvalidConfigError, match="tune it with autotune.Autotuner"):
         MultiAutotuner({"io": Sleepy()}, 8, strategy="round_robin")
@@ -123,6 +128,10 @@ def test_an_entry_tuned_for_another_mix_applies_with_a_warning(tmp_path):
                                                 profile_key="mix")
     assert {n: loader.num_workers for n, loader in multi.loaders.items()} == {"io": 3, "cpu": 1}
     multi.close()
+    with pytest.warns(UserWarning, match="runs one at a time"):
+        multi = factory.create_training_loaders(pair(), 8, profile_key="mix")
+    assert {loader.autotune_config.source for loader in multi.loaders.values()} == {"rules"}
+    multi.close()
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -156,3 +165,19 @@ def test_cli_group_mistakes_are_one_line(target, args, code, words, tmp_path):
     assert result.returncode == code and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.yaml"))  # nothing written
+
+
+def test_device_wraps_each_loader_and_adapt_is_refused():
+    factory = OptimalDataLoaderFactory(measure=False, seed=0)
+    multi = factory.create_training_loaders(pair(), 8, strategy="round_robin", device="cpu",
+                                            num_workers=0)
+    try:
+        assert all(isinstance(loader, DeviceLoader) for loader in multi.loaders.values())
+        (name, batch), _ = next(iter(multi)), None
+        assert name == "io" and batch.shape[0] == 8 and batch.device.type == "cpu"
+    finally:
+        multi.close()
+    with pytest.raises(InvalidConfigError, match="adapt= is not supported"):
+        factory.create_training_loaders(pair(), 8, strategy="round_robin", adapt=True)
+    with pytest.raises(InvalidConfigError, match="device="):
+        factory.create_training_loaders(pair(), 8, strategy="round_robin", device=3)

@@ -234,7 +234,7 @@ class OptimalDataLoaderFactory:
                 ...
         """
         check_int("batch_size", batch_size, minimum=1)
-        unknown = sorted(set(keywords) & {"adapt", "adapt_every", "device"})
+        unknown = sorted(set(keywords) & {"adapt", "adapt_every"})
         if unknown:
             raise InvalidConfigError(f"{unknown[0]}= is not supported by "
                                      "create_training_loaders yet: build the loaders one by one "

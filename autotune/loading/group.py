@@ -19,6 +19,7 @@ from ..policy import joint, rules
 from ..profiles import ProfileEntry, check_key, group_key
 from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo
+from .device import check_device
 from .multi import MultiLoader, check_weights
 
 if TYPE_CHECKING:
@@ -28,17 +29,20 @@ if TYPE_CHECKING:
 def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: int, *,
                  strategy: str, weights: Any, stop: str, seed: int | None,
                  keywords: dict[str, Any]) -> MultiLoader:
-    named = _named_datasets(datasets)
+    named = named_datasets(datasets)
     names = list(named)
     shares = joint.batch_shares(strategy, check_weights(weights, names, strategy))
     key = keywords.get("profile_key")
     key = check_key(key) if key is not None else group_key(named)
     entry = _group_entry(factory.profile_entry(key), key, names, strategy, shares)
     flags = (keywords.get("has_augmentation", False), keywords.get("has_standardization", False))
+    device = keywords.get("device")
+    target = None if device is None else str(check_device(device))
     if entry is not None:  # tuned as one: each loader takes its part of the entry
         loaders = {name: factory._create(
             named[name], batch_size, True, *flags, key, keywords.get("workload"),
-            _overrides(keywords), profile=(key, entry.member(name))) for name in names}
+            _overrides(keywords), profile=(key, entry.member(name)), device=device)
+            for name in names}
         return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
     explicit_workers = "num_workers" in keywords
     hardware = factory._hardware_here()
@@ -47,7 +51,7 @@ def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: i
                  if measuring else keywords.get("workload") for name, dataset in named.items()}
     members = plan_members(hardware, named, shares, workloads,
                            lambda size, stream: factory._hints(size, *flags, batch_size, True,
-                                                               stream=stream))
+                                                               stream=stream, device=target))
     if strategy == "sequential" or explicit_workers:
         splits = {m.name: joint.Split(workers=m.alone, reason="") for m in members}
     else:
@@ -59,19 +63,19 @@ def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: i
             shape = sharer(hardware, member, splits, strategy, keywords)
         loaders[member.name] = factory._create(
             named[member.name], batch_size, True, *flags, key, member.workload,
-            _overrides(keywords), shape=shape, profile=(key, None))
+            _overrides(keywords), shape=shape, profile=(key, None), device=device)
     return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
 
 
 def plan_members(hardware: HardwareInfo, named: Mapping[str, Any], shares: list[float],
                  workloads: Mapping[str, WorkloadProfile | None],
-                 hints_for: Callable[[int | None, bool], rules.DatasetHints]
-                 ) -> list[joint.Member]:
+                 hints_for: Callable[[int | None, bool], rules.DatasetHints],
+                 who: str = "create_training_loaders") -> list[joint.Member]:
     """Each dataset as the joint split sees it: its share, hints (this rank's part of it),
     measurement and the workers the rules give it alone."""
     members = []
     for (name, dataset), share in zip(named.items(), shares):
-        size = dataset_size(dataset, who="create_training_loaders")
+        size = dataset_size(dataset, who=who)
         if size is not None:
             size = max(1, size // current_ranks().world_size)
         hints = hints_for(size, is_stream(dataset))
@@ -107,6 +111,10 @@ def _group_entry(entry: ProfileEntry | None, key: str, names: list[str], strateg
         warn_user(f"profile key {key!r} was tuned for loaders {sorted(entry.members)}, not "
                   f"{sorted(names)}: the loaders are sized together by the rules. Re-tune the "
                   "group with autotune.MultiAutotuner")
+        return None
+    if strategy == "sequential":
+        warn_user(f"profile key {key!r} was tuned for loaders that share the loop, and "
+                  "strategy='sequential' runs one at a time: each loader is sized alone")
         return None
     tuned = entry.measured.get("strategy"), entry.measured.get("shares")
     here = strategy, {name: round(share, 3) for name, share in zip(names, shares)}
@@ -165,11 +173,11 @@ def _memory_share(hardware: Any, member: joint.Member,
 
 def _overrides(keywords: Mapping[str, Any]) -> dict[str, Any]:
     """DataLoader keywords for every member (the factory's own keywords taken out)."""
-    ours = {"has_augmentation", "has_standardization", "profile_key", "workload"}
+    ours = {"has_augmentation", "has_standardization", "profile_key", "workload", "device"}
     return {k: v for k, v in keywords.items() if k not in ours}
 
 
-def _named_datasets(datasets: Any) -> dict[str, Any]:
+def named_datasets(datasets: Any) -> dict[str, Any]:
     if isinstance(datasets, Mapping):
         named = {str(k): v for k, v in datasets.items()}
     elif isinstance(datasets, Sequence) and not isinstance(datasets, (str, bytes)):

@@ -14,23 +14,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._check import check_int, check_seconds, is_stream
+from .._check import check_int, dataset_size
 from ..config import GroupConfig
 from ..errors import InvalidConfigError
-from ..loading.group import _named_datasets, group_config, plan_members
+from ..loading.group import named_datasets, group_config, plan_members
 from ..loading.multi import check_weights
-from ..loading.safety import check_stream_sharding
 from ..loading.schedule import STRATEGIES
 from ..measure.trial import Trial, run_group_trial
-from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import joint, rules
 from ..policy.joint_search import JointSearch, JointSpace
 from ..profiles import check_key, group_key
 from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from ._progress import Progress
-from .result import MultiTuningResult
-from .tuner import DEFAULT_BUDGET_S, MEASURE_SHARE, MIN_HANG_S, _batch_s, _consumer, window_for
+from .result import MultiTuningResult, measured_fields
+from .tuner import (DEFAULT_BUDGET_S, MEASURE_SHARE, MIN_HANG_S, _batch_s, _consumer,
+                    check_tuning, measure_for_tuning, objective, window_for)
 
 TRIAL_SEED = 0  # every trial draws the same weighted order
 
@@ -73,9 +72,10 @@ class MultiAutotuner:
                  hardware: HardwareInfo | None = None, max_workers: int | None = None,
                  progress: bool | None = None, key: str | None = None,
                  hang_timeout_s: float | None = None) -> None:
-        self.datasets = _named_datasets(datasets)
+        self.datasets = named_datasets(datasets)
         check_int("batch_size", batch_size, minimum=1)
-        check_seconds("budget_s", budget_s)
+        check_tuning(budget_s=budget_s, step_time_s=step_time_s, train_step=train_step,
+                     hang_timeout_s=hang_timeout_s, max_workers=max_workers, progress=progress)
         if strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy={strategy!r} must be one of "
                                      f"{', '.join(STRATEGIES)}")
@@ -85,22 +85,15 @@ class MultiAutotuner:
                                      "autotune.Autotuner")
         if len(self.datasets) < 2:
             raise InvalidConfigError("datasets= has one dataset: tune it with autotune.Autotuner")
-        if step_time_s is not None:
-            check_seconds("step_time_s", step_time_s, allow_zero=True)
-        if step_time_s is not None and train_step is not None:
-            raise InvalidConfigError("pass step_time_s or train_step, not both")
-        if train_step is not None and not callable(train_step):
-            raise InvalidConfigError(f"train_step={train_step!r} must be a callable(batch)")
-        if hang_timeout_s is not None:
-            check_seconds("hang_timeout_s", hang_timeout_s)
-        if max_workers is not None:
-            check_int("max_workers", max_workers, minimum=0)
-        if progress is not None and not isinstance(progress, bool):
-            raise InvalidConfigError(f"progress={progress!r} must be True, False or None")
         if current_ranks().world_size > 1:
             raise InvalidConfigError("MultiAutotuner tunes in one process: run it without "
                                      "torchrun (each rank's share of the machine is then "
                                      "yours to divide; see the README)")
+        for name, dataset in self.datasets.items():  # an empty one fails now, not later
+            try:
+                dataset_size(dataset, who="MultiAutotuner")
+            except InvalidConfigError as exc:
+                raise InvalidConfigError(f"datasets[{name!r}]: {exc}") from None
         self.names = list(self.datasets)
         self.shares = joint.batch_shares(strategy, check_weights(weights, self.names, strategy))
         self.batch_size = batch_size
@@ -112,9 +105,7 @@ class MultiAutotuner:
         self.key = check_key(key) if key is not None else group_key(self.datasets)
         self.step_time_s = step_time_s
         self.consumer = _consumer(step_time_s, train_step)
-        self.objective = ("lean throughput" if self.consumer is None else
-                          f"no stall with a {step_time_s * 1e3:g} ms step"
-                          if step_time_s is not None else "no stall with train_step")
+        self.objective = objective(step_time_s, self.consumer)
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
 
@@ -122,11 +113,16 @@ class MultiAutotuner:
         """Measure each dataset, search the joint split, confirm; returns the chosen split,
         the fastest and every trial."""
         start = time.perf_counter()
-        workloads = {name: self._workload(dataset) for name, dataset in self.datasets.items()}
+        seconds = min(1.0, self.budget_s / MEASURE_SHARE / len(self.datasets))
+        workloads = {name: measure_for_tuning(dataset, seconds,
+                                              hang_timeout_s=self.hang_timeout_s,
+                                              max_workers=self.max_workers)
+                     for name, dataset in self.datasets.items()}
         members = plan_members(
             self.hardware, self.datasets, self.shares, workloads,
             lambda size, stream: rules.DatasetHints(dataset_size=size,
-                                                    batch_size=self.batch_size, stream=stream))
+                                                    batch_size=self.batch_size, stream=stream),
+            who="MultiAutotuner")
         caps = {m.name: rules.max_workers(self.hardware, m.hints, m.workload) for m in members}
         if self.max_workers is not None:
             caps = {name: min(cap, self.max_workers) for name, cap in caps.items()}
@@ -162,30 +158,12 @@ class MultiAutotuner:
                                   keep_up=self.consumer is not None).run()
         finally:
             self.progress.done()
-        chosen, fastest = outcome.chosen, outcome.fastest
         best = GroupConfig(members={
             name: config.replace(source="tuned", reason=outcome.why, **config.settings())
-            for name, config in chosen.config.members.items()})
+            for name, config in outcome.chosen.config.members.items()})
         return MultiTuningResult(
-            best=best, best_samples_per_s=chosen.samples_per_s,
-            best_memory_bytes=chosen.peak_memory_bytes,
-            fastest=fastest.config, fastest_samples_per_s=fastest.samples_per_s,
-            fastest_memory_bytes=fastest.peak_memory_bytes, noise=outcome.noise,
-            baseline_samples_per_s=outcome.baseline.samples_per_s
-            if outcome.baseline.ok else None,
-            trials=outcome.trials, elapsed_s=time.perf_counter() - start,
-            batch_size=self.batch_size, key=self.key, objective=self.objective,
+            best=best, **measured_fields(outcome, start), batch_size=self.batch_size,
+            key=self.key, objective=self.objective,
             strategy=self.strategy,
             shares={name: round(share, 3) for name, share in zip(self.names, self.shares)},
             workloads=workloads, hardware=self.hardware)
-
-    def _workload(self, dataset: Any) -> WorkloadProfile:
-        seconds = min(1.0, self.budget_s / MEASURE_SHARE / len(self.datasets))
-        measuring: dict[str, Any] = {"max_seconds": seconds}
-        if self.hang_timeout_s is not None:
-            measuring["sample_timeout_s"] = self.hang_timeout_s
-        workload = measure_workload(dataset, **measuring)
-        if is_stream(dataset) and (self.max_workers is None or self.max_workers > 1):
-            check_stream_sharding(dataset)  # else more workers would count duplicates
-        return workload
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from ..config import TUNED_SETTINGS, GroupConfig, LoaderConfig
 from ..measure.trial import Trial
 from ..measure.workload import WorkloadProfile
-from ..policy.search import setting_key
+from ..policy.search import SearchOutcome, setting_key
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
 from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo
@@ -115,15 +116,7 @@ class TuningResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "best": self.best.to_dict(),
-                "best_samples_per_s": self.best_samples_per_s,
-                "best_memory_bytes": self.best_memory_bytes,
-                "fastest": None if self.fastest is None else self.fastest.to_dict(),
-                "fastest_samples_per_s": self.fastest_samples_per_s,
-                "fastest_memory_bytes": self.fastest_memory_bytes, "noise": self.noise,
-                "baseline_samples_per_s": self.baseline_samples_per_s,
-                "elapsed_s": self.elapsed_s, "batch_size": self.batch_size,
-                "objective": self.objective, "workload": self.workload.to_dict(),
+        return {**_result_dict(self), "workload": self.workload.to_dict(),
                 "local_world_size": self.local_world_size,
                 "trials": [self._trial_dict(i, t) for i, t in enumerate(self.trials)]}
 
@@ -219,18 +212,36 @@ class MultiTuningResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "best": self.best.to_dict(),
-                "best_samples_per_s": self.best_samples_per_s,
-                "best_memory_bytes": self.best_memory_bytes,
-                "fastest": None if self.fastest is None else self.fastest.to_dict(),
-                "fastest_samples_per_s": self.fastest_samples_per_s,
-                "fastest_memory_bytes": self.fastest_memory_bytes, "noise": self.noise,
-                "baseline_samples_per_s": self.baseline_samples_per_s,
-                "elapsed_s": self.elapsed_s, "batch_size": self.batch_size,
-                "objective": self.objective, "strategy": self.strategy,
+        return {**_result_dict(self), "strategy": self.strategy,
                 "shares": dict(self.shares),
                 "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
                 "trials": [t.to_dict() for t in self.trials]}
+
+
+def measured_fields(outcome: SearchOutcome, start: float) -> dict[str, Any]:
+    """What a search's outcome gives every result: the chosen and the fastest with their
+    samples/s and memory, the noise, torch's defaults, every trial and the time taken."""
+    chosen, fastest = outcome.chosen, outcome.fastest
+    return {"best_samples_per_s": chosen.samples_per_s,
+            "best_memory_bytes": chosen.peak_memory_bytes, "fastest": fastest.config,
+            "fastest_samples_per_s": fastest.samples_per_s,
+            "fastest_memory_bytes": fastest.peak_memory_bytes, "noise": outcome.noise,
+            "baseline_samples_per_s": outcome.baseline.samples_per_s
+            if outcome.baseline.ok else None,
+            "trials": outcome.trials, "elapsed_s": time.perf_counter() - start}
+
+
+def _result_dict(result: TuningResult | MultiTuningResult) -> dict[str, Any]:
+    """The fields every result's ``to_dict`` starts with."""
+    return {"key": result.key, "best": result.best.to_dict(),
+            "best_samples_per_s": result.best_samples_per_s,
+            "best_memory_bytes": result.best_memory_bytes,
+            "fastest": None if result.fastest is None else result.fastest.to_dict(),
+            "fastest_samples_per_s": result.fastest_samples_per_s,
+            "fastest_memory_bytes": result.fastest_memory_bytes, "noise": result.noise,
+            "baseline_samples_per_s": result.baseline_samples_per_s,
+            "elapsed_s": result.elapsed_s, "batch_size": result.batch_size,
+            "objective": result.objective}
 
 
 def _measured(result: TuningResult | MultiTuningResult) -> dict[str, Any]:

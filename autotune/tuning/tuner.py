@@ -33,7 +33,7 @@ from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from ._progress import Progress
 from .ranks import RankTrial, Team
-from .result import TuningResult
+from .result import TuningResult, measured_fields
 
 DEFAULT_BUDGET_S = 60.0
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
@@ -78,19 +78,8 @@ class Autotuner:
                  progress: bool | None = None, key: str | None = None,
                  hang_timeout_s: float | None = None) -> None:
         check_int("batch_size", batch_size, minimum=1)
-        check_seconds("budget_s", budget_s)
-        if step_time_s is not None:
-            check_seconds("step_time_s", step_time_s, allow_zero=True)
-        if step_time_s is not None and train_step is not None:
-            raise InvalidConfigError("pass step_time_s or train_step, not both")
-        if train_step is not None and not callable(train_step):
-            raise InvalidConfigError(f"train_step={train_step!r} must be a callable(batch)")
-        if hang_timeout_s is not None:
-            check_seconds("hang_timeout_s", hang_timeout_s)
-        if max_workers is not None:
-            check_int("max_workers", max_workers, minimum=0)
-        if progress is not None and not isinstance(progress, bool):
-            raise InvalidConfigError(f"progress={progress!r} must be True, False or None")
+        check_tuning(budget_s=budget_s, step_time_s=step_time_s, train_step=train_step,
+                     hang_timeout_s=hang_timeout_s, max_workers=max_workers, progress=progress)
         self.dataset = dataset
         self.size = dataset_size(dataset, who="the autotuner")
         self.batch_size = batch_size
@@ -102,9 +91,7 @@ class Autotuner:
         self.key = check_key(key) if key is not None else dataset_key(dataset)
         self.step_time_s = step_time_s
         self.consumer = _consumer(step_time_s, train_step)
-        self.objective = ("lean throughput" if self.consumer is None else
-                          f"no stall with a {step_time_s * 1e3:g} ms step"
-                          if step_time_s is not None else "no stall with train_step")
+        self.objective = objective(step_time_s, self.consumer)
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
         # a stream's samples per epoch (if known) and the most drawn without an epoch end,
@@ -135,13 +122,9 @@ class Autotuner:
         return team.finish(result)
 
     def _workload(self) -> WorkloadProfile:
-        measuring: dict[str, Any] = {"max_seconds": min(1.0, self.budget_s / MEASURE_SHARE)}
-        if self.hang_timeout_s is not None:
-            measuring["sample_timeout_s"] = self.hang_timeout_s
-        workload = measure_workload(self.dataset, collate_fn=self.collate_fn, **measuring)
-        if is_stream(self.dataset) and (self.max_workers is None or self.max_workers > 1):
-            check_stream_sharding(self.dataset)  # else more workers would count duplicates
-        return workload
+        return measure_for_tuning(self.dataset, min(1.0, self.budget_s / MEASURE_SHARE),
+                                  hang_timeout_s=self.hang_timeout_s,
+                                  max_workers=self.max_workers, collate_fn=self.collate_fn)
 
     def _trial(self, config: LoaderConfig, phase: str, window_s: float,
                hang_s: float) -> Trial:
@@ -201,18 +184,11 @@ class Autotuner:
                              keep_up=self.consumer is not None).run()
         finally:
             self.progress.done()
-        chosen, fastest = outcome.chosen, outcome.fastest
-        best = chosen.config.replace(source="tuned", reason=outcome.why,
-                                     **chosen.config.settings())
+        best = outcome.chosen.config.replace(source="tuned", reason=outcome.why,
+                                             **outcome.chosen.config.settings())
         return TuningResult(
-            best=best, best_samples_per_s=chosen.samples_per_s,
-            best_memory_bytes=chosen.peak_memory_bytes,
-            fastest=fastest.config, fastest_samples_per_s=fastest.samples_per_s,
-            fastest_memory_bytes=fastest.peak_memory_bytes, noise=outcome.noise,
-            baseline_samples_per_s=outcome.baseline.samples_per_s
-            if outcome.baseline.ok else None,
-            trials=outcome.trials, elapsed_s=time.perf_counter() - start,
-            batch_size=self.batch_size, key=self.key, objective=self.objective,
+            best=best, **measured_fields(outcome, start), batch_size=self.batch_size,
+            key=self.key, objective=self.objective,
             workload=workload, hardware=self.hardware,
             local_world_size=current_ranks().local_world_size,
             rank_trials=tuple(ranks_of[id(t)] for t in outcome.trials) if team else ())
@@ -250,6 +226,47 @@ def trial_window_s(budget_s: float, batch_s: float, step_s: float = 0.0, *, work
                max(MAX_WINDOW_S, budget_s / 6))
     round_s = max(batch_s, workers * batch_cpu_s / max(1, cpus)) if workers else 0.0
     return max(base, min(ROUNDS * round_s, max(MAX_WINDOW_S, budget_s / 4)))
+
+
+def measure_for_tuning(dataset: Any, max_seconds: float, *, hang_timeout_s: float | None,
+                       max_workers: int | None,
+                       collate_fn: Callable[[list[Any]], Any] | None = None) -> WorkloadProfile:
+    """The quick measurement a tuner starts from; a stream must split by worker first, else
+    more workers would count duplicates."""
+    measuring: dict[str, Any] = {"max_seconds": max_seconds}
+    if hang_timeout_s is not None:
+        measuring["sample_timeout_s"] = hang_timeout_s
+    workload = measure_workload(dataset, collate_fn=collate_fn, **measuring)
+    if is_stream(dataset) and (max_workers is None or max_workers > 1):
+        check_stream_sharding(dataset)
+    return workload
+
+
+def check_tuning(*, budget_s: Any, step_time_s: Any, train_step: Any, hang_timeout_s: Any,
+                 max_workers: Any, progress: Any) -> None:
+    """The arguments every tuner takes, each checked with a clear error."""
+    check_seconds("budget_s", budget_s)
+    if step_time_s is not None:
+        check_seconds("step_time_s", step_time_s, allow_zero=True)
+    if step_time_s is not None and train_step is not None:
+        raise InvalidConfigError("pass step_time_s or train_step, not both")
+    if train_step is not None and not callable(train_step):
+        raise InvalidConfigError(f"train_step={train_step!r} must be a callable(batch)")
+    if hang_timeout_s is not None:
+        check_seconds("hang_timeout_s", hang_timeout_s)
+    if max_workers is not None:
+        check_int("max_workers", max_workers, minimum=0)
+    if progress is not None and not isinstance(progress, bool):
+        raise InvalidConfigError(f"progress={progress!r} must be True, False or None")
+
+
+def objective(step_time_s: float | None, consumer: Callable[[Any], None] | None) -> str:
+    """What the choice optimises, in words."""
+    if consumer is None:
+        return "lean throughput"
+    if step_time_s is not None:
+        return f"no stall with a {step_time_s * 1e3:g} ms step"
+    return "no stall with train_step"
 
 
 def _consumer(step_time_s: float | None,
