@@ -111,3 +111,18 @@ def test_the_budget_stops_new_trials():
     JointSearch(surface, space({"cpu": 2, "io": 24}, {"cpu": 2, "io": 64}), budget_s=8,
                 clock=lambda: next(ticks)).run()
     assert len(surface.asked) <= 8
+
+
+def test_a_machine_that_speeds_up_does_not_pass_for_more_workers():
+    # Every setting measures the same, but each trial runs 8% faster than the one before
+    # (a shared machine drifting): the pick left behind, measured again, shows the gain
+    # was the drift, so the climb stops at the first step and the lean split stays.
+    calls = itertools.count()
+    surface = Surface(lambda w: (1000.0 if w["cpu"] and w["io"] else 300.0)
+                      * 1.08 ** next(calls))
+    outcome = JointSearch(surface, space({"cpu": 2, "io": 6}, {"cpu": 2, "io": 6})).run()
+    phases = [p for p, _ in surface.asked]
+    assert "recheck" in phases
+    assert not any(p in ("scale", "grow") and w["cpu"] + w["io"] > 16
+                   for p, w in surface.asked)  # it did not go on doubling
+    assert outcome.chosen.config.num_workers <= 8

@@ -8,7 +8,9 @@ strategy's runs, each loader's part of the memory). The steps:
 1. torch's defaults (no workers anywhere), the rules' joint split, and each loader sized alone;
 2. up from the lean pick, the first move that clearly pays, again and again: all counts
    doubled, or one loader's alone. The loop goes at the pace of the loader that falls short,
-   so what holds it back may be one loader (the rules underrated it) or all of them;
+   so what holds it back may be one loader (the rules underrated it) or all of them. After
+   each move that pays, the pick it left is measured again, side by side: on shared CPUs the
+   machine's speed drifts, and a gain that the old pick also shows now was the drift;
 3. all counts halved while the loop stays as fast (or, with a consumer, keeps up);
 4. each loader's count halved on its own while the loop stays as fast, most workers first, with
    one midpoint when a halving went too far: a loader that does not hold the loop back gives
@@ -81,9 +83,22 @@ class JointSearch(Measurements):
                 if not self._has_time():
                     return
                 if self._clearly_better(self._try(counts, phase)):
+                    if not self._still_behind(lean, counts):
+                        return  # the gain was the machine's drift, not the move
                     break
             else:
                 return  # no move up paid
+
+    def _still_behind(self, lean: Counts, counts: Counts) -> bool:
+        """Measure the pick left behind again, right after the move that beat it: a
+        machine whose speed drifts (shared CPUs) makes every later trial look better, and
+        only side by side does the move's own gain show."""
+        if not self._has_time(reserve=False):
+            return True
+        before = self._measure(self.space.configure(self._capped(lean)), "recheck", again=True)
+        after = self._runs[setting_key(self.space.configure(self._capped(counts)))][-1]
+        return before.ok and (after.samples_per_s or 0.0) > \
+            (before.samples_per_s or 0.0) * (1 + self.noise())
 
     def _shrink(self) -> None:
         """Every count halved while the loop stays as good."""
