@@ -4,9 +4,6 @@ applied by ``create_training_loaders``; the CLI on a target that returns several
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from autotune.measure.trial import run_group_trial
 from autotune.profiles import ProfileEntry, load_profile, save_entry
 
 from datasets import Indexed, Sleepy
+from test_tuner import _cli  # the CLI in a subprocess, with tests/ importable
 
 HERE = Path(__file__).parent
 WEIGHTS = {"io": 1, "cpu": 1}
@@ -132,12 +130,6 @@ def test_an_entry_tuned_for_another_mix_applies_with_a_warning(tmp_path):
         multi = factory.create_training_loaders(pair(), 8, profile_key="mix")
     assert {loader.autotune_config.source for loader in multi.loaders.values()} == {"rules"}
     multi.close()
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
-                          text=True, timeout=180, cwd=cwd, env=env)
 
 
 def test_cli_tunes_a_mapping_as_one_loop_and_show_lists_it(tmp_path):
