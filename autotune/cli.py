@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_positive_int, required=True, metavar="B")
     tune.add_argument("--budget-s", type=_positive_float, default=60.0, metavar="S",
                       help="time to spend measuring (default 60)")
-    tune.add_argument("--key", help="profile key (default: the dataset's class name)")
+    tune.add_argument("--key", help="profile key (default: the dataset's class name; several "
+                      "datasets: their class names joined by +)")
     tune.add_argument("--step-time-s", type=_non_negative_float, metavar="T",
                       help="simulate a training step of T seconds per batch: choose the "
                            "cheapest settings that keep up, not the fastest")
