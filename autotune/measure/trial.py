@@ -80,8 +80,7 @@ def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str
     ended in a trial, and the most samples a trial drew without an end), ``_WholeEpochs``.
     """
     def build() -> DataLoader:
-        built = config.replace(timeout=hang_s) if config.num_workers > 0 else config
-        return build_loader(dataset, batch_size, built, shuffle=True,
+        return build_loader(dataset, batch_size, _bounded(config, hang_s), shuffle=True,
                             extra={"collate_fn": collate_fn})
 
     pace = _Pace(burst=config.num_workers * (config.prefetch_factor or 2),
@@ -100,10 +99,9 @@ def run_group_trial(datasets: Mapping[str, Any], batch_size: int, config: GroupC
     shares = batch_shares(strategy, check_weights(weights, list(datasets), strategy))
 
     def build() -> MultiLoader:
-        loaders = {}
-        for name, member in config.members.items():
-            built = member.replace(timeout=hang_s) if member.num_workers > 0 else member
-            loaders[name] = build_loader(datasets[name], batch_size, built, shuffle=True)
+        loaders = {name: build_loader(datasets[name], batch_size, _bounded(member, hang_s),
+                                      shuffle=True)
+                   for name, member in config.members.items()}
         return MultiLoader(loaders, strategy=strategy, weights=weights, seed=seed)
 
     members = list(config.members.values())
@@ -113,6 +111,11 @@ def run_group_trial(datasets: Mapping[str, Any], batch_size: int, config: GroupC
                  count=lambda named: batch_length(named[1]))
     return _run(build, config, pace, phase=phase, window_s=window_s, hang_s=hang_s,
                 consumer=consumer)
+
+
+def _bounded(config: LoaderConfig, hang_s: float) -> LoaderConfig:
+    """Workers that send nothing for ``hang_s`` fail the trial (torch's own timeout)."""
+    return config.replace(timeout=hang_s) if config.num_workers > 0 else config
 
 
 @dataclass(frozen=True)
