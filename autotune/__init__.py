@@ -8,12 +8,14 @@
 
 from .config import GroupConfig, LoaderConfig
 from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_stats
-from .errors import (AutotuneError, DatasetError, InvalidConfigError, ProfileError,
-                     WorkerCrashError, WorkerSafetyError)
+from .errors import (AutotuneError, DataFileError, DatasetError, InvalidConfigError,
+                     ProfileError, WorkerCrashError, WorkerSafetyError)
 from .loading.builder import TunedDataLoader
 from .loading.device import DeviceLoader
 from .loading.factory import OptimalDataLoaderFactory
 from .loading.multi import MultiLoader
+from .sources.chunk_sampler import ChunkShuffleSampler
+from .sources.hdf5 import HDF5Dataset
 from .sources.sharding import ShardedIterable, shard_iterable
 from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
                        probe_hardware)
@@ -36,13 +38,16 @@ __all__ = [
     "AugmentedDataset",
     "AutotuneError",
     "Autotuner",
+    "ChunkShuffleSampler",
     "CpuInfo",
+    "DataFileError",
     "DatasetError",
     "DatasetHints",
     "DeviceLoader",
     "DistributedInfo",
     "GpuInfo",
     "GroupConfig",
+    "HDF5Dataset",
     "HardwareInfo",
     "HostInfo",
     "InvalidConfigError",

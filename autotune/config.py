@@ -106,13 +106,26 @@ class LoaderConfig(Mapping):
         return dataclasses.replace(self, reasons=reasons, source=source or self.source,
                                    **settings)
 
+    def noted(self, **notes: str) -> LoaderConfig:
+        """A copy that also explains choices outside the settings (how the data is read:
+        ``sampler``, ``cache_bytes``, ``preload``); ``explain()`` lists them last."""
+        clash = set(notes) & set(SETTINGS)
+        if clash:
+            raise InvalidConfigError(f"{sorted(clash)[0]} is a setting: use replace()")
+        return dataclasses.replace(self, reasons={**self.reasons, **notes})
+
     def explain(self) -> str:
-        """Every setting with its value and why it was chosen, one per line."""
+        """Every setting with its value and why it was chosen, one per line; then how the
+        data is read, where the factory chose that too."""
         width = max(len(name) for name in SETTINGS)
         lines = [f"DataLoader settings (source: {self.source})"]
         for name in SETTINGS:
             reason = self.reasons.get(name, "default")
             lines.append(f"  {name:<{width}} = {getattr(self, name)!s:<6}  {reason}")
+        notes = [name for name in self.reasons if name not in SETTINGS]
+        if notes:
+            lines.append("Reading the data")
+            lines.extend(f"  {name:<{width}}   {self.reasons[name]}" for name in notes)
         return "\n".join(lines)
 
     def settings(self) -> dict[str, Any]:

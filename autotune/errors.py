@@ -6,6 +6,8 @@
     │                                   or a profile is malformed or from a newer schema
     ├── DatasetError                    the dataset raised, or did not return in time, while
     │                                   autotune measured it
+    ├── DataFileError                   a data file (HDF5) cannot be read as asked: names the
+    │                                   file and the key
     ├── WorkerCrashError(RuntimeError)  a factory loader's worker process died mid-epoch
     └── WorkerSafetyError               workers could not receive the dataset (spawn/forkserver),
                                         or a stream would give every worker the same items
@@ -43,6 +45,16 @@ class DatasetError(AutotuneError):
         self.original = original
         what = f"item {index} of the stream" if stream else f"dataset[{index}]"
         super().__init__(f"{what} raised {type(original).__name__}: {original}")
+
+
+class DataFileError(AutotuneError):
+    """A data file cannot be read as asked; names the file and, where it applies, the key."""
+
+    def __init__(self, path: object, key: str | None, problem: str) -> None:
+        self.path = str(path)
+        self.key = key
+        where = f"{self.path!r}, key {key!r}" if key else repr(self.path)
+        super().__init__(f"{where}: {problem}")
 
 
 class WorkerCrashError(AutotuneError, RuntimeError):

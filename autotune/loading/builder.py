@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 from .._check import is_stream
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
+from .chunked import chunk_sampler, reads_chunks
 from .crash import CrashNamingIterator
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
@@ -101,7 +102,8 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
     ``extra`` holds DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
     ``generator``, ...); a ``worker_init_fn`` there runs after autotune's own.
     With a ``batch_sampler`` it decides batching, order and the last batch itself.
-    An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it.
+    An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it. A chunked
+    ``HDF5Dataset`` is shuffled by a ``ChunkShuffleSampler`` (``loading.chunked``).
     A ``meter`` adds up the seconds the workers spend making and collating batches.
     """
     extra = dict(extra or {})
@@ -112,6 +114,9 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
             raise InvalidConfigError(
                 f"{given[0]}= was given for an IterableDataset ({type(dataset).__name__}), "
                 "which decides its own order: shuffle or shard inside its __iter__ instead")
+    if shuffle and not ({"sampler", "batch_sampler"} & set(extra)) and reads_chunks(dataset):
+        extra["sampler"] = chunk_sampler(dataset, batch_size, config.num_workers,
+                                         generator=extra.get("generator"))
     kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))
     if "batch_sampler" in extra:
         kwargs.pop("drop_last")

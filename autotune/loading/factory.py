@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from ..system.distributed import Ranks, current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
 from ..tuning.adapt import DEFAULT_EVERY, AdaptiveLoader
 from .builder import TunedDataLoader, build_loader
+from .chunked import chunk_sampler, fit_chunks, reads_chunks, sampler_note
 from .device import DeviceLoader, check_device
 from .group import create_group
 from .multi import MultiLoader
@@ -318,7 +320,10 @@ class OptimalDataLoaderFactory:
         ranks = current_ranks()
         stream = is_stream(dataset)
         ordered = "sampler" in overrides or "batch_sampler" in overrides
-        if ranks.distributed and not stream and not ordered:
+        chunked = training and not ordered and reads_chunks(dataset)
+        if chunked and ranks.distributed:
+            size = math.ceil(size / ranks.world_size)  # this rank's share of the chunk order
+        elif ranks.distributed and not stream and not ordered:
             overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
             size = len(overrides["sampler"])
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
@@ -330,6 +335,11 @@ class OptimalDataLoaderFactory:
         config = self._resolve(hints, workload, entry, key, explicit)
         if shape is not None:
             config = shape(config)
+        config = fit_chunks(dataset, config, _per_rank(self.hardware))
+        if chunked:
+            overrides["sampler"] = chunk_sampler(dataset, batch_size, config.num_workers,
+                                                 seed=self.seed)
+            config = config.noted(sampler=sampler_note(overrides["sampler"]))
         if adapt_every is not None:
             config = _in_order(config)
         if not ordered and size is not None:

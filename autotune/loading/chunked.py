@@ -1,0 +1,69 @@
+"""How the factory and the builder read chunked data (``HDF5Dataset``).
+
+A chunked dataset that is not preloaded is shuffled by ``ChunkShuffleSampler`` (whole
+chunks, a window at a time, each worker its own stripe) and each reading process gets a
+cache of one window of blocks, within the memory budget (``policy.chunks``). A preloaded
+one is plain random access: torch's own shuffling is right for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import LoaderConfig
+from ..policy import chunks
+from ..sources.chunk_sampler import ChunkShuffleSampler
+from ..sources.hdf5 import HDF5Dataset
+from ..system.hardware import HardwareInfo
+
+
+def reads_chunks(dataset: Any) -> bool:
+    """An ``HDF5Dataset`` read from its files (not preloaded)."""
+    return isinstance(dataset, HDF5Dataset) and not dataset.preloaded
+
+
+def fit_chunks(dataset: Any, config: LoaderConfig, hardware: HardwareInfo) -> LoaderConfig:
+    """Size the dataset's cache for ``config``'s readers (unless its caller sized it) and say
+    how the data is read in ``config``'s notes."""
+    if not isinstance(dataset, HDF5Dataset):
+        return config
+    if dataset.preloaded:
+        return config.noted(preload=f"preloaded: {dataset.preload_reason}")
+    plan = chunks.cache_plan(hardware, workers=config.num_workers,
+                             block_bytes=dataset.block_bytes,
+                             blocks=len(dataset.chunk_ranges),
+                             cache_bytes=dataset.cache_bytes
+                             if dataset.cache_set_explicitly else None)
+    if not dataset.cache_set_explicitly:
+        dataset.set_cache_bytes(plan.cache_bytes, plan.reason)
+    return config.noted(preload=f"not preloaded: {dataset.preload_reason}",
+                        cache_bytes=f"{dataset.cache_bytes / 1e6:,.1f} MB per reading "
+                                    f"process: {dataset.cache_reason}")
+
+
+def window(dataset: HDF5Dataset) -> int:
+    """The chunks to shuffle together: as many blocks as the cache holds, at most the
+    default window."""
+    return max(1, min(chunks.DEFAULT_WINDOW, dataset.cache_bytes // max(1, dataset.block_bytes)))
+
+
+def chunk_sampler(dataset: HDF5Dataset, batch_size: int, workers: int, *,
+                  seed: int | None = None, generator: torch.Generator | None = None
+                  ) -> ChunkShuffleSampler:
+    """The training order for ``dataset`` (this rank's share when there are ranks); its seed
+    is ``seed``, else drawn from ``generator``, else from torch's global generator."""
+    if seed is None and generator is not None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+    return ChunkShuffleSampler(dataset, window=window(dataset), seed=seed,
+                               batch_size=batch_size, num_workers=workers)
+
+
+def sampler_note(sampler: ChunkShuffleSampler) -> str:
+    """For ``explain()``: what the chunk order is and what it trades."""
+    stripes = (f"; each of the {sampler.num_workers} workers reads its own chunks"
+               if sampler.num_workers > 1 else "")
+    return (f"ChunkShuffleSampler(window={sampler.window}): chunk order shuffled, then samples "
+            f"within windows of {sampler.window} chunks, so each chunk is decompressed once "
+            f"per epoch (a batch mixes up to {sampler.window} chunks){stripes}")
