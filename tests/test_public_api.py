@@ -7,7 +7,8 @@ import types
 import autotune
 
 DESIGN_NAMES = {"probe_hardware", "measure_workload", "OptimalDataLoaderFactory",
-                "LoaderConfig", "AutotuneError", "InvalidConfigError", "ProfileError"}
+                "LoaderConfig", "AutotuneError", "InvalidConfigError", "ProfileError",
+                "HDF5Dataset", "ChunkShuffleSampler"}
 
 
 def test_all_is_sorted_and_complete():
@@ -23,7 +24,7 @@ def test_design_names_exist():
 
 def test_every_error_is_an_autotune_error():
     for name in ("InvalidConfigError", "ProfileError", "DatasetError", "WorkerCrashError",
-                 "WorkerSafetyError"):
+                 "WorkerSafetyError", "DataFileError"):
         assert issubclass(getattr(autotune, name), autotune.AutotuneError)
     assert issubclass(autotune.InvalidConfigError, ValueError)
     assert issubclass(autotune.WorkerCrashError, RuntimeError)  # as torch's own error is

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
+from .._warn import warn_user
 from ..config import LoaderConfig
 from ..policy import chunks
 from ..sources.chunk_sampler import ChunkShuffleSampler
@@ -27,6 +29,10 @@ def reads_chunks(dataset: Any) -> bool:
 def fit_chunks(dataset: Any, config: LoaderConfig, hardware: HardwareInfo) -> LoaderConfig:
     """Size the dataset's cache for ``config``'s readers (unless its caller sized it) and say
     how the data is read in ``config``'s notes."""
+    if isinstance(dataset, Subset) and reads_chunks(dataset.dataset):
+        warn_user("a Subset of a chunked HDF5Dataset (a split) is read sample by sample in "
+                  "the Subset's order: shuffled, every sample decompresses a whole chunk. "
+                  "Split by files instead (one HDF5Dataset per split), or preload=True")
     if not isinstance(dataset, HDF5Dataset):
         return config
     if dataset.preloaded:

@@ -231,14 +231,15 @@ class HDF5Dataset(Dataset):
             return arrays
         block = self._blocks[index]
         handle = self._file(block.file)
-        arrays = tuple(self._rows(handle, block.file, name, block.start, block.stop)
-                       for name in self._names)
+        arrays = tuple(self._rows(handle, block.file, name, block.start, block.stop, dtype)
+                       for name, dtype in zip(self._names, self._dtypes))
         cache.put(index, arrays, sum(a.nbytes for a in arrays))
         return arrays
 
-    def _rows(self, handle: Any, file: int, name: str, start: int, stop: int) -> np.ndarray:
+    def _rows(self, handle: Any, file: int, name: str, start: int, stop: int,
+              dtype: np.dtype) -> np.ndarray:
         try:
-            return handle[name][start:stop]
+            return np.asarray(handle[name][start:stop], dtype=dtype)
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataFileError(self.files[file], name,
                                 f"rows {start}-{stop - 1} could not be read ({exc}): the file "
@@ -427,6 +428,8 @@ def _dataset(h5py: Any, handle: Any, path: str, name: str) -> Any:
 
 
 def _check_dtype(path: str, name: str, dtype: np.dtype) -> np.dtype:
+    """The dtype samples get: the file's, in native byte order (torch takes no other)."""
+    dtype = dtype.newbyteorder("=")
     try:
         torch.from_numpy(np.zeros(1, dtype=dtype))
     except TypeError as exc:
