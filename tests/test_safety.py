@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -55,6 +56,24 @@ def test_local_function_and_partial_are_named():
         check_worker_safety(Indexed(4), worker_init_fn=functools.partial(lambda w, k: None,
                                                                          k=1), context="spawn")
     assert err.value.path == "worker_init_fn.func"
+
+
+class Holder(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+
+class Unpicklable(torch.Tensor):
+    def __reduce_ex__(self, protocol):
+        raise TypeError("no")
+
+
+def test_arrays_are_not_copied_to_check_them_but_object_arrays_are_looked_into():
+    # a tensor is taken as picklable, not copied to check (a preloaded dataset's gigabytes)
+    check_worker_safety(Holder(torch.zeros(4).as_subclass(Unpicklable)), context="spawn")
+    with pytest.raises(WorkerSafetyError) as err:
+        check_worker_safety(Holder(np.array([lambda: 0], dtype=object)), context="spawn")
+    assert err.value.path.startswith("dataset.data")
 
 
 @pytest.mark.filterwarnings("ignore:Got pickle error")  # torch's, from the plain loader

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import glob
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from torch.utils.data import Dataset
 from .._check import check_int
 from ..errors import DataFileError, InvalidConfigError
 from ..policy import chunks as rules
+
+log = logging.getLogger(__name__)
 
 MIN_BLOCK_BYTES = 256 << 10  # tiny chunks are read several at a time: one h5py call each
 CONTIGUOUS_BLOCK_BYTES = 1 << 20  # rows per read of an unchunked dataset
@@ -113,6 +116,7 @@ class HDF5Dataset(Dataset):
         else:
             self.preload_reason = "set explicitly"
         self.preloaded = preload
+        log.info("HDF5Dataset of %d samples: %s", self._length, self.preload_reason)
         self._data = self._read_all(h5py) if preload else None
         self._reset()
 
