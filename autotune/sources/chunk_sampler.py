@@ -19,8 +19,8 @@ Workers: given ``batch_size`` and ``num_workers``, the rank's share is split int
 stripe per worker and batch ``i`` comes from stripe ``i % num_workers``, the worker that
 DataLoader sends batch ``i`` to: each worker reads only its own chunks. With
 ``in_order=False`` DataLoader may send a batch to a less busy worker instead, which then
-reads chunks of another's stripe (measured 2.7x slower on the bench's file; the autotuner
-measures it and keeps batches in order there).
+reads chunks of another's stripe (2.7x slower in an autotuner trial on a JetClass-like
+file; the autotuner measures it and kept batches in order).
 """
 
 from __future__ import annotations
