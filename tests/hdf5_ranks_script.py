@@ -23,6 +23,8 @@ def main() -> None:
                                         drop_last=False) as loader:
         seen["sampler"] = type(loader.sampler).__name__
         seen["epochs"] = [[int(i) for _, index in loader for i in index] for _ in range(2)]
+    val = factory.create_validation_loader(ds, batch_size=50, num_workers=0)
+    seen["val"] = [int(i) for _, index in val for i in index]
     everyone: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, seen)
     if dist.get_rank() == 0:

@@ -325,6 +325,8 @@ def test_two_ranks_with_workers_see_every_sample_once_per_epoch(files, tmp_path)
         assert len(zero) == len(one) == 256
         assert sorted(zero + one) == list(range(512))
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
+    # evaluation: in order, unpadded, each rank one run of consecutive samples
+    assert ranks[0]["val"] == list(range(256)) and ranks[1]["val"] == list(range(256, 512))
 
 
 # -- measuring ------------------------------------------------------------------------------

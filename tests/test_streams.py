@@ -199,6 +199,10 @@ def test_the_shard_sampler_keeps_order_without_padding():
     shards = [list(ShardSampler(11, rank=r, world_size=3)) for r in range(3)]
     assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
     assert [len(ShardSampler(11, rank=r, world_size=3)) for r in range(3)] == [4, 4, 3]
+    runs = [list(ShardSampler(11, rank=r, world_size=3, contiguous=True)) for r in range(3)]
+    assert runs == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10]]
+    assert [len(ShardSampler(11, rank=r, world_size=3, contiguous=True))
+            for r in range(3)] == [3, 4, 4]
 
 
 def test_torchrun_environment_alone_gives_each_rank_its_share(factory, monkeypatch):

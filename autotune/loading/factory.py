@@ -170,9 +170,10 @@ class OptimalDataLoaderFactory:
                                  **dataloader_overrides: Any) -> Any:
         """In order, keeps the last partial batch, workers not held between passes
         (arguments as ``create_training_loader``, without ``adapt``). Under torch.distributed
-        each rank gets every world-size-th sample, without the padding duplicates that would
-        count some samples twice in a metric (ranks may run one batch more or less than
-        another)."""
+        each rank gets every world-size-th sample (a run of consecutive ones for a chunked
+        ``HDF5Dataset``: each chunk read on one rank), without the padding duplicates that
+        would count some samples twice in a metric (ranks may run one batch more or less
+        than another)."""
         return self._create(dataset, batch_size, False, has_augmentation, has_standardization,
                             profile_key, workload, dataloader_overrides, device=device)
 
@@ -437,11 +438,12 @@ def _per_rank(hardware: HardwareInfo) -> HardwareInfo:
 def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,
                   seed: int | None) -> EpochDistributedSampler | ShardSampler:
     """This rank's share: shuffled and reshuffled every epoch for training, in order and
-    unpadded for evaluation."""
+    unpadded for evaluation (one run of consecutive samples for chunked data)."""
     if training:
         return EpochDistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank,
                                        shuffle=True, seed=seed or 0)
-    return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size)
+    return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size,
+                        contiguous=reads_chunks(dataset))
 
 
 def _in_order(config: LoaderConfig) -> LoaderConfig:

@@ -8,6 +8,8 @@
   padding, so evaluation counts every sample exactly once (ranks may get one sample more
   or less than each other; torch's sampler pads with duplicates instead). A
   ``DistributedSampler`` subclass, so that Lightning keeps it rather than sharding it again.
+  ``contiguous=True`` gives rank r one run of consecutive samples instead, for chunked
+  data: strided, every rank would decompress every chunk.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ class EpochDistributedSampler(DistributedSampler):
 
 
 class ShardSampler(DistributedSampler):
-    """This rank's indices of ``range(size)`` in order, without padding.
+    """This rank's indices of ``range(size)`` in order, without padding: every
+    ``world_size``-th, or with ``contiguous`` one run of consecutive ones.
 
     A ``DistributedSampler`` so that what adds one to every loader lacking it (Lightning's
     ``use_distributed_sampler``) keeps this one instead of sharding the shard again.
     """
 
-    def __init__(self, size: int, *, rank: int, world_size: int) -> None:
+    def __init__(self, size: int, *, rank: int, world_size: int,
+                 contiguous: bool = False) -> None:
         check_int("size", size, minimum=0)
         check_int("world_size", world_size, minimum=1)
         check_int("rank", rank, minimum=0)
@@ -50,10 +54,14 @@ class ShardSampler(DistributedSampler):
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
         super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False)
         self.size, self.world_size = size, world_size
-        self.num_samples, self.total_size = len(range(rank, size, world_size)), size
+        if contiguous:
+            self._indices = range(size * rank // world_size, size * (rank + 1) // world_size)
+        else:
+            self._indices = range(rank, size, world_size)
+        self.num_samples, self.total_size = len(self._indices), size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.world_size))
+        return iter(self._indices)
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
+        return len(self._indices)
