@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, RandomSampler, get_worker_info
 
 import autotune
@@ -457,3 +459,46 @@ def test_a_split_of_a_chunked_dataset_warns_that_it_reads_sample_by_sample(files
         train, _, _ = factory.create_dataloaders(ds, 16, splits=(0.5, 0.5, None),
                                                  num_workers=0)
     assert len(indices(train)) == 256
+
+
+class Chunked:
+    """Only what a ChunkShuffleSampler reads: a length and the chunks' ranges."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        starts = np.cumsum([0, *sizes])
+        self.chunk_ranges = tuple(range(a, b) for a, b in zip(starts[:-1], starts[1:]))
+
+    def __len__(self) -> int:
+        return self.chunk_ranges[-1].stop
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=30), window=st.integers(1, 6),
+       world=st.integers(1, 4), workers=st.integers(0, 4), batch=st.integers(1, 50),
+       drop_last=st.booleans(), shuffle=st.booleans(), seed=st.integers(0, 2**31))
+def test_any_chunking_ranks_and_workers_keep_distributed_sampler_semantics(
+        sizes, window, world, workers, batch, drop_last, shuffle, seed):
+    ds = Chunked(sizes)
+    size = len(ds)
+    shares = [list(ChunkShuffleSampler(ds, window=window, seed=seed, shuffle=shuffle,
+                                       num_replicas=world, rank=r, drop_last=drop_last,
+                                       batch_size=batch, num_workers=workers))
+              for r in range(world)]
+    per_rank = size // world if drop_last else -(-size // world)
+    assert [len(s) for s in shares] == [per_rank] * world
+    counts = collections.Counter(i for s in shares for i in s)
+    assert all(0 <= i < size for i in counts)
+    if drop_last:
+        assert set(counts.values()) <= {1} and len(counts) == per_rank * world
+    else:
+        assert set(counts) == set(range(size))  # every sample, the padding repeats a few
+        assert sum(counts.values()) - size == per_rank * world - size
+    if workers > 1:  # batch i comes from stripe i % workers, a contiguous run of chunks
+        chunk_of = {i: c for c, r in enumerate(ds.chunk_ranges) for i in r}
+        for share in shares:
+            batches = [share[b:b + batch] for b in range(0, len(share), batch)]
+            stripes = [{chunk_of[i] for b in batches[w::workers] for i in b}
+                       for w in range(workers)]
+            extra = sum(sum(c in s for s in stripes) - 1 for c in set.union(*stripes))
+            # a chunk read again at each stripe's edge, and where padding wraps around
+            assert extra <= workers - 1 + max(0, per_rank * world - size)
