@@ -166,10 +166,14 @@ DDP_CASES = {"workers1-lightning-sampler": ("1", "1"), "workers0-own-sampler": (
 @pytest.fixture(scope="module", params=sorted(DDP_CASES))
 def ddp_ranks(request, tmp_path_factory) -> tuple[str, list[dict]]:
     out = tmp_path_factory.mktemp("ddp")
+    return request.param, run_ddp(out, *DDP_CASES[request.param])
+
+
+def run_ddp(out: Path, *arguments: str) -> list[dict]:
+    """Every rank's record of ``lightning_ddp_script.py`` run with these arguments."""
     env = {**os.environ, "AUTOTUNE_PROFILE_DIR": str(out / "profiles"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(HERE / "lightning_ddp_script.py"), str(out),
-               *DDP_CASES[request.param]]
+    command = [sys.executable, str(HERE / "lightning_ddp_script.py"), str(out), *arguments]
     with subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
         try:
@@ -179,7 +183,7 @@ def ddp_ranks(request, tmp_path_factory) -> tuple[str, list[dict]]:
             output, _ = proc.communicate()
             pytest.fail(f"DDP run did not finish in 120 s:\n{output[-3000:]}")
     assert proc.returncode == 0, output[-3000:]
-    return request.param, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.distributed
@@ -215,6 +219,27 @@ def test_ddp_validation_counts_every_sample_once(ddp_ranks, request):
         assert rank["val_loader"]["sampler"] == "ShardSampler" and rank["val_loader"]["kept"]
     seen = sorted(ranks[0]["val"] + ranks[1]["val"])  # 2 validation runs
     assert seen == sorted(val_split * 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_keeps_the_chunk_sampler_of_an_hdf5_dataset(tmp_path):
+    """Lightning keeps ChunkShuffleSampler (a DistributedSampler): each rank trains on its
+    own share of the chunks, every sample once per epoch; validation reads one run each."""
+    write = pytest.importorskip("test_hdf5").write
+    write(tmp_path / "train_a.h5", 0, 100)
+    write(tmp_path / "train_b.h5", 100, 60)
+    write(tmp_path / "val.h5", 0, 40)
+    ranks = run_ddp(tmp_path, "1", "1", str(tmp_path))
+    for rank in ranks:
+        assert rank["train_loader"]["sampler"] == "ChunkShuffleSampler"
+        assert rank["train_loader"]["kept"] and rank["val_loader"]["kept"]
+    for epoch in range(2):
+        zero, one = ranks[0]["train"][epoch], ranks[1]["train"][epoch]
+        assert len(zero) == len(one) == 80  # drop_last: 20 batches of 4 per rank
+        assert sorted(zero + one) == list(range(160))
+    assert ranks[0]["train"][0] != ranks[0]["train"][1]
+    assert ranks[0]["val"] == list(range(20)) * 2 and ranks[1]["val"] == list(range(20, 40)) * 2
 
 
 def test_adapt_reaches_the_training_loader_only():
