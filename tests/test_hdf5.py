@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,37 @@ def test_the_factory_keeps_a_users_cache_and_shuffles_preloaded_data_plainly(fil
     loader = factory.create_training_loader(loaded, batch_size=16, num_workers=0)
     assert isinstance(loader.sampler, RandomSampler)
     assert "preloaded: set explicitly" in loader.autotune_config.explain()
+
+
+def test_preloaded_data_too_big_for_dev_shm_warns_before_spawned_workers_fail(files):
+    small = fake_hardware(shm_free_bytes=1 << 20)
+    factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=small)
+    loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)  # 4.2 MB
+    with pytest.warns(UserWarning, match=r"spawn workers through /dev/shm, which has 0\.00 GB"):
+        factory.create_training_loader(loaded, batch_size=16, num_workers=1,
+                                       multiprocessing_context="spawn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # forked workers share the pages: nothing to warn of
+        factory.create_training_loader(loaded, batch_size=16, num_workers=1,
+                                       multiprocessing_context="fork")
+
+
+def test_several_hdf5_loaders_in_one_loop_each_read_chunk_wise(files, tmp_path):
+    other = HDF5Dataset(write(tmp_path / "other.h5", 0, 96), keys=("x", "index"),
+                        preload=False)
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=fake_hardware())
+    multi = factory.create_training_loaders({"a": ds, "b": other}, batch_size=16,
+                                            strategy="round_robin", stop="max",
+                                            num_workers=1, drop_last=False)
+    seen = collections.defaultdict(list)
+    for name, batch in multi:
+        seen[name] += [int(i) for i in batch[1]]
+    assert sorted(seen["a"]) == list(range(512)) and sorted(seen["b"]) == list(range(96))
+    for loader in multi.loaders.values():
+        assert isinstance(loader.sampler, ChunkShuffleSampler)
+        assert "ChunkShuffleSampler" in loader.autotune_config.explain()
+        loader.close()
 
 
 def test_trials_read_chunks_through_the_builder(files):

@@ -19,6 +19,7 @@ from ..policy import chunks
 from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..sources.hdf5 import HDF5Dataset
 from ..system.hardware import HardwareInfo
+from .safety import start_method
 
 
 def reads_chunks(dataset: Any) -> bool:
@@ -36,6 +37,7 @@ def fit_chunks(dataset: Any, config: LoaderConfig, hardware: HardwareInfo) -> Lo
     if not isinstance(dataset, HDF5Dataset):
         return config
     if dataset.preloaded:
+        _check_shared_memory(dataset, config, hardware)
         return config.noted(preload=f"preloaded: {dataset.preload_reason}")
     plan = chunks.cache_plan(hardware, workers=config.num_workers,
                              block_bytes=dataset.block_bytes,
@@ -47,6 +49,20 @@ def fit_chunks(dataset: Any, config: LoaderConfig, hardware: HardwareInfo) -> Lo
     return config.noted(preload=f"not preloaded: {dataset.preload_reason}",
                         cache_bytes=f"{dataset.cache_bytes / 1e6:,.1f} MB per reading "
                                     f"process: {dataset.cache_reason}")
+
+
+def _check_shared_memory(dataset: HDF5Dataset, config: LoaderConfig,
+                         hardware: HardwareInfo) -> None:
+    """Workers that are not forked receive preloaded data through /dev/shm: warn when it
+    cannot hold it (the workers would die of a bus error or "No space left on device")."""
+    free = hardware.memory.shm_free_bytes
+    method = start_method(config.multiprocessing_context)
+    if config.num_workers == 0 or method == "fork" or free is None or dataset.nbytes <= free:
+        return
+    warn_user(f"the preloaded HDF5Dataset ({dataset.nbytes / 1e9:,.2f} GB) reaches {method} "
+              f"workers through /dev/shm, which has {free / 1e9:,.2f} GB free: the workers "
+              "would fail. Use multiprocessing_context='fork', num_workers=0 (preloaded "
+              "samples are cheap), preload=False, or a larger /dev/shm")
 
 
 def window(dataset: HDF5Dataset) -> int:
