@@ -291,6 +291,15 @@ def test_the_factory_gives_training_the_chunk_sampler_and_sizes_the_cache(files)
     assert indices(val) == list(range(512))  # in order
 
 
+def test_an_explicit_shuffle_is_honoured(files):
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=fake_hardware())
+    shuffled = factory.create_training_loader(ds, batch_size=16, num_workers=0, shuffle=True)
+    assert isinstance(shuffled.sampler, ChunkShuffleSampler)
+    ordered = factory.create_training_loader(ds, batch_size=16, num_workers=0, shuffle=False)
+    assert indices(ordered) == list(range(512))
+
+
 def test_the_factory_keeps_a_users_cache_and_shuffles_preloaded_data_plainly(files):
     factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=fake_hardware())
     ds = HDF5Dataset(files, keys=("x", "index"), preload=False, cache_bytes=3 * 270_000)

@@ -114,7 +114,9 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
             raise InvalidConfigError(
                 f"{given[0]}= was given for an IterableDataset ({type(dataset).__name__}), "
                 "which decides its own order: shuffle or shard inside its __iter__ instead")
-    if shuffle and not ({"sampler", "batch_sampler"} & set(extra)) and reads_chunks(dataset):
+    if (extra.get("shuffle", shuffle) and not ({"sampler", "batch_sampler"} & set(extra))
+            and reads_chunks(dataset)):
+        extra.pop("shuffle", None)
         extra["sampler"] = chunk_sampler(dataset, batch_size, config.num_workers,
                                          generator=extra.get("generator"))
     kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))

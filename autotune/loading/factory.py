@@ -321,7 +321,8 @@ class OptimalDataLoaderFactory:
         ranks = current_ranks()
         stream = is_stream(dataset)
         ordered = "sampler" in overrides or "batch_sampler" in overrides
-        chunked = training and not ordered and reads_chunks(dataset)
+        chunked = (training and not ordered and overrides.get("shuffle", True)
+                   and reads_chunks(dataset))
         if chunked and ranks.distributed:
             size = math.ceil(size / ranks.world_size)  # this rank's share of the chunk order
         elif ranks.distributed and not stream and not ordered:
@@ -338,6 +339,7 @@ class OptimalDataLoaderFactory:
             config = shape(config)
         config = fit_chunks(dataset, config, _per_rank(self.hardware))
         if chunked:
+            overrides.pop("shuffle", None)  # the sampler shuffles (DataLoader takes one)
             overrides["sampler"] = chunk_sampler(dataset, batch_size, config.num_workers,
                                                  seed=self.seed)
             config = config.noted(sampler=sampler_note(overrides["sampler"]))
