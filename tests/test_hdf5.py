@@ -343,6 +343,34 @@ def test_several_hdf5_loaders_in_one_loop_each_read_chunk_wise(files, tmp_path):
         loader.close()
 
 
+def slow(sample):
+    """transform: 6 ms a sample, so that the re-tuner adds workers."""
+    time.sleep(0.006)
+    return sample
+
+
+def test_adapt_restripes_the_chunks_for_the_workers_it_moved_to(tmp_path):
+    path = write(tmp_path / "slow.h5", 0, 320)
+    ds = HDF5Dataset(path, keys=("x", "index"), preload=False, transform=slow)
+    factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=fake_hardware(),
+                                                profile_dir=tmp_path)
+    loader = factory.create_training_loader(ds, batch_size=8, num_workers=0, adapt=True,
+                                            adapt_every=8)
+    sampler = loader._order.source.sampler
+    assert isinstance(sampler, ChunkShuffleSampler)
+    for epoch in range(2):
+        seen = []
+        for batch in loader:
+            if not seen:  # an epoch starts with stripes for the workers it runs with
+                assert sampler.num_workers == loader.num_workers
+                starting = loader.num_workers
+            seen += [int(i) for i in batch[1]]
+            time.sleep(0.1)
+        assert sorted(seen) == list(range(320))
+    assert starting > 0  # grown in the first epoch: the second one was striped again
+    loader.close()
+
+
 def test_trials_read_chunks_through_the_builder(files):
     ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
     config = autotune.LoaderConfig(num_workers=2)

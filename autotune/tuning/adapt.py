@@ -31,6 +31,7 @@ from ..loading.worker import BusyMeter
 from ..monitor import Epochs, StallMonitor, StallReport
 from ..policy import adapt
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
+from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..system.distributed import current_ranks
 from ..system.hardware import HardwareInfo
 from ..system.usage import children_cpu_seconds
@@ -178,7 +179,7 @@ class AdaptiveLoader:
         if self._order is None:
             yield from self._stream_epoch()
             return
-        self._order.new_epoch()
+        self._order.new_epoch(self._config.num_workers)
         while True:
             for batch in self._current():
                 self._order.delivered += 1
@@ -303,7 +304,10 @@ class _EpochOrder:
         self.delivered = 0
         self._draw: Iterator[Any] = iter(())
 
-    def new_epoch(self) -> None:
+    def new_epoch(self, workers: int) -> None:
+        sampler = getattr(self.source, "sampler", None)
+        if isinstance(sampler, ChunkShuffleSampler):  # each worker its own chunks again
+            sampler.num_workers = workers
         self._draw = iter(self.source)
         self.drawn, self.offset, self.start, self.delivered = [], 0, 0, 0
 
