@@ -192,6 +192,8 @@ def _steady_state(loader: Any, pace: _Pace, window_s: float,
         drawn += pace.count(batch)
         if time.perf_counter() - start > window_s + first_batch_s:
             break
+    if consumer is not None:  # the warm-up drained the queue: one step refills it, as in
+        consumer(batch)       # training, so the window does not count the refill as a stall
     del batch
     cpu = CpuClock()
     samples = batches = 0
