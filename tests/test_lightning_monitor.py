@@ -121,7 +121,9 @@ def test_validation_counts_neither_way():
     quiet_trainer([callback], max_epochs=2, val_check_interval=0.5).fit(model, *loaders)
     report = callback.report()  # validation mid-epoch and at its end: 4 x 2 x 50 ms = 0.4 s
     assert report.steps == 16 and report.passes == 2
-    assert report.wait_s < 0.1 and report.verdict == "not input-bound", report
+    # counted as waiting, validation would make this ~45% input-bound; Lightning's own
+    # ~1-3 ms between steps may count (5-10% of 30 ms steps on a loaded machine)
+    assert report.wait_s < 0.1 and report.verdict != "input-bound", report
 
 
 def test_report_is_plain_data_with_the_loaders_workers_and_the_loader_stays_open():
