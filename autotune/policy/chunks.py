@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..system.hardware import HardwareInfo
+from .rules import _mb, ranks_here
 
 PRELOAD_FRACTION = 0.5  # preload when the decoded data fits in this share of this rank's RAM
 CACHE_FRACTION = 0.10  # the chunk caches of a rank's processes may take this share of RAM
@@ -26,7 +27,7 @@ def preload(hw: HardwareInfo, nbytes: int) -> tuple[bool, str]:
     if available is None:
         return False, ("available memory unknown: not preloaded; whole chunks are read "
                        "through a per-process cache")
-    ranks = hw.distributed.local_world_size or 1
+    ranks = ranks_here(hw)
     room = int(available * PRELOAD_FRACTION) // ranks
     where = f"{_gb(available)} available"
     if hw.memory.limit_bytes is not None:
@@ -82,13 +83,8 @@ def cache_plan(hw: HardwareInfo, *, workers: int, block_bytes: int, blocks: int,
 def _cache_budget(hw: HardwareInfo, processes: int) -> int | None:
     if hw.memory.available_bytes is None:
         return None
-    ranks = hw.distributed.local_world_size or 1
-    return int(hw.memory.available_bytes * CACHE_FRACTION) // ranks // processes
+    return int(hw.memory.available_bytes * CACHE_FRACTION) // ranks_here(hw) // processes
 
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:,.2f} GB"
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:,.1f} MB"

@@ -239,7 +239,7 @@ def max_workers(hw: HardwareInfo, hints: DatasetHints,
     if hints.dataset_size is not None:
         cap = min(cap, max(1, math.ceil(hints.dataset_size / batch)))
     batch_bytes = batch * workload.sample_bytes if workload is not None else 0
-    ranks = _ranks_here(hw)
+    ranks = ranks_here(hw)
     if hw.memory.available_bytes is not None:
         ram = int(hw.memory.available_bytes * RAM_FRACTION) // ranks
         cap = min(cap, max(1, ram // (WORKER_MEMORY_BYTES + batch_bytes)))
@@ -248,7 +248,7 @@ def max_workers(hw: HardwareInfo, hints: DatasetHints,
     return cap
 
 
-def _ranks_here(hw: HardwareInfo) -> int:
+def ranks_here(hw: HardwareInfo) -> int:
     """Processes torchrun put on this host: they share its RAM and /dev/shm."""
     return hw.distributed.local_world_size or 1
 
@@ -275,9 +275,9 @@ def memory_budget_bytes(hw: HardwareInfo) -> int | None:
     /dev/shm, shared among the ranks on this host."""
     limits = []
     if hw.memory.available_bytes is not None:
-        limits.append(int(hw.memory.available_bytes * RAM_FRACTION) // _ranks_here(hw))
+        limits.append(int(hw.memory.available_bytes * RAM_FRACTION) // ranks_here(hw))
     if hw.memory.shm_free_bytes is not None:
-        limits.append(int(hw.memory.shm_free_bytes * SHM_FRACTION) // _ranks_here(hw))
+        limits.append(int(hw.memory.shm_free_bytes * SHM_FRACTION) // ranks_here(hw))
     return min(limits) if limits else None
 
 

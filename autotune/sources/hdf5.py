@@ -100,10 +100,9 @@ class HDF5Dataset(Dataset):
         if self._length == 0:
             raise DataFileError(self.files[0], self._names[0],
                                 f"the files hold no samples ({len(self.files)} file(s))")
-        self._row_bytes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                           for shape, dtype in zip(self._shapes, self._dtypes)]
-        self.nbytes = self._length * sum(self._row_bytes)
-        self.block_bytes = max(b.stop - b.start for b in self._blocks) * sum(self._row_bytes)
+        row_bytes = _row_bytes(zip(self._shapes, self._dtypes))
+        self.nbytes = self._length * row_bytes
+        self.block_bytes = max(b.stop - b.start for b in self._blocks) * row_bytes
         self._cache_bytes = cache_bytes
         self.cache_set_explicitly = cache_bytes is not None
         self.cache_reason = "set explicitly" if cache_bytes is not None else (
@@ -445,8 +444,7 @@ def _check_dtype(path: str, name: str, dtype: np.dtype) -> np.dtype:
 def _block_rows(datasets: Sequence[Any]) -> int:
     """Rows that cover whole chunks of every key (their least common multiple, or the
     largest chunk when that is far bigger), at least ``MIN_BLOCK_BYTES``."""
-    row_bytes = max(1, sum(int(np.prod(d.shape[1:], dtype=np.int64)) * d.dtype.itemsize
-                           for d in datasets))
+    row_bytes = max(1, _row_bytes((d.shape[1:], d.dtype) for d in datasets))
     chunked = [d.chunks[0] for d in datasets if d.chunks is not None]
     if not chunked:
         return max(1, CONTIGUOUS_BLOCK_BYTES // row_bytes)
@@ -454,6 +452,12 @@ def _block_rows(datasets: Sequence[Any]) -> int:
     common = math.lcm(*chunked)
     rows = common if common <= 4 * largest else largest
     return rows * max(1, math.ceil(MIN_BLOCK_BYTES / (rows * row_bytes)))
+
+
+def _row_bytes(samples: Any) -> int:
+    """Decoded bytes of one row across keys, from (sample shape, dtype) pairs."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+               for shape, dtype in samples)
 
 
 def _blocks(rows: Sequence[int], block_rows: Sequence[int]) -> list[_Block]:
