@@ -30,13 +30,16 @@ def run_loop(monitor: StallMonitor, step_s: float, epochs: int = 2) -> float:
     return 1 - stepping / total
 
 
-@pytest.mark.parametrize("sample_s, step_s, verdict", [
-    (0.0, 0.050, "not input-bound"),  # ~0% (about 1 ms of overhead per batch)
-    (0.0005, 0.018, "moderately input-bound"),  # 4 x 0.5 ms of 20 ms: ~10%
-    (0.005, 0.020, "input-bound"),  # 4 x 5 ms of 40 ms: ~50%
+@pytest.mark.parametrize("batch_size, sample_s, step_s, verdict", [
+    (4, 0.0, 0.050, "not input-bound"),  # ~0% (about 1 ms of overhead per batch)
+    # one 4 ms sleep of 34 ms: ~12%, mid-band, so a loaded machine's late wake-ups (+1-2 ms a
+    # sleep; four 0.5 ms sleeps took 4.5 ms on CI) keep it within 5-20%
+    (1, 0.004, 0.030, "moderately input-bound"),
+    (4, 0.005, 0.020, "input-bound"),  # 4 x 5 ms of 40 ms: ~50%
 ])
-def test_stall_fraction_matches_the_loop(sample_s: float, step_s: float, verdict: str) -> None:
-    loader = DataLoader(Sleepy(size=48, seconds=sample_s), batch_size=4)
+def test_stall_fraction_matches_the_loop(batch_size: int, sample_s: float, step_s: float,
+                                         verdict: str) -> None:
+    loader = DataLoader(Sleepy(size=12 * batch_size, seconds=sample_s), batch_size=batch_size)
     monitor = StallMonitor(loader, name="train", log_every_s=None)
     true_share = run_loop(monitor, step_s)
     report = monitor.report()
