@@ -10,10 +10,12 @@ gzip level 4 with the shuffle filter. Decoded it is far larger than any chunk ca
 2. ``--rounds`` rounds, interleaved: the grid's best per-event setting again, then
    ``HDF5Dataset`` (not preloaded) with the factory's training loader over one whole epoch,
    then ``HDF5Dataset(preload=True)`` with the factory over one whole epoch.
-3. Memory: an epoch of the chunked loader on new workers, with the cache the factory
-   sized, with 1 block and with 64, while each worker's memory is sampled: the growth of its
-   private pages (USS, the part of its PSS it allocates itself) from its start, against the
-   cache budget.
+3. Memory: an epoch of the chunked loader on new workers with a cache that keeps nothing
+   (every block is decompressed, served and dropped), then with 1 block, the factory's
+   budget and 64 blocks, while the memory is sampled: the PSS of the main process and its
+   workers together (pages shared count once) from before the workers start to its peak,
+   and each worker's private pages (USS). What a cache adds is the growth beyond the run
+   that keeps nothing, against the budget of all the workers' caches.
 
 Every sample exactly once per epoch is checked on the chunked loader's first epoch
 (``drop_last`` left to the factory: the dropped tail is counted).
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import HDF5Dataset, OptimalDataLoaderFactory, probe_hardware  # noqa: E402
+from autotune.system.usage import process_memory_bytes  # noqa: E402
 
 PARTICLES, FEATURES, CHUNK = 128, 17, 100
 GRID = (0, 1, 2, 3, 4, 6, 8)
@@ -131,14 +134,19 @@ class RecordMemory:
         self.table[worker_id, 1] = process.memory_full_info().uss
 
 
-def memory_epoch(loader, record: RecordMemory) -> dict[int, tuple[int, int, int]]:
-    """One epoch on a new loader's workers while each one's memory is sampled:
-    pid -> (USS at start, peak USS, peak PSS)."""
+def memory_epoch(loader, record: RecordMemory
+                 ) -> tuple[int, dict[int, tuple[int, int, int]]]:
+    """One epoch on a new loader's workers while the memory is sampled: (growth of the PSS of
+    this process and its workers together, from before the workers start to its peak;
+    pid -> (USS at start, peak USS, peak PSS) of each worker)."""
     peaks: dict[int, tuple[int, int]] = {}
     done = threading.Event()
+    before = process_memory_bytes()
+    tree = [before]
 
     def sample() -> None:
         while not done.wait(0.05):
+            tree.append(process_memory_bytes())
             for child in psutil.Process().children():
                 try:
                     info = child.memory_full_info()
@@ -154,7 +162,8 @@ def memory_epoch(loader, record: RecordMemory) -> dict[int, tuple[int, int, int]
     done.set()
     thread.join()
     starts = {int(pid): int(uss) for pid, uss in record.table.tolist() if pid}
-    return {pid: (start, *peaks.get(pid, (start, 0))) for pid, start in starts.items()}
+    return max(tree) - before, {pid: (start, *peaks.get(pid, (start, 0)))
+                                for pid, start in starts.items()}
 
 
 def main() -> None:
@@ -214,9 +223,9 @@ def main() -> None:
     del pre_loader, preloaded  # its pages would count in every forked worker's PSS
     memory = {}
     stated = chunked.cache_bytes // chunked.block_bytes
-    for blocks in (1, stated, MEMORY_BLOCKS):
+    for blocks in (0, 1, stated, MEMORY_BLOCKS):  # 0: a 1-byte cache keeps no block
         sized = HDF5Dataset(path, keys=KEYS, preload=False,
-                            cache_bytes=blocks * chunked.block_bytes)
+                            cache_bytes=max(1, blocks * chunked.block_bytes))
         record = RecordMemory()
         with factory.create_training_loader(sized, batch_size=args.batch,
                                             num_workers=config.num_workers,
@@ -281,28 +290,33 @@ def write(args, hw, path, dataset, grid, best, rows, first, config, pre_config, 
         "",
         "## Memory of the chunked loader's workers",
         "",
-        f"One epoch each on new workers ({config.num_workers}, as the factory chose), the "
-        "cache sized to 1 block, to the factory's budget, and to far more. Growth is each "
-        "worker's private memory (USS: the part of its PSS it allocates itself; the rest of "
-        "its PSS is pages shared with the parent and siblings, split among however many "
-        "share them, which drops as each sibling forks) from its start to its peak. What "
-        "grows beyond the cache's budget is the rest of a worker's reading: batches in "
-        f"flight (prefetch {config.prefetch_factor} x {args.batch} events: "
-        f"{in_flight / 1e6:.1f} MB), the decompressed block and batch being cut, h5py, "
-        "pages copied on write; it does not grow with the cache.",
+        f"One epoch each on {config.num_workers} new workers (as many as the factory chose), "
+        "the cache sized to keep nothing (a 1-byte cache: every block is decompressed, served "
+        "and dropped), to 1 block, to the factory's budget and to far more. PSS growth is the "
+        "PSS of the main process and its workers together (pages they share count once), "
+        "from before the workers start to its peak. The run that keeps nothing holds what "
+        "every reader needs besides its cache: the workers themselves, batches in flight "
+        f"(prefetch {config.prefetch_factor} x {args.batch} events: {in_flight / 1e6:.1f} MB "
+        "per worker), the decompressed block and the batch being cut, h5py. What a cache adds "
+        "is the growth beyond that run, against the budget of all the workers' caches. USS "
+        "is each worker's private memory, from its start to its peak.",
         "",
-        "| cache | budget MB per process | USS growth per worker MB | "
-        "growth beyond the budget MB | peak PSS per worker MB |",
-        "|---|---|---|---|---|",
+        "| cache | budget per process MB | budget of all caches MB | PSS growth MB | "
+        "added by the cache MB | within budget | USS growth per worker MB |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for blocks, workers in memory.items():
+    base = memory[0][0]
+    for blocks, (tree, workers) in memory.items():
         growth = [peak - start for start, peak, _ in workers.values()]
         nbytes = blocks * dataset.block_bytes
-        label = f"{blocks} block(s)" + (" (the factory's)" if nbytes == budget else "")
-        lines.append(f"| {label} | {nbytes / 1e6:.1f} | "
-                     f"{', '.join(f'{g / 1e6:.1f}' for g in growth)} | "
-                     f"{', '.join(f'{(g - nbytes) / 1e6:.1f}' for g in growth)} | "
-                     f"{statistics.mean(p for _, _, p in workers.values()) / 1e6:.0f} |")
+        label = "nothing kept" if blocks == 0 else f"{blocks} block(s)" + (
+            " (the factory's)" if nbytes == budget else "")
+        total = nbytes * len(workers)
+        added = tree - base
+        lines.append(f"| {label} | {nbytes / 1e6:.1f} | {total / 1e6:.1f} | {tree / 1e6:.1f} | "
+                     f"{'' if blocks == 0 else f'{added / 1e6:.1f}'} | "
+                     f"{'' if blocks == 0 else ('yes' if added <= total else 'no')} | "
+                     f"{', '.join(f'{g / 1e6:.1f}' for g in growth)} |")
     lines += ["", "Factory's explain() for the chunked loader:", "", "```", config.explain(),
               "```", ""]
     Path(args.out).write_text("\n".join(lines))

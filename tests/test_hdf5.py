@@ -161,6 +161,23 @@ def test_a_window_of_cached_blocks_reads_each_chunk_once_per_epoch(files):
     assert ds.cache_info().reads > 5 * blocks  # per-sample shuffling re-reads chunks
 
 
+def test_a_small_cache_reuses_its_slots_and_serves_the_right_rows(files):
+    block = HDF5Dataset(files, keys=("x", "index"), preload=False).block_bytes
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False, cache_bytes=3 * block + 1)
+    order = np.random.default_rng(0).permutation(512)
+    for start in range(0, 512, 24):  # batches across blocks, evicting as they go
+        wanted = order[start:start + 24].tolist()
+        batch = ds.__getitems__(wanted)
+        assert [int(i) for _, i in batch] == wanted
+        assert all(bool((x == i).all()) for x, i in batch)
+        info = ds.cache_info()
+        assert info.bytes == info.peak_bytes == 3 * ds.block_bytes <= info.limit_bytes
+    assert int(ds[511][1]) == 511 and ds.cache_info().reads > 3 * len(ds.chunk_ranges)
+    nothing = HDF5Dataset(files, keys=("x", "index"), preload=False, cache_bytes=1)
+    assert [int(nothing[i][1]) for i in (5, 5, 400)] == [5, 5, 400]
+    assert nothing.cache_info().peak_bytes == 0 and nothing.cache_info().reads == 3
+
+
 # -- the sampler --------------------------------------------------------------------------
 
 
