@@ -51,7 +51,7 @@ class CacheInfo:
 
     hits: int = 0
     reads: int = 0  # blocks read from the file (each decompresses its chunks)
-    bytes: int = 0  # held now
+    bytes: int = 0  # its slots' memory now (one block each, allocated once, reused)
     peak_bytes: int = 0
     limit_bytes: int = 0
 
