@@ -138,3 +138,25 @@ def test_budget_counts_trials_and_keeps_time_to_confirm():
     assert len(outcome.trials) <= 7 < len(unbounded.trials)
     phases = [t.phase for t in outcome.trials]
     assert "confirm" in phases  # exploring stopped early enough to confirm
+
+
+def test_a_machine_that_speeds_up_does_not_pass_for_more_workers():
+    # Every count from 2 workers measures the same, but each trial runs 8% faster than the
+    # one before (a shared machine drifting): the rung below, measured again beside the
+    # doubling, shows the gain was the drift, so the ladder does not climb to the cap.
+    calls = itertools.count()
+    surface = Surface(lambda c: (1000.0 if c.num_workers >= 2 else 500.0) * 1.08 ** next(calls))
+    outcome = Search(surface, space(rules=2)).run()
+    assert "recheck" in [p for p, _ in surface.asked]
+    assert max(c.num_workers for p, c in surface.asked if p == "ladder") <= 4
+    assert outcome.chosen.config.num_workers <= 4
+
+
+def test_a_doubling_that_pays_side_by_side_still_climbs():
+    # Storage latency: each doubling up to 16 workers is a real gain, measured beside the
+    # rung below every time, on a machine that also drifts 3% per trial.
+    calls = itertools.count()
+    surface = Surface(lambda c: 100.0 * min(c.num_workers, 16) * 1.03 ** next(calls))
+    outcome = Search(surface, space(rules=2)).run()
+    assert [c.num_workers for p, c in surface.asked if p == "recheck"][:3] == [2, 4, 8]
+    assert outcome.chosen.config.num_workers == 16

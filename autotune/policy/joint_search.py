@@ -82,23 +82,13 @@ class JointSearch(Measurements):
                     continue
                 if not self._has_time():
                     return
-                if self._clearly_better(self._try(counts, phase)):
-                    if not self._still_behind(lean, counts):
+                trial = self._try(counts, phase)
+                if self._clearly_better(trial):
+                    if not self._gain_holds(self.space.configure(self._capped(lean)), trial):
                         return  # the gain was the machine's drift, not the move
                     break
             else:
                 return  # no move up paid
-
-    def _still_behind(self, lean: Counts, counts: Counts) -> bool:
-        """Measure the pick left behind again, right after the move that beat it: a
-        machine whose speed drifts (shared CPUs) makes every later trial look better, and
-        only side by side does the move's own gain show."""
-        if not self._has_time(reserve=False):
-            return True
-        before = self._measure(self.space.configure(self._capped(lean)), "recheck", again=True)
-        after = self._runs[setting_key(self.space.configure(self._capped(counts)))][-1]
-        return before.ok and (after.samples_per_s or 0.0) > \
-            (before.samples_per_s or 0.0) * (1 + self.noise())
 
     def _shrink(self) -> None:
         """Every count halved while the loop stays as good."""

@@ -5,7 +5,8 @@ it wants to know about: the offline tuner passes real steady-state trials, tests
 response surface, and a re-tuner can pass what it sees while training runs.
 
 The steps: torch's defaults and the rules' choice; a geometric ladder over workers (up from
-the start while each step clearly pays, down while fewer workers stay as fast); one midpoint
+the start while each step clearly pays, also against the rung below measured again beside
+it, down while fewer workers stay as fast); one midpoint
 below the leanest good count when the rungs around it are far apart; then the thread budget,
 prefetch depth, ordering and pinning on that pick; the leading candidates measured again.
 
@@ -232,6 +233,17 @@ class Measurements:
         return trial.ok and (trial.samples_per_s or 0.0) > \
             self._best_rate(excluding=trial) * (1 + self.noise())
 
+    def _gain_holds(self, before: LoaderConfig | GroupConfig, after: Trial) -> bool:
+        """Measure ``before`` again right after ``after`` beat it: on a machine whose speed
+        drifts (shared CPUs) every later trial looks better, and only side by side does a
+        move's own gain show. True while ``after`` stays clearly faster (or no time is
+        left to check)."""
+        if not self._has_time(reserve=False):
+            return True
+        again = self._measure(before, "recheck", again=True)
+        return again.ok and (after.samples_per_s or 0.0) > \
+            (again.samples_per_s or 0.0) * (1 + self.noise())
+
     def _in_band(self, trial: Trial) -> bool:
         """Within the noise of the best trial so far."""
         return trial.ok and (trial.samples_per_s or 0.0) >= \
@@ -278,8 +290,10 @@ class Search(Measurements):
     # -- steps ----------------------------------------------------------------------
 
     def _ladder(self, start: int) -> None:
-        """Up from ``start`` while each doubling clearly pays; then down (unless going up
-        paid) while fewer workers are as good (as fast, or keeping up)."""
+        """Up from ``start`` while each doubling clearly pays, also against the rung below
+        measured again beside it (a drifting machine's gain is not the doubling's); then
+        down (unless going up paid) while fewer workers are as good (as fast, or keeping
+        up)."""
         cap = self.space.cap
         start = min(max(1, start), cap) if cap else 0
         if start == 0:
@@ -287,9 +301,10 @@ class Search(Measurements):
         first = self._measure(self.space.configure(start), "ladder")
         n, went_up = start, False
         while n < cap and not self._keeps_up(first) and self._has_time():
-            n = min(cap, n * 2)
+            below, n = n, min(cap, n * 2)
             trial = self._measure(self.space.configure(n), "ladder")
-            pays = self._clearly_better(trial)
+            pays = self._clearly_better(trial) and \
+                self._gain_holds(self.space.configure(below), trial)
             went_up = went_up or pays
             if self._keeps_up(trial) or not pays:
                 break
