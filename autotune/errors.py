@@ -17,6 +17,8 @@ Messages name the parameter (or file and field), show the value and say the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AutotuneError(Exception):
     """Root of every error the package raises on purpose."""
@@ -48,13 +50,33 @@ class DatasetError(AutotuneError):
 
 
 class DataFileError(AutotuneError):
-    """A data file cannot be read as asked; names the file and, where it applies, the key."""
+    """A data file cannot be read as asked; names the file and, where it applies, the key.
 
-    def __init__(self, path: object, key: str | None, problem: str) -> None:
+    Raised in a DataLoader worker, it reaches the main process as a ``DataFileError`` too:
+    torch re-creates it from its message alone (``DataFileError(message)``), so there
+    ``path`` and ``key`` are ``None`` and the message still names both.
+    """
+
+    def __init__(self, path: object, key: str | None = None,
+                 problem: str | None = None) -> None:
+        if problem is None:  # one message: torch re-raising a worker's error
+            self.path, self.key = None, key
+            super().__init__(str(path))
+            return
         self.path = str(path)
         self.key = key
         where = f"{self.path!r}, key {key!r}" if key else repr(self.path)
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _data_file_error, (self.args[0], self.path, self.key)
+
+
+def _data_file_error(message: str, path: str | None, key: str | None) -> DataFileError:
+    """Unpickles a ``DataFileError`` with its fields."""
+    error = DataFileError(message)
+    error.path, error.key = path, key
+    return error
 
 
 class WorkerCrashError(AutotuneError, RuntimeError):

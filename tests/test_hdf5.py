@@ -142,7 +142,10 @@ def test_cache_plan_fits_the_window_in_the_budget_per_reading_process():
     assert "re-read" not in explicit.reason
     too_small = chunks.cache_plan(hw, workers=2, block_bytes=1 << 20, blocks=100,
                                   cache_bytes=1 << 19, window=8)
-    assert too_small.window == 8 and "decompress a chunk again" in too_small.reason
+    assert too_small.window == 8 and "nothing is cached" in too_small.reason
+    short = chunks.cache_plan(hw, workers=2, block_bytes=1 << 20, blocks=100,
+                              cache_bytes=3 << 20, window=8)
+    assert short.window == 8 and "decompress a chunk again" in short.reason
 
 
 def test_a_window_of_cached_blocks_reads_each_chunk_once_per_epoch(files):
@@ -530,6 +533,96 @@ def test_a_group_a_scalar_or_text_is_not_a_sample_array(tmp_path):
     for key, match in (("grp", "is a Group"), ("scalar", "is a scalar"), ("text", "no torch")):
         with pytest.raises(DataFileError, match=match):
             HDF5Dataset(path, keys=key)
+
+
+def test_a_file_listed_twice_is_refused(files, tmp_path):
+    with pytest.raises(InvalidConfigError, match=r"a\.h5' is listed twice.*each file once"):
+        HDF5Dataset([files[0], str(tmp_path / "*.h5")], keys=("x", "index"))
+
+
+def test_big_endian_files_after_the_first_are_read_in_native_order(tmp_path):
+    paths = []
+    for n, first in enumerate((0, 10)):
+        paths.append(tmp_path / f"be{n}.h5")
+        with h5py.File(paths[-1], "w") as f:
+            f.create_dataset("x", data=np.arange(first, first + 10, dtype=">f4")[:, None],
+                             chunks=(5, 1))
+    ds = HDF5Dataset(paths, keys="x", preload=False)
+    assert [float(ds[i][0]) for i in (3, 15)] == [3.0, 15.0]
+
+
+def test_an_array_type_per_row_is_refused_with_the_shape_to_store(tmp_path):
+    path = tmp_path / "sub.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", (10,), dtype=np.dtype(("f4", (3,))))
+    with pytest.raises(DataFileError, match=r"'x': holds an array type.*shape \(rows, 3\)"):
+        HDF5Dataset(path, keys="x")
+
+
+def test_a_dangling_link_is_named_as_one(files):
+    with h5py.File(files[0], "a") as f:
+        f["ghost"] = h5py.SoftLink("/nowhere")
+    with pytest.raises(DataFileError, match="'ghost' is a link to nothing"):
+        HDF5Dataset(files[0], keys="ghost")
+
+
+def test_a_file_rewritten_after_the_build_is_named_and_the_cache_stays_consistent(files):
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False,
+                     cache_bytes=2 * HDF5Dataset(files, keys=("x", "index")).block_bytes)
+    write(files[1], 300, 40)  # fewer rows than the dataset was built with
+    for index in (400, 450, 500):
+        with pytest.raises(DataFileError, match=r"b\.h5', key 'x'.*changed since the dataset "
+                                                r"was built"):
+            ds[index]
+    assert [int(ds[i][1]) for i in (0, 40, 80)] == [0, 40, 80]
+    info = ds.cache_info()
+    assert info.bytes == 2 * ds.block_bytes == info.limit_bytes
+
+
+def test_a_workers_data_file_error_reaches_the_caller_as_one(files):
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    os.remove(files[1])
+    loader = DataLoader(ds, batch_size=64, num_workers=1)
+    with pytest.raises(DataFileError, match=r"b\.h5.*cannot be opened") as err:
+        list(loader)
+    assert isinstance(err.value, autotune.AutotuneError)
+    copy = pickle.loads(pickle.dumps(DataFileError(files[1], "x", "broken")))
+    assert (copy.path, copy.key, str(copy)) == (str(files[1]), "x", f"{str(files[1])!r}, key "
+                                                "'x': broken")
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 on 2 CPUs
+def test_training_workers_keep_their_cache_when_validation_replans_the_dataset(files):
+    def limits(batch):
+        return torch.tensor([torch.utils.data.get_worker_info().dataset.cache_info().limit_bytes])
+
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    tight = fake_hardware(total_bytes=30 * ds.block_bytes)  # 10%: 3 blocks for the caches
+    factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=tight, measure=False)
+    with pytest.warns(UserWarning, match="less than one block"):
+        train = factory.create_training_loader(ds, batch_size=16, num_workers=4,
+                                               collate_fn=limits)
+    planned = ds.cache_bytes
+    factory.create_validation_loader(ds, batch_size=16, num_workers=0)
+    assert ds.cache_bytes != planned  # one reading process: a larger share
+    with train:
+        assert {int(t) for t in train} == {planned}
+    plan = chunks.cache_plan(tight, workers=4, block_bytes=ds.block_bytes, blocks=17)
+    assert plan.cache_bytes == ds.block_bytes and "less than one block" in plan.reason
+
+
+def test_shuffle_false_under_ranks_reads_each_ranks_run_in_file_order(files, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        factory = autotune.OptimalDataLoaderFactory(seed=0, hardware=fake_hardware())
+        loader = factory.create_training_loader(ds, batch_size=16, num_workers=0,
+                                                shuffle=False)
+        assert isinstance(loader.sampler, ChunkShuffleSampler) and not loader.sampler.shuffle
+        seen.append(indices(loader))
+    assert seen == [list(range(256)), list(range(256, 512))]
 
 
 def test_without_h5py_the_error_says_how_to_install_it(files, monkeypatch):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 from .._check import is_stream
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
-from .chunked import chunk_sampler, reads_chunks
+from .chunked import WorkerCache, chunk_sampler, reads_chunks
 from .crash import CrashNamingIterator
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
@@ -119,7 +119,10 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
         extra.pop("shuffle", None)
         extra["sampler"] = chunk_sampler(dataset, batch_size, config.num_workers,
                                          generator=extra.get("generator"))
-    kwargs = config.dataloader_kwargs(worker_init_fn=extra.pop("worker_init_fn", None))
+    init = extra.pop("worker_init_fn", None)
+    if reads_chunks(dataset) and config.num_workers > 0:
+        init = WorkerCache(dataset.cache_bytes, dataset.cache_reason, init)
+    kwargs = config.dataloader_kwargs(worker_init_fn=init)
     if "batch_sampler" in extra:
         kwargs.pop("drop_last")
     else:

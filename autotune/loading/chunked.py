@@ -8,10 +8,11 @@ one is plain random access: torch's own shuffling is right for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Subset, get_worker_info
 
 from .._warn import warn_user
 from ..config import LoaderConfig
@@ -46,6 +47,8 @@ def fit_chunks(dataset: Any, config: LoaderConfig, hardware: HardwareInfo) -> Lo
                              if dataset.cache_set_explicitly else None)
     if not dataset.cache_set_explicitly:
         dataset.set_cache_bytes(plan.cache_bytes, plan.reason)
+    if plan.warning is not None:
+        warn_user(plan.warning)
     return config.noted(preload=f"not preloaded: {dataset.preload_reason}",
                         cache_bytes=f"{dataset.cache_bytes / 1e6:,.1f} MB per reading "
                                     f"process: {dataset.cache_reason}")
@@ -63,6 +66,28 @@ def _check_shared_memory(dataset: HDF5Dataset, config: LoaderConfig,
               f"workers through /dev/shm, which has {free / 1e9:,.2f} GB free: the workers "
               "would fail. Use multiprocessing_context='fork', num_workers=0 (preloaded "
               "samples are cheap), preload=False, or a larger /dev/shm")
+
+
+class WorkerCache:
+    """Part of a chunked loader's ``worker_init_fn``: its workers' caches get the size the
+    dataset had when this loader was built, whatever another loader over the same dataset
+    planned since (a validation loader's, a re-tuned count's). Then ``user_fn``."""
+
+    def __init__(self, nbytes: int, reason: str,
+                 user_fn: Callable[[int], Any] | None = None) -> None:
+        self.nbytes, self.reason, self.user_fn = nbytes, reason, user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        info = get_worker_info()
+        if info is not None:  # the loader's wrapper passes the call on to the HDF5Dataset
+            resize = getattr(info.dataset, "set_cache_bytes", None)
+            if resize is not None:
+                resize(self.nbytes, self.reason)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+    def __repr__(self) -> str:
+        return f"WorkerCache({self.nbytes}, user_fn={self.user_fn!r})"
 
 
 def window(dataset: HDF5Dataset) -> int:

@@ -28,6 +28,7 @@ from ..measure.workload import WorkloadProfile, measure_workload
 from ..policy import rules
 from ..policy.resolve import check_yields_a_batch, resolve
 from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
+from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
 from ..system.hardware import HardwareInfo, probe_hardware
@@ -326,7 +327,9 @@ class OptimalDataLoaderFactory:
         if chunked and ranks.distributed:
             size = math.ceil(size / ranks.world_size)  # this rank's share of the chunk order
         elif ranks.distributed and not stream and not ordered:
-            overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed)
+            # the sampler orders the rank's share: an explicit shuffle= goes to it
+            overrides["sampler"] = _rank_sampler(size, dataset, ranks, training, self.seed,
+                                                 shuffle=bool(overrides.pop("shuffle", training)))
             size = len(overrides["sampler"])
         hints = self._hints(size, has_augmentation, has_standardization, batch_size, training,
                             stream=stream, device=None if target is None else str(target))
@@ -380,6 +383,8 @@ class OptimalDataLoaderFactory:
             config = resolve(hardware, hints, workload, explicit={**fixed, "num_workers": workers})
             if tuned and workers:
                 config = config.replace(reason=entry.reason(key), **tuned)  # type: ignore[union-attr]
+            if reads_chunks(dataset):  # each reading process's cache, for this many
+                config = fit_chunks(dataset, config, hardware)
             return _in_order(config)
 
         def check(candidate: LoaderConfig) -> None:
@@ -438,12 +443,17 @@ def _per_rank(hardware: HardwareInfo) -> HardwareInfo:
 
 
 def _rank_sampler(size: int, dataset: Any, ranks: Ranks, training: bool,
-                  seed: int | None) -> EpochDistributedSampler | ShardSampler:
-    """This rank's share: shuffled and reshuffled every epoch for training, in order and
-    unpadded for evaluation (one run of consecutive samples for chunked data)."""
-    if training:
+                  seed: int | None, *, shuffle: bool) -> EpochDistributedSampler | ShardSampler:
+    """This rank's share. Training: as long as every other rank's (padded), shuffled and
+    reshuffled every epoch unless ``shuffle=False``, when chunked data is read as one run
+    of consecutive samples per rank (each chunk on one rank). Evaluation: in order and
+    unpadded (one run per rank for chunked data), or shuffled when asked."""
+    if training and not shuffle and reads_chunks(dataset):
+        return ChunkShuffleSampler(dataset, shuffle=False, seed=0, num_replicas=ranks.world_size,
+                                   rank=ranks.rank)
+    if training or shuffle:
         return EpochDistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank,
-                                       shuffle=True, seed=seed or 0)
+                                       shuffle=shuffle, seed=seed or 0)
     return ShardSampler(size, rank=ranks.rank, world_size=ranks.world_size,
                         contiguous=reads_chunks(dataset))
 

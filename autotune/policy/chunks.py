@@ -44,6 +44,7 @@ class CachePlan:
     window: int  # chunks (blocks) a ChunkShuffleSampler shuffles together
     cache_bytes: int  # each reading process's cache
     reason: str
+    warning: str | None = None  # the plan passes the memory budget: say so to the user
 
 
 def cache_plan(hw: HardwareInfo, *, workers: int, block_bytes: int, blocks: int,
@@ -59,6 +60,11 @@ def cache_plan(hw: HardwareInfo, *, workers: int, block_bytes: int, blocks: int,
     if cache_bytes is not None:
         fit = max(1, min(blocks, cache_bytes // block_bytes))
         chosen = window or min(DEFAULT_WINDOW, fit)
+        if cache_bytes < block_bytes:
+            return CachePlan(chosen, cache_bytes,
+                             f"cache_bytes={_mb(cache_bytes)} set explicitly, less than one "
+                             f"block ({_mb(block_bytes)}): nothing is cached, every read "
+                             "decompresses its chunks again")
         why = f"cache_bytes={_mb(cache_bytes)} set explicitly, room for {fit} block(s)"
         if cache_bytes < chosen * block_bytes:
             why += (f"; a window of {chosen} needs {_mb(chosen * block_bytes)}, so some "
@@ -71,7 +77,16 @@ def cache_plan(hw: HardwareInfo, *, workers: int, block_bytes: int, blocks: int,
         return CachePlan(wanted, wanted * block_bytes,
                          f"room for a window of {wanted} block(s) of {_mb(block_bytes)} in "
                          f"each of {processes} reading process(es){where}")
-    fit = max(1, budget // block_bytes)
+    if budget < block_bytes:
+        share = (f"{CACHE_FRACTION:.0%} of available RAM over {processes} reading process(es) "
+                 f"is {_mb(budget)} each, less than one block of {_mb(block_bytes)}")
+        return CachePlan(window or 1, block_bytes,
+                         f"{share}: one block each all the same (a chunk is read whole)",
+                         warning=f"chunked HDF5 data: {share}, so the {processes} caches "
+                                 f"of one block each take {_mb(processes * block_bytes)}, "
+                                 "more than the memory budget. Use fewer workers, or write "
+                                 "the file with smaller chunks")
+    fit = budget // block_bytes
     chosen = window or fit
     return CachePlan(chosen, fit * block_bytes,
                      f"{CACHE_FRACTION:.0%} of available RAM over {processes} reading "

@@ -33,6 +33,8 @@ from ..policy import chunks as rules
 
 log = logging.getLogger(__name__)
 
+_READ_FAILED = ("the file may be truncated or corrupt, or changed since the dataset was built "
+                "(rebuild the HDF5Dataset after rewriting a file)")
 MIN_BLOCK_BYTES = 256 << 10  # tiny chunks are read several at a time: one h5py call each
 CONTIGUOUS_BLOCK_BYTES = 1 << 20  # rows per read of an unchunked dataset
 
@@ -238,15 +240,18 @@ class HDF5Dataset(Dataset):
         rows = block.stop - block.start
         buffers = cache.slot(index) or self._buffers(rows)
         arrays = tuple(b[:rows] for b in buffers)
-        handle = self._file(block.file)
-        for name, array in zip(self._names, arrays):
-            try:
-                handle[name].read_direct(array, source_sel=np.s_[block.start:block.stop])
-            except (OSError, RuntimeError, ValueError) as exc:
-                cache.discard(index)
-                raise DataFileError(self.files[block.file], name,
-                                    f"rows {block.start}-{block.stop - 1} could not be read "
-                                    f"({exc}): the file may be truncated or corrupt") from exc
+        try:
+            handle = self._file(block.file)
+            for name, array in zip(self._names, arrays):
+                try:
+                    handle[name].read_direct(array, source_sel=np.s_[block.start:block.stop])
+                except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+                    raise DataFileError(self.files[block.file], name,
+                                        f"rows {block.start}-{block.stop - 1} could not be read "
+                                        f"({exc}): {_READ_FAILED}") from exc
+        except BaseException:
+            cache.discard(index)
+            raise
         cache.keep(index, arrays)
         return arrays
 
@@ -291,9 +296,9 @@ class HDF5Dataset(Dataset):
                     try:
                         if rows:
                             handle[name].read_direct(array, dest_sel=np.s_[first:first + rows])
-                    except (OSError, RuntimeError, ValueError) as exc:
-                        raise DataFileError(path, name, f"could not be preloaded ({exc}): the "
-                                            "file may be truncated or corrupt") from exc
+                    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+                        raise DataFileError(path, name, f"could not be preloaded ({exc}): "
+                                            f"{_READ_FAILED}") from exc
                 first += rows
         return tuple(torch.from_numpy(array) for array in data)
 
@@ -387,6 +392,14 @@ def _expand(files: Any) -> tuple[str, ...]:
             raise InvalidConfigError(f"files: {text!r} does not exist (or is not a file)")
         else:
             paths.append(text)
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            also = "" if seen[real] == path else f", also as {seen[real]!r}"
+            raise InvalidConfigError(f"files: {path!r} is listed twice{also} (a glob and a "
+                                     "path that overlap?): list each file once")
+        seen[real] = path
     return tuple(paths)
 
 
@@ -414,10 +427,14 @@ def _open(h5py: Any, path: str, names: Sequence[str]) -> Any:
     try:
         return h5py.File(path, "r", rdcc_nbytes=0)
     except (OSError, ValueError) as exc:
+        if "lock" in str(exc).lower():
+            why = ("another process holds it open for writing (HDF5 file locking): close the "
+                   "writer, or set HDF5_USE_FILE_LOCKING=FALSE if it is safe to read now")
+        else:
+            why = "a truncated file (an interrupted copy or download) or not an HDF5 file"
         raise DataFileError(path, None,
                             f"cannot be opened as HDF5 to read {', '.join(map(repr, names))} "
-                            f"({exc}): a truncated file (an interrupted copy or download) "
-                            "or not an HDF5 file") from exc
+                            f"({exc}): {why}") from exc
 
 
 def _layout(h5py: Any, files: Sequence[str], names: Sequence[str]
@@ -438,10 +455,11 @@ def _layout(h5py: Any, files: Sequence[str], names: Sequence[str]
                 raise DataFileError(path, b, f"has {m} rows but key {a!r} has {n}: the keys' "
                                     "samples must line up along the first axis")
             for i, (name, d) in enumerate(zip(names, found)):
+                dtype = _check_dtype(path, name, d.dtype)
                 if path == files[0]:
                     shapes.append(d.shape[1:])
-                    dtypes.append(_check_dtype(path, name, d.dtype))
-                elif (d.shape[1:], d.dtype) != (shapes[i], dtypes[i]):
+                    dtypes.append(dtype)
+                elif (d.shape[1:], dtype) != (shapes[i], dtypes[i]):
                     raise DataFileError(path, name, f"holds samples of shape {d.shape[1:]} "
                                         f"{d.dtype}, but {files[0]!r} holds {shapes[i]} "
                                         f"{dtypes[i]}: every file must hold the same samples")
@@ -452,6 +470,9 @@ def _layout(h5py: Any, files: Sequence[str], names: Sequence[str]
 
 def _dataset(h5py: Any, handle: Any, path: str, name: str) -> Any:
     found = handle.get(name)
+    if found is None and name in handle.keys():
+        raise DataFileError(path, name, f"{name!r} is a link to nothing (a dangling soft or "
+                            "external link): point it at a dataset, or name the dataset itself")
     if found is None:
         have = sorted(handle.keys())
         raise DataFileError(path, name, f"has no key {name!r} (it has: "
@@ -467,6 +488,11 @@ def _dataset(h5py: Any, handle: Any, path: str, name: str) -> Any:
 
 def _check_dtype(path: str, name: str, dtype: np.dtype) -> np.dtype:
     """The dtype samples get: the file's, in native byte order (torch takes no other)."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        raise DataFileError(path, name, f"holds an array type ({base} x {shape}) per row, "
+                            "which h5py cannot read into a plain array: store it as a dataset "
+                            f"of shape (rows, {', '.join(map(str, shape))}) of {base}")
     dtype = dtype.newbyteorder("=")
     try:
         torch.from_numpy(np.zeros(1, dtype=dtype))
