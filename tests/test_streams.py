@@ -215,6 +215,13 @@ def test_torchrun_environment_alone_gives_each_rank_its_share(factory, monkeypat
     explicit = factory.create_training_loader(Indexed(64), batch_size=8, num_workers=0,
                                               sampler=list(range(64)))
     assert explicit.sampler == list(range(64))  # an explicit sampler still wins
+    ordered = factory.create_training_loader(Indexed(64), batch_size=8, num_workers=0,
+                                             shuffle=False)
+    in_order = torch.cat([batch.view(-1) for batch in ordered]).tolist()
+    assert in_order == list(range(1, 64, 2))  # shuffle=False reaches the rank's sampler
+    shuffled = factory.create_validation_loader(Indexed(64), batch_size=8, num_workers=0,
+                                                shuffle=True)
+    assert shuffled.sampler.shuffle and len(set(items(shuffled))) == 32
 
 
 def test_a_trial_counts_a_short_stream_over_whole_epochs():
