@@ -238,8 +238,8 @@ class HDF5Dataset(Dataset):
             return arrays
         block = self._blocks[index]
         rows = block.stop - block.start
-        buffers = cache.slot(index) or self._buffers(rows)
-        arrays = tuple(b[:rows] for b in buffers)
+        slot = cache.slot()
+        arrays = tuple(b[:rows] for b in (slot or self._buffers(rows)))
         try:
             handle = self._file(block.file)
             for name, array in zip(self._names, arrays):
@@ -250,9 +250,11 @@ class HDF5Dataset(Dataset):
                                         f"rows {block.start}-{block.stop - 1} could not be read "
                                         f"({exc}): {_READ_FAILED}") from exc
         except BaseException:
-            cache.discard(index)
+            if slot is not None:
+                cache.discard()
             raise
-        cache.keep(index, arrays)
+        if slot is not None:
+            cache.keep(index, slot, arrays)
         return arrays
 
     def _buffers(self, rows: int) -> tuple[np.ndarray, ...]:
@@ -316,7 +318,6 @@ class _BlockCache:
         self._allocate = allocate
         self._blocks: OrderedDict[int, tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]]
         self._blocks = OrderedDict()  # index -> (its slot, the block's rows in it)
-        self._pending: tuple[int, tuple[np.ndarray, ...]] | None = None
         self.info = CacheInfo(limit_bytes=limit)
 
     def get(self, index: int) -> tuple[np.ndarray, ...] | None:
@@ -327,9 +328,10 @@ class _BlockCache:
         self.info.hits += 1
         return entry[1]
 
-    def slot(self, index: int) -> tuple[np.ndarray, ...] | None:
-        """A slot to read block ``index`` into (a new one while the limit has room, else the
-        least recently used block's); ``None`` when the limit holds no block."""
+    def slot(self) -> tuple[np.ndarray, ...] | None:
+        """A slot to read a block into (a new one while the limit has room, else the least
+        recently used block's); ``None`` when the limit holds no block. Then ``keep`` it,
+        or ``discard`` it when the read fails."""
         self.info.reads += 1
         capacity = self.info.limit_bytes // self._slot_bytes
         if capacity == 0:
@@ -340,20 +342,16 @@ class _BlockCache:
             self.info.peak_bytes = max(self.info.peak_bytes, self.info.bytes)
         else:
             _, (slot, _) = self._blocks.popitem(last=False)
-        self._pending = (index, slot)
         return slot
 
-    def keep(self, index: int, rows: tuple[np.ndarray, ...]) -> None:
-        """Block ``index`` was read into the slot ``slot(index)`` gave (if it gave one)."""
-        if self._pending is not None and self._pending[0] == index:
-            self._blocks[index] = (self._pending[1], rows)
-        self._pending = None
+    def keep(self, index: int, slot: tuple[np.ndarray, ...],
+             rows: tuple[np.ndarray, ...]) -> None:
+        """Block ``index`` was read into ``slot``; ``rows`` are its rows there."""
+        self._blocks[index] = (slot, rows)
 
-    def discard(self, index: int) -> None:
-        """Reading block ``index`` failed: its slot goes."""
-        if self._pending is not None and self._pending[0] == index:
-            self.info.bytes -= self._slot_bytes
-        self._pending = None
+    def discard(self) -> None:
+        """Reading into the last slot given failed: it goes."""
+        self.info.bytes -= self._slot_bytes
 
     def resize(self, limit: int) -> None:
         self.info.limit_bytes = limit
