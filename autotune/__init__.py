@@ -7,27 +7,27 @@
 """
 
 from .config import GroupConfig, LoaderConfig
-from .loading.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .errors import (AutotuneError, DataFileError, DatasetError, InvalidConfigError,
                      ProfileError, WorkerCrashError, WorkerSafetyError)
+from .factory.factory import OptimalDataLoaderFactory
+from .feed.adaptive import AdaptiveLoader
+from .feed.device import DeviceLoader
+from .feed.monitor import StallMonitor, StallReport
+from .feed.multi import MultiLoader
 from .loading.builder import TunedDataLoader
-from .loading.device import DeviceLoader
-from .loading.factory import OptimalDataLoaderFactory
-from .loading.multi import MultiLoader
+from .loading.safety import check_worker_safety, copy_on_read_risks
+from .measure.workload import measure_workload
+from .policy.rules import DatasetHints
+from .records import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo, Trial,
+                      WorkloadProfile)
 from .sources.chunk_sampler import ChunkShuffleSampler
+from .sources.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .sources.hdf5 import HDF5Dataset
 from .sources.sharding import ShardedIterable, shard_iterable
-from .system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo,
-                       probe_hardware)
-from .policy.rules import DatasetHints
-from .loading.safety import check_worker_safety, copy_on_read_risks
-from .measure.trial import Trial
-from .tuning.result import MultiTuningResult, TuningResult
-from .tuning.adapt import AdaptiveLoader
+from .system.hardware import probe_hardware
 from .tuning.group import MultiAutotuner
+from .tuning.result import MultiTuningResult, TuningResult
 from .tuning.tuner import Autotuner
-from .measure.workload import WorkloadProfile, measure_workload
-from .monitor import StallMonitor, StallReport
 
 create_dataloaders = OptimalDataLoaderFactory.create_dataloaders  # on the default factory
 

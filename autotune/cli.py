@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import AutotuneError
-from .system.hardware import HardwareInfo, probe_hardware
 from .profiles import check_writable, find_profile, load_profile, save_hardware
+from .records import HardwareInfo
+from .system.hardware import probe_hardware
 
 GIB = 1 << 30
 
@@ -153,7 +154,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .loading.factory import OptimalDataLoaderFactory
+    from .factory.factory import OptimalDataLoaderFactory
 
     factory = OptimalDataLoaderFactory(measure=False)
     config = factory.get_optimal_config(

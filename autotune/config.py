@@ -16,8 +16,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ._check import check_bool, check_int, check_seconds
+from ._worker_init import WorkerInit
 from .errors import InvalidConfigError
-from .loading.worker import WorkerInit
 
 START_METHODS = ("fork", "spawn", "forkserver")
 EXPLICIT = "set explicitly"  # the reason of a setting the caller passed by keyword
@@ -131,6 +131,10 @@ class LoaderConfig(Mapping):
     def settings(self) -> dict[str, Any]:
         """The settings alone, as plain data."""
         return {name: getattr(self, name) for name in SETTINGS}
+
+    def tuned_settings(self) -> dict[str, Any]:
+        """The settings a profile entry keeps (what a tuner may choose, not the caller)."""
+        return {name: getattr(self, name) for name in TUNED_SETTINGS}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.settings(), "reasons": dict(self.reasons), "source": self.source}

@@ -17,10 +17,10 @@ from typing import Any
 
 from ._check import check_int
 from .errors import InvalidConfigError
+from .factory.factory import TRAINING_ONLY, OptimalDataLoaderFactory
+from .feed.monitor import DEFAULT_LOG_EVERY_S, StallMonitor, StallReport
 from .loading.builder import TunedDataLoader
-from .loading.factory import TRAINING_ONLY, OptimalDataLoaderFactory
-from .loading.splits import DEFAULT_SPLITS, split_dataset
-from .monitor import DEFAULT_LOG_EVERY_S, StallMonitor, StallReport
+from .sources.splits import DEFAULT_SPLITS, split_dataset
 
 try:
     from lightning.pytorch import Callback, LightningDataModule
@@ -144,7 +144,7 @@ class AutotuneDataModule(LightningDataModule):
         key = "dataset" if self._whole is not None else name
         if key not in self._workloads:
             data = self._whole if self._whole is not None else self.datasets[name]
-            self._workloads[key] = self.factory._measure_once(data, keywords)
+            self._workloads[key] = self.factory.pipeline.measure_once(data, keywords)
         return self._workloads[key]
 
 

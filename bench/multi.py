@@ -109,7 +109,7 @@ def main() -> None:
     alone = {n: factory.create_training_loader(ds, BATCH).num_workers
              for n, ds in datasets.items()}
     hints = rules.DatasetHints(dataset_size=200_000, batch_size=BATCH)
-    workloads = {n: factory._measure_once(ds, {}) for n, ds in datasets.items()}
+    workloads = {n: factory.pipeline.measure_once(ds, {}) for n, ds in datasets.items()}
 
     def configs(workers: dict[str, int]) -> dict[str, object]:
         return {n: at(hw, hints, workloads[n], w) for n, w in workers.items()}

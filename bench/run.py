@@ -42,7 +42,7 @@ import autotune  # noqa: E402
 from autotune import LoaderConfig  # noqa: E402
 from autotune.policy import rules  # noqa: E402
 from autotune.loading.builder import build_loader  # noqa: E402
-from autotune.measure.trial import batch_length, run_trial  # noqa: E402
+from autotune.tuning.trial import batch_length, run_trial
 from autotune.system.usage import PeakMemory  # noqa: E402
 from autotune.tuning.tuner import window_for  # noqa: E402
 from workloads import all_workloads  # noqa: E402

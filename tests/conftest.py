@@ -9,6 +9,6 @@ import pytest
 def _isolated_profiles(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path / "profiles"))
     monkeypatch.chdir(tmp_path)
-    import autotune.loading.factory
+    import autotune.factory.factory
 
-    monkeypatch.setattr(autotune.loading.factory.OptimalDataLoaderFactory, "_default", None)
+    monkeypatch.setattr(autotune.factory.factory.OptimalDataLoaderFactory, "_default", None)

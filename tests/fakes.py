@@ -12,8 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.system.hardware import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo,
-                               MemoryInfo)
+from autotune.records import CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo
 
 GIB = 1 << 30
 

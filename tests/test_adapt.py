@@ -16,7 +16,7 @@ import yaml
 
 from autotune import InvalidConfigError, OptimalDataLoaderFactory
 from autotune.policy.adapt import Window, decide
-from autotune.tuning.adapt import AdaptiveLoader
+from autotune.feed.adaptive import AdaptiveLoader
 from datasets import Indexed, SleepyIndexed, WithLambda
 from fakes import fake_hardware
 

@@ -11,7 +11,7 @@ import pytest
 
 from autotune import AutotuneError, LoaderConfig, OptimalDataLoaderFactory, TunedDataLoader
 from autotune.loading.builder import build_loader
-from autotune.measure.trial import run_trial
+from autotune.tuning.trial import run_trial
 
 from datasets import FailsAt, Indexed, KillsWorker
 

@@ -6,7 +6,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from autotune import InvalidConfigError, LoaderConfig
-from autotune.loading.worker import WorkerInit
+from autotune._worker_init import WorkerInit
 
 from datasets import Indexed
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from autotune.errors import InvalidConfigError
-from autotune.loading.device import DeviceLoader, move_to
+from autotune.feed.device import DeviceLoader, move_to
 
 META = torch.device("meta")
 gpu = pytest.mark.gpu

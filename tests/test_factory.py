@@ -205,7 +205,7 @@ def test_forked_worker_with_a_thread_budget_does_not_deadlock():
 
 
 def test_an_entry_tuned_with_other_ranks_per_host_warns_once_and_still_applies(monkeypatch):
-    import autotune.loading.factory as factory_module
+    import autotune.factory.pipeline as factory_module
 
     monkeypatch.setattr(factory_module, "_warned", set())
     save_entry(probe_hardware(), "Indexed", ProfileEntry(

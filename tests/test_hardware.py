@@ -22,7 +22,8 @@ import pytest
 import autotune
 from autotune.system import _parse as sp
 from autotune.system import hardware
-from autotune.system.hardware import HardwareInfo, SystemFiles, read_hardware
+from autotune.records import HardwareInfo
+from autotune.system.hardware import SystemFiles, read_hardware
 from fakes import H100, FakeNvml, NVMLError_NotSupported, fake_gpu, fake_hardware
 
 GIB = 1 << 30

@@ -20,11 +20,11 @@ from datasets import Indexed
 from lightning_ddp_script import SIZE, SPLITS, Recorder
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-import autotune.loading.factory
+import autotune.factory.pipeline
 from autotune import InvalidConfigError, OptimalDataLoaderFactory, TunedDataLoader
 from autotune.lightning import AutotuneDataModule
-from autotune.loading.samplers import ShardSampler
-from autotune.loading.splits import split_dataset
+from autotune.sources.samplers import ShardSampler
+from autotune.sources.splits import split_dataset
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -83,8 +83,8 @@ def test_train_only_fits_and_defines_no_other_loader():
 
 def test_one_dataset_split_fit_validate_test_measures_once(monkeypatch):
     calls = []
-    measure = autotune.loading.factory.measure_workload
-    monkeypatch.setattr(autotune.loading.factory, "measure_workload",
+    measure = autotune.factory.pipeline.measure_workload
+    monkeypatch.setattr(autotune.factory.pipeline, "measure_workload",
                         lambda *a, **k: calls.append(a[0]) or measure(*a, **k))
     data = AutotuneDataModule(dataset=Indexed(50), batch_size=4, seed=3)  # (0.8, 0.1, 0.1)
     train, val, test = split_dataset(Indexed(50), (0.8, 0.1, 0.1), seed=3)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from autotune import InvalidConfigError, StallMonitor
-from autotune.monitor import StallClock
+from autotune.feed.monitor import StallClock
 from autotune.policy import stall
 from datasets import Indexed, Sleepy
 

@@ -11,7 +11,7 @@ import yaml
 
 from autotune import (DeviceLoader, GroupConfig, InvalidConfigError, LoaderConfig, MultiAutotuner,
                       OptimalDataLoaderFactory, probe_hardware)
-from autotune.measure.trial import run_group_trial
+from autotune.tuning.trial import run_group_trial
 from autotune.profiles import ProfileEntry, load_profile, save_entry
 
 from datasets import Indexed, Sleepy

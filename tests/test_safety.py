@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from autotune import (AugmentedDataset, AutotuneError, DatasetHints, OptimalDataLoaderFactory,
                       StandardizedDataset, WorkerCrashError, WorkerSafetyError, WorkloadProfile,
                       check_worker_safety, compute_stats, copy_on_read_risks)
-from autotune.loading import factory as factory_module
+from autotune.factory import pipeline as factory_module
 from autotune.policy import rules
 from autotune.loading.crash import explain_crash
 

@@ -15,8 +15,8 @@ import autotune
 from autotune import (DatasetError, InvalidConfigError, LoaderConfig, OptimalDataLoaderFactory,
                       WorkerSafetyError, create_dataloaders, measure_workload, shard_iterable)
 from autotune.loading.safety import check_stream_sharding
-from autotune.loading.samplers import EpochDistributedSampler, ShardSampler
-from autotune.measure.trial import _WholeEpochs, run_trial
+from autotune.sources.samplers import EpochDistributedSampler, ShardSampler
+from autotune.tuning.trial import _WholeEpochs, run_trial
 from autotune.policy import rules
 
 from datasets import (EmptyStream, Indexed, SizedStream, Stream, StreamFailsAt, StuckStream,
@@ -145,8 +145,8 @@ def test_cli_tune_on_an_unsharded_stream_is_one_line_not_a_traceback(tmp_path):
 
 def test_create_dataloaders_splits_reproducibly_and_shares_one_measurement(monkeypatch):
     calls = []
-    real = autotune.loading.factory.measure_workload
-    monkeypatch.setattr(autotune.loading.factory, "measure_workload",
+    real = autotune.factory.pipeline.measure_workload
+    monkeypatch.setattr(autotune.factory.pipeline, "measure_workload",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     train, val, test = create_dataloaders(Indexed(103), 8, splits=(0.8, 0.1, 0.1), seed=3)
     assert len(calls) == 1

@@ -18,8 +18,8 @@ import yaml
 
 from autotune import probe_hardware
 from autotune.config import LoaderConfig
-from autotune.measure.trial import Trial
-from autotune.measure.workload import WorkloadProfile
+from autotune.records import Trial
+from autotune.records import WorkloadProfile
 from autotune.tuning.ranks import RankTrial, combine
 from autotune.tuning.result import TuningResult
 

@@ -17,9 +17,9 @@ from torch.utils.data import Subset, get_worker_info
 from .._warn import warn_user
 from ..config import LoaderConfig
 from ..policy import chunks
+from ..records import HardwareInfo
 from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..sources.hdf5 import HDF5Dataset
-from ..system.hardware import HardwareInfo
 from .safety import start_method
 
 

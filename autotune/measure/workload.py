@@ -14,11 +14,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .._check import check_int, check_seconds, dataset_size, is_stream
 from ..errors import AutotuneError, DatasetError, InvalidConfigError
+from ..records import WorkloadProfile
 
 DEFAULT_SAMPLES = 128  # waits with a heavy tail need this many for a mean within ~10%
 DEFAULT_MAX_SECONDS = 1.0
@@ -32,58 +33,6 @@ RETIME_BELOW_S = 1e-3
 MIN_TIMED_S = 0.01  # time cheap samples over at least this long
 KEEP_SAMPLES = 16  # per pass, for their size and collate cost; holding more (600 KB each)
                    # changes how the allocator serves the next ones and what they cost
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkloadProfile:
-    samples: int  # how many samples were timed
-    sec_per_sample: float  # wall seconds per __getitem__ in this process
-    cpu_sec_per_sample: float  # CPU seconds of this process (all its threads) per sample
-    sample_bytes: int  # mean size of one sample's tensors/arrays/bytes
-    single_thread_sec_per_sample: float | None = None  # wall, thread pools capped at 1
-    single_thread_cpu_sec_per_sample: float | None = None  # the calling thread's CPU only
-    collate_sec_per_sample: float | None = None  # default_collate cost, per sample
-    # mean and standard deviation of ln(wall seconds) of the individually timed samples:
-    # a lognormal fit that shows a heavy tail (storage latency) the mean may have missed
-    wall_log_mean: float | None = None
-    wall_log_std: float | None = None
-
-    @property
-    def cpu_fraction(self) -> float:
-        """Share of a sample's time spent computing: ~0 waits on I/O, ~1 computes.
-
-        From the single-threaded pass, counting only the calling thread's CPU: idle BLAS
-        threads that spin-wait would otherwise look like work.
-        """
-        wall, cpu = self.single_thread_sec_per_sample, self.single_thread_cpu_sec_per_sample
-        if wall is None or cpu is None:
-            wall, cpu = self.sec_per_sample, self.cpu_sec_per_sample
-        return min(1.0, cpu / wall) if wall > 0 else 1.0
-
-    @property
-    def lognormal_sec_per_sample(self) -> float | None:
-        """Mean wall seconds per sample of a lognormal fitted to the timed samples.
-
-        ``exp(mu + sigma^2 / 2)``: with a heavy tail (sigma >= 1) a sample of 64-128 calls
-        usually misses the rare slow ones, and its plain mean is low more often than high.
-        ``None`` when fewer than two samples were timed one by one.
-        """
-        if self.wall_log_mean is None or self.wall_log_std is None:
-            return None
-        return math.exp(self.wall_log_mean + self.wall_log_std ** 2 / 2)
-
-    @property
-    def parallelism(self) -> float:
-        """Process CPU over wall time with thread pools as they are: >1 means several threads."""
-        return self.cpu_sec_per_sample / self.sec_per_sample if self.sec_per_sample > 0 else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cpu_fraction": self.cpu_fraction,
-                "parallelism": self.parallelism}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WorkloadProfile:
-        return cls(**{k: v for k, v in data.items() if k not in ("cpu_fraction", "parallelism")})
 
 
 def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,

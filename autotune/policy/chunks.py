@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..system.hardware import HardwareInfo
+from ..records import HardwareInfo
 from .rules import _mb, ranks_here
 
 PRELOAD_FRACTION = 0.5  # preload when the decoded data fits in this share of this rank's RAM

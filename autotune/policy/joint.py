@@ -16,11 +16,13 @@ together they fit the CPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..measure.workload import WorkloadProfile
-from ..system.hardware import HardwareInfo
+from ..config import LoaderConfig
+from ..records import HardwareInfo, WorkloadProfile
 from . import rules
 
 RUN_ODDS = 0.01  # prefetch covers runs of one loader's batches longer only this often
@@ -39,8 +41,58 @@ class Member:
 
 @dataclass(frozen=True, kw_only=True)
 class Split:
+    """The workers one member gets, and why."""
+
     workers: int
     reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Share:
+    """One member's part of the machine: its split among all the members' splits."""
+
+    member: Member
+    splits: Mapping[str, Split]
+    strategy: str
+
+
+def shared(hw: HardwareInfo, share: Share, config: LoaderConfig) -> LoaderConfig:
+    """``config`` with this member's share: workers, native threads, a prefetch deep enough
+    for the runs of its batches that the strategy asks for, within the part of the
+    in-flight memory budget its batches may take (``resolve`` applies explicit keywords after)."""
+    member, splits = share.member, share.splits
+    split = splits[member.name]
+    workers = split.workers
+    total = sum(s.workers for s in splits.values())
+    config = config.replace(reason=split.reason, num_workers=workers)
+    memory = _memory_share(hw, workers / max(1, total))
+    prefetch = rules.prefetch_factor(memory, member.hints, member.workload, workers)
+    deeper = prefetch_for_bursts(memory, member, workers, burst(member.share, share.strategy),
+                                 prefetch[0])
+    if deeper[0] is not None:
+        prefetch = (deeper[0], deeper[1] or "")
+    native = member.workload is not None and workers > 0 \
+        and member.workload.parallelism > rules.PARALLEL_THRESHOLD
+    threads = (thread_budget(hw, total) if native
+               else rules.worker_threads(hw, workers, member.workload))
+    persistent = rules.persistent_workers(member.hints, workers)
+    for name, (value, why) in (("prefetch_factor", prefetch), ("worker_threads", threads),
+                               ("persistent_workers", persistent)):
+        config = config.replace(reason=why, **{name: value})
+    return config
+
+
+def _memory_share(hw: HardwareInfo, part: float) -> HardwareInfo:
+    """The machine with only this part of RAM and /dev/shm (by workers, as batches in
+    flight grow with them)."""
+    memory = hw.memory
+
+    def scaled(value: int | None) -> int | None:
+        return None if value is None else int(value * part)
+
+    return dataclasses.replace(hw, memory=dataclasses.replace(
+        memory, available_bytes=scaled(memory.available_bytes),
+        shm_free_bytes=scaled(memory.shm_free_bytes)))
 
 
 def split_workers(hw: HardwareInfo, members: list[Member]) -> dict[str, Split]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..config import GroupConfig, LoaderConfig
-from ..measure.trial import Trial
+from ..records import Trial
 from .search import REFINE_SPAN, Measure, Measurements, SearchOutcome, setting_key
 
 Counts = Mapping[str, int]

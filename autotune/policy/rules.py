@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from .._check import check_bool, check_int
 from ..config import LoaderConfig
-from ..measure.workload import WorkloadProfile
-from ..system.hardware import HardwareInfo
+from ..records import HardwareInfo, WorkloadProfile
 
 # Costs measured on a 2-CPU AMD EPYC VM, torch 2.13 CPU (bench/RESULTS.md has the runs):
 TRANSFER_S_PER_BATCH = 1e-3  # CPU seconds to send one batch from a worker to the main process

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import TORCH_HAS_IN_ORDER, TUNED_SETTINGS, GroupConfig, LoaderConfig
 from ..errors import InvalidConfigError
-from ..measure.trial import Trial
+from ..records import Trial
 
 STALL_OK = 0.05  # a consumer waiting for data less than this share of the time keeps up
 NOISE_DEFAULT = 0.03  # relative spread of repeated runs, until repeats say otherwise

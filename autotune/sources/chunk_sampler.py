@@ -33,9 +33,9 @@ import torch
 
 from .._check import check_bool, check_int
 from ..errors import InvalidConfigError
-from ..loading.samplers import EpochDistributedSampler
 from ..policy.chunks import DEFAULT_WINDOW
 from ..system.distributed import current_ranks
+from .samplers import EpochDistributedSampler
 
 
 class ChunkShuffleSampler(EpochDistributedSampler):

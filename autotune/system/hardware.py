@@ -6,129 +6,17 @@ The only module that reads the system. Every fact is a frozen record; an unknown
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..records import CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo, MemoryInfo
 from . import _parse as parse
 
 log = logging.getLogger(__name__)
-
-GIB = 1 << 30
-
-
-@dataclass(frozen=True, kw_only=True)
-class CpuInfo:
-    """CPUs. ``usable`` = the affinity set capped by the cgroup quota, rounded down, >= 1.
-
-    Rounding down: a quota of 1.5 CPUs gives 1 usable, since a second busy thread would
-    be throttled for part of every period.
-    """
-
-    logical: int | None
-    physical: int | None
-    affinity: tuple[int, ...] | None
-    quota: float | None
-    usable: int
-    model: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryInfo:
-    """RAM and /dev/shm in bytes. ``available_bytes`` is the smaller of host and cgroup."""
-
-    total_bytes: int | None
-    host_available_bytes: int | None
-    limit_bytes: int | None  # cgroup memory limit; None when there is none
-    available_bytes: int | None
-    shm_total_bytes: int | None
-    shm_free_bytes: int | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class GpuInfo:
-    index: int
-    name: str | None
-    memory_total_bytes: int | None
-    memory_free_bytes: int | None
-    compute_capability: str | None
-    pcie_generation: int | None
-    pcie_width: int | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistributedInfo:
-    """The torchrun variables; ``None`` where unset."""
-
-    world_size: int | None = None
-    local_world_size: int | None = None
-    rank: int | None = None
-    local_rank: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class HostInfo:
-    hostname: str
-    os: str
-    python: str
-    torch: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class HardwareInfo:
-    cpu: CpuInfo
-    memory: MemoryInfo
-    gpus: tuple[GpuInfo, ...] = ()
-    accelerator: str | None = None  # "cuda", "mps" or None: what torch can compute on
-    host: HostInfo
-    distributed: DistributedInfo = field(default_factory=DistributedInfo)
-
-    @property
-    def cpu_budget(self) -> int:
-        """CPUs for this process: usable CPUs shared among the processes torchrun put here."""
-        return max(1, self.cpu.usable // (self.distributed.local_world_size or 1))
-
-    @property
-    def fingerprint(self) -> str:
-        """Stable id of the hardware a profile was tuned on (not of the hostname)."""
-        total = self.memory.total_bytes
-        if total is not None and self.memory.limit_bytes is not None:
-            total = min(total, self.memory.limit_bytes)
-        facts = {
-            "cpu_model": self.cpu.model,
-            "cpus": self.cpu.usable,
-            "memory_gib": None if total is None else round(total / GIB),
-            "gpus": [gpu.name for gpu in self.gpus],
-        }
-        return hashlib.sha256(repr(sorted(facts.items())).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (what ``autotune probe --json`` prints)."""
-        data = asdict(self)
-        data["cpu"]["affinity"] = list(self.cpu.affinity) if self.cpu.affinity else None
-        data["gpus"] = [asdict(gpu) for gpu in self.gpus]
-        data["cpu_budget"] = self.cpu_budget
-        data["fingerprint"] = self.fingerprint
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HardwareInfo:
-        cpu = dict(data["cpu"])
-        cpu["affinity"] = tuple(cpu["affinity"]) if cpu.get("affinity") else None
-        return cls(
-            cpu=CpuInfo(**cpu),
-            memory=MemoryInfo(**data["memory"]),
-            gpus=tuple(GpuInfo(**gpu) for gpu in data.get("gpus") or ()),
-            accelerator=data.get("accelerator"),
-            host=HostInfo(**data["host"]),
-            distributed=DistributedInfo(**(data.get("distributed") or {})),
-        )
-
 
 _cached: HardwareInfo | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..config import GroupConfig, LoaderConfig
-from ..measure.trial import Trial
+from ..records import Trial
 
 
 class Progress:

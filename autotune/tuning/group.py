@@ -17,19 +17,20 @@ from typing import Any
 from .._check import check_int, dataset_size
 from ..config import GroupConfig
 from ..errors import InvalidConfigError
-from ..loading.group import named_datasets, group_config, plan_members
-from ..loading.multi import check_weights
-from ..loading.schedule import STRATEGIES
-from ..measure.trial import Trial, run_group_trial
+from ..factory.group import group_config, named_datasets, plan_members
+from ..feed.multi import check_weights
+from ..feed.schedule import STRATEGIES
 from ..policy import joint, rules
 from ..policy.joint_search import JointSearch, JointSpace
 from ..profiles import check_key, group_key
+from ..records import HardwareInfo, Trial
 from ..system.distributed import current_ranks
-from ..system.hardware import HardwareInfo, probe_hardware
+from ..system.hardware import probe_hardware
 from ._progress import Progress
 from .result import MultiTuningResult, measured_fields
-from .tuner import (DEFAULT_BUDGET_S, MEASURE_SHARE, MIN_HANG_S, _batch_s, _consumer,
-                    check_tuning, measure_for_tuning, objective, window_for)
+from .trial import run_group_trial
+from .tuner import (DEFAULT_BUDGET_S, MEASURE_SHARE, MIN_HANG_S, batch_seconds, check_tuning,
+                    consumer_for, measure_for_tuning, objective, window_for)
 
 TRIAL_SEED = 0  # every trial draws the same weighted order
 
@@ -104,7 +105,7 @@ class MultiAutotuner:
         self.hang_timeout_s = hang_timeout_s
         self.key = check_key(key) if key is not None else group_key(self.datasets)
         self.step_time_s = step_time_s
-        self.consumer = _consumer(step_time_s, train_step)
+        self.consumer = consumer_for(step_time_s, train_step)
         self.objective = objective(step_time_s, self.consumer)
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
@@ -127,7 +128,7 @@ class MultiAutotuner:
         if self.max_workers is not None:
             caps = {name: min(cap, self.max_workers) for name, cap in caps.items()}
         splits = joint.split_workers(self.hardware, members)
-        batch_s = max(_batch_s(w, self.batch_size) for w in workloads.values())
+        batch_s = max(batch_seconds(w, self.batch_size) for w in workloads.values())
         hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
 
         def configure(counts: Any) -> GroupConfig:

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from ..config import LoaderConfig
 from ..errors import AutotuneError
-from ..measure.trial import Trial
+from ..records import Trial
 from ..system.distributed import current_ranks
 
 log = logging.getLogger(__name__)

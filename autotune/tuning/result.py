@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TUNED_SETTINGS, GroupConfig, LoaderConfig
-from ..measure.trial import Trial
-from ..measure.workload import WorkloadProfile
+from ..config import GroupConfig, LoaderConfig
 from ..policy.search import SearchOutcome, setting_key
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
+from ..records import HardwareInfo, Trial, WorkloadProfile
 from ..system.distributed import current_ranks
-from ..system.hardware import HardwareInfo
 from .ranks import RankTrial
 
 
@@ -63,14 +61,14 @@ class TuningResult:
         measured = _measured(self)
         if self.fastest is not None:
             measured["fastest"] = {
-                **_tuned(self.fastest),
+                **self.fastest.tuned_settings(),
                 "samples_per_s": round(self.fastest_samples_per_s or 0.0, 1),
                 "peak_memory_mb": _mb_value(self.fastest_memory_bytes)}
         if current_ranks().rank != 0:  # rank 0 writes the one entry every rank agreed on
             path = profile_path(self.hardware.host.hostname, profile_dir)
         else:
             path = save_entry(self.hardware, key,
-                              ProfileEntry(settings=_tuned(self.best), measured=measured),
+                              ProfileEntry(settings=self.best.tuned_settings(), measured=measured),
                               profile_dir)
         self.best = self.best.replace(source="profile")
         self.key = key
@@ -163,7 +161,7 @@ class MultiTuningResult:
                 "workers": self.fastest.workers(),
                 "samples_per_s": round(self.fastest_samples_per_s or 0.0, 1),
                 "peak_memory_mb": _mb_value(self.fastest_memory_bytes)}
-        entry = ProfileEntry(members={name: _tuned(config)
+        entry = ProfileEntry(members={name: config.tuned_settings()
                                       for name, config in self.best.members.items()},
                              measured=measured)
         path = save_entry(self.hardware, key, entry, profile_dir)
@@ -259,9 +257,6 @@ def _measured(result: TuningResult | MultiTuningResult) -> dict[str, Any]:
         "local_world_size": result.local_world_size,
     }
 
-
-def _tuned(config: LoaderConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.settings().items() if k in TUNED_SETTINGS}
 
 
 def _mb_value(value: int | None) -> float | None:

@@ -24,16 +24,18 @@ from .._check import check_int, check_seconds, dataset_size, is_stream
 from ..config import LoaderConfig
 from ..errors import InvalidConfigError
 from ..loading.safety import check_stream_sharding
-from ..measure.trial import CONSUMER_STEPS, ROUNDS, Trial, run_trial
-from ..measure.workload import WorkloadProfile, measure_workload
+from ..measure.workload import measure_workload
 from ..policy import rules
+from ..policy.resolve import resolve
 from ..policy.search import Search, SearchSpace
 from ..profiles import check_key, dataset_key
+from ..records import HardwareInfo, Trial, WorkloadProfile
 from ..system.distributed import current_ranks
-from ..system.hardware import HardwareInfo, probe_hardware
+from ..system.hardware import probe_hardware
 from ._progress import Progress
 from .ranks import RankTrial, Team
 from .result import TuningResult, measured_fields
+from .trial import CONSUMER_STEPS, ROUNDS, run_trial
 
 DEFAULT_BUDGET_S = 60.0
 MIN_WINDOW_S, MAX_WINDOW_S = 0.5, 3.0
@@ -90,7 +92,7 @@ class Autotuner:
         self.hang_timeout_s = hang_timeout_s
         self.key = check_key(key) if key is not None else dataset_key(dataset)
         self.step_time_s = step_time_s
-        self.consumer = _consumer(step_time_s, train_step)
+        self.consumer = consumer_for(step_time_s, train_step)
         self.objective = objective(step_time_s, self.consumer)
         self.progress = Progress(sys.stderr.isatty() if progress is None else progress,
                                  self.budget_s)
@@ -146,15 +148,15 @@ class Autotuner:
         cap = rules.max_workers(self.hardware, hints, workload)
         if self.max_workers is not None:
             cap = min(cap, self.max_workers)
-        batch_s = _batch_s(workload, self.batch_size)
+        batch_s = batch_seconds(workload, self.batch_size)
         hang_s = self.hang_timeout_s or max(MIN_HANG_S, 20 * batch_s)
-        ruled = rules.recommend(self.hardware, hints, workload)
+        ruled = resolve(self.hardware, hints, workload)
         ladder_start = ruled.num_workers
         if self.step_time_s:  # enough workers to hand over one batch per step, with margin
             ladder_start = math.ceil(1.2 * batch_s / self.step_time_s)
 
         def configure(workers: int) -> LoaderConfig:
-            return rules.recommend(self.hardware, hints, workload, workers=workers)
+            return resolve(self.hardware, hints, workload, workers=workers)
 
         def measure(config: LoaderConfig, phase: str) -> Trial:
             number = len(trials) + 1
@@ -197,7 +199,7 @@ class Autotuner:
 def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus: int,
                budget_s: float = DEFAULT_BUDGET_S, step_s: float = 0.0) -> float:
     """The trial window for ``workers`` on this workload (``trial_window_s``'s inputs)."""
-    batch_s = _batch_s(workload, batch_size)
+    batch_s = batch_seconds(workload, batch_size)
     batch_cpu_s = batch_size * (
         (workload.cpu_sec_per_sample if workload.single_thread_cpu_sec_per_sample is None
          else workload.single_thread_cpu_sec_per_sample)
@@ -206,7 +208,7 @@ def window_for(workload: WorkloadProfile, batch_size: int, workers: int, *, cpus
                           cpus=cpus)
 
 
-def _batch_s(workload: WorkloadProfile, batch_size: int) -> float:
+def batch_seconds(workload: WorkloadProfile, batch_size: int) -> float:
     """Wall seconds one worker takes to make a batch (the slower of the two passes)."""
     return batch_size * max(workload.sec_per_sample,
                             workload.single_thread_sec_per_sample or 0.0)
@@ -269,8 +271,10 @@ def objective(step_time_s: float | None, consumer: Callable[[Any], None] | None)
     return "no stall with train_step"
 
 
-def _consumer(step_time_s: float | None,
-              train_step: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
+def consumer_for(step_time_s: float | None,
+                 train_step: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
+    """What a trial feeds its batches to: the real step, a sleep as long as the step, or
+    nothing (the loader alone)."""
     if train_step is not None:
         return train_step
     if step_time_s is not None:

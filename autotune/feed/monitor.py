@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._check import check_seconds
-from .errors import InvalidConfigError
-from .policy import stall
-from .system import usage
+from .._check import check_seconds
+from ..errors import InvalidConfigError
+from ..policy import stall
+from ..system import usage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autotune.monitor")  # the name users configure (kept when it moved)
 
 HISTORY = 100_000  # per-batch times kept for percentiles and plots (the latest ones)
 DEFAULT_LOG_EVERY_S = 60.0
@@ -365,7 +365,7 @@ def _gpu_index(device: Any) -> int | None:
 
 
 def _cpu_budget() -> int:
-    from .system.hardware import probe_hardware
+    from ..system.hardware import probe_hardware
 
     return probe_hardware().cpu_budget
 

@@ -28,16 +28,15 @@ from ..config import LoaderConfig
 from ..errors import WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
 from ..loading.worker import BusyMeter
-from ..monitor import Epochs, StallMonitor, StallReport
 from ..policy import adapt
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
+from ..records import HardwareInfo
 from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..system.distributed import current_ranks
-from ..system.hardware import HardwareInfo
 from ..system.usage import children_cpu_seconds
-from .result import _tuned
+from .monitor import Epochs, StallMonitor, StallReport
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autotune.tuning.adapt")  # the name users configure (kept when it moved)
 
 DEFAULT_EVERY = 20  # steps per window: at most one change per this many steps
 SETTLED_WINDOWS = 3  # this many windows without a change: settled
@@ -151,7 +150,7 @@ class AdaptiveLoader:
             "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             "torch": self.hardware.host.torch,
         }
-        return save_entry(self.hardware, key, ProfileEntry(settings=_tuned(self._config),
+        return save_entry(self.hardware, key, ProfileEntry(settings=self._config.tuned_settings(),
                                                            measured=measured), profile_dir)
 
     def close(self) -> None:

@@ -6,64 +6,64 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._check import dataset_size, is_stream
 from .._warn import warn_user
-from ..config import GroupConfig, LoaderConfig
+from ..config import GroupConfig
 from ..errors import InvalidConfigError
-from ..measure.workload import WorkloadProfile, measure_workload
+from ..feed.device import check_device
+from ..feed.multi import MultiLoader, check_weights
+from ..measure.workload import measure_workload
 from ..policy import joint, rules
+from ..policy.resolve import resolve
 from ..profiles import ProfileEntry, check_key, group_key
+from ..records import HardwareInfo, WorkloadProfile
 from ..system.distributed import current_ranks
-from ..system.hardware import HardwareInfo
-from .device import check_device
-from .multi import MultiLoader, check_weights
-
-if TYPE_CHECKING:
-    from .factory import OptimalDataLoaderFactory
+from .pipeline import LoaderPipeline, LoaderRequest
 
 
-def create_group(factory: OptimalDataLoaderFactory, datasets: Any, batch_size: int, *,
+def create_group(pipeline: LoaderPipeline, datasets: Any, batch_size: int, *,
                  strategy: str, weights: Any, stop: str, seed: int | None,
                  keywords: dict[str, Any]) -> MultiLoader:
+    """The loaders of ``create_training_loaders``, through the one pipeline: each member
+    with its part of the group's tuned entry, or with its share of the machine."""
     named = named_datasets(datasets)
     names = list(named)
     shares = joint.batch_shares(strategy, check_weights(weights, names, strategy))
     key = keywords.get("profile_key")
     key = check_key(key) if key is not None else group_key(named)
-    entry = _group_entry(factory.profile_entry(key), key, names, strategy, shares)
+    entry = _group_entry(pipeline.profile_entry(key), key, names, strategy, shares)
     flags = (keywords.get("has_augmentation", False), keywords.get("has_standardization", False))
     device = keywords.get("device")
     target = None if device is None else str(check_device(device))
+
+    def request(name: str, **member: Any) -> LoaderRequest:
+        return LoaderRequest(dataset=named[name], batch_size=batch_size, training=True,
+                             has_augmentation=flags[0], has_standardization=flags[1],
+                             profile_key=key, overrides=_overrides(keywords), device=device,
+                             look_up=False, **member)
+
     if entry is not None:  # tuned as one: each loader takes its part of the entry
-        loaders = {name: factory._create(
-            named[name], batch_size, True, *flags, key, keywords.get("workload"),
-            _overrides(keywords), profile=(key, entry.member(name)), device=device)
-            for name in names}
+        loaders = {name: pipeline.create(request(name, workload=keywords.get("workload"),
+                                                 entry=entry.member(name)))
+                   for name in names}
         return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
     explicit_workers = "num_workers" in keywords
-    hardware = factory._hardware_here()
-    measuring = keywords.get("workload") is None and factory._needs_measuring(None, keywords)
+    hardware = pipeline.hardware_here()
+    measuring = keywords.get("workload") is None and pipeline.needs_measuring(None, keywords)
     workloads = {name: measure_workload(dataset, collate_fn=keywords.get("collate_fn"))
                  if measuring else keywords.get("workload") for name, dataset in named.items()}
     members = plan_members(hardware, named, shares, workloads,
-                           lambda size, stream: factory._hints(size, *flags, batch_size, True,
+                           lambda size, stream: pipeline.hints(size, *flags, batch_size, True,
                                                                stream=stream, device=target))
-    if strategy == "sequential" or explicit_workers:
-        splits = {m.name: joint.Split(workers=m.alone, reason="") for m in members}
-    else:
-        splits = joint.split_workers(hardware, members)
-    loaders = {}
-    for member in members:
-        shape = None
-        if not explicit_workers and strategy != "sequential":
-            shape = sharer(hardware, member, splits, strategy, keywords)
-        loaders[member.name] = factory._create(
-            named[member.name], batch_size, True, *flags, key, member.workload,
-            _overrides(keywords), shape=shape, profile=(key, None), device=device)
+    shared = not explicit_workers and strategy != "sequential"
+    splits = joint.split_workers(hardware, members) if shared else {}
+    loaders = {m.name: pipeline.create(request(
+        m.name, workload=m.workload,
+        share=joint.Share(member=m, splits=splits, strategy=strategy) if shared else None))
+        for m in members}
     return MultiLoader(loaders, strategy=strategy, weights=weights, stop=stop, seed=seed)
 
 
@@ -79,7 +79,7 @@ def plan_members(hardware: HardwareInfo, named: Mapping[str, Any], shares: list[
         if size is not None:
             size = max(1, size // current_ranks().world_size)
         hints = hints_for(size, is_stream(dataset))
-        alone = rules.recommend(hardware, hints, workloads[name]).num_workers
+        alone = resolve(hardware, hints, workloads[name]).num_workers
         members.append(joint.Member(name=name, hints=hints, workload=workloads[name],
                                     share=share, alone=alone))
     return members
@@ -91,8 +91,8 @@ def group_config(hardware: HardwareInfo, members: list[joint.Member],
     shares the machine (the joint search measures these)."""
     splits = {m.name: joint.Split(workers=workers[m.name], reason=reason) for m in members}
     return GroupConfig(members={
-        m.name: sharer(hardware, m, splits, strategy, {})(
-            rules.recommend(hardware, m.hints, m.workload, workers=workers[m.name]))
+        m.name: resolve(hardware, m.hints, m.workload,
+                        share=joint.Share(member=m, splits=splits, strategy=strategy))
         for m in members})
 
 
@@ -125,52 +125,6 @@ def _group_entry(entry: ProfileEntry | None, key: str, names: list[str], strateg
     return entry
 
 
-def sharer(hardware: Any, member: joint.Member, splits: Mapping[str, joint.Split],
-           strategy: str, keywords: Mapping[str, Any]) -> Callable[[LoaderConfig], LoaderConfig]:
-    """The change that gives this member its share: workers, native threads, a prefetch deep
-    enough for the runs of its batches that the strategy asks for, and the part of the
-    in-flight memory budget its batches may take (settings passed by keyword stay)."""
-    split = splits[member.name]
-    workers = split.workers
-    total = sum(s.workers for s in splits.values())
-    run = joint.burst(member.share, strategy)
-
-    def shape(config: LoaderConfig) -> LoaderConfig:
-        config = config.replace(reason=split.reason, num_workers=workers)
-        memory = _memory_share(hardware, member, splits)
-        prefetch = rules.prefetch_factor(memory, member.hints, member.workload, workers)
-        deeper = joint.prefetch_for_bursts(memory, member, workers, run, prefetch[0])
-        if deeper[0] is not None:
-            prefetch = deeper  # type: ignore[assignment]
-        native = member.workload is not None and workers > 0 \
-            and member.workload.parallelism > rules.PARALLEL_THRESHOLD
-        threads = (joint.thread_budget(hardware, total) if native
-                   else rules.worker_threads(hardware, workers, member.workload))
-        persistent = rules.persistent_workers(member.hints, workers)
-        for name, (value, why) in (("prefetch_factor", prefetch), ("worker_threads", threads),
-                                   ("persistent_workers", persistent)):
-            if name not in keywords:
-                config = config.replace(reason=why, **{name: value})
-        return config
-
-    return shape
-
-
-def _memory_share(hardware: Any, member: joint.Member,
-                  splits: Mapping[str, joint.Split]) -> Any:
-    """The machine with only this member's part of RAM and /dev/shm (by workers, as batches
-    in flight grow with them)."""
-    share = splits[member.name].workers / max(1, sum(s.workers for s in splits.values()))
-    memory = hardware.memory
-
-    def part(value: int | None) -> int | None:
-        return None if value is None else int(value * share)
-
-    return dataclasses.replace(hardware, memory=dataclasses.replace(
-        memory, available_bytes=part(memory.available_bytes),
-        shm_free_bytes=part(memory.shm_free_bytes)))
-
-
 def _overrides(keywords: Mapping[str, Any]) -> dict[str, Any]:
     """DataLoader keywords for every member (the factory's own keywords taken out)."""
     ours = {"has_augmentation", "has_standardization", "profile_key", "workload", "device"}
@@ -178,6 +132,7 @@ def _overrides(keywords: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def named_datasets(datasets: Any) -> dict[str, Any]:
+    """The datasets by name (a list's are named "0", "1", ...)."""
     if isinstance(datasets, Mapping):
         named = {str(k): v for k, v in datasets.items()}
     elif isinstance(datasets, Sequence) and not isinstance(datasets, (str, bytes)):

@@ -16,7 +16,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None
 
-from .errors import ProfileError
+from ..errors import ProfileError
 
 PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"
 ELSEWHERE = f"pass --profile-dir DIR (or set {PROFILE_DIR_ENV}) to use another directory"

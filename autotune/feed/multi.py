@@ -17,7 +17,7 @@ from typing import Any
 
 from .._check import check_int
 from ..errors import InvalidConfigError
-from ..monitor import Epochs, StallMonitor, StallReport
+from .monitor import Epochs, StallMonitor, StallReport
 from .schedule import STOPS, STRATEGIES, Schedule, count_batches
 
 _END = object()

@@ -30,11 +30,10 @@ from typing import Any
 import yaml
 from torch.utils.data import Subset
 
-from ._profile_io import (ELSEWHERE, PROFILE_DIR_ENV, fs_error, locked, make_dir, write_all,
-                          write_atomic)
-from .config import SETTINGS, LoaderConfig
-from .errors import InvalidConfigError, ProfileError
-from .system.hardware import HardwareInfo
+from ..config import SETTINGS, LoaderConfig
+from ..errors import InvalidConfigError, ProfileError
+from ..records import HardwareInfo
+from ._io import ELSEWHERE, PROFILE_DIR_ENV, fs_error, locked, make_dir, write_all, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader
 
 from .._check import is_stream
 from ..config import GroupConfig, LoaderConfig
+from ..feed.multi import MultiLoader, check_weights
 from ..loading.builder import build_loader
-from ..loading.multi import MultiLoader, check_weights
 from ..policy.joint import batch_shares
+from ..records import Trial
 from ..system.usage import CpuClock, PeakMemory
 
 WARMUP_BATCHES = 2  # beyond the prefetch burst
@@ -38,36 +39,6 @@ CONSUMER_STEPS = 10  # ... and, with a consumer, at least this many steps ...
 MAX_WINDOW_FACTOR = 3  # ... unless that takes longer than this many windows
 WAIT_MARGIN = 1.5  # a stream's trial waits for an epoch end it may reach by this many times
                    # the samples an earlier trial drew without one
-
-
-@dataclass(frozen=True, kw_only=True)
-class Trial:
-    """What one configuration did."""
-
-    config: LoaderConfig | GroupConfig  # a group's (``run_group_trial``): each member's
-    phase: str  # which step of the search asked for it: baseline, rules, ladder, ...
-    samples_per_s: float | None = None
-    first_batch_s: float | None = None
-    peak_memory_bytes: int | None = None
-    cpu_percent: float | None = None  # of one CPU, main process plus workers
-    stall_fraction: float | None = None  # of the window spent waiting for data
-    window_s: float | None = None
-    error: str | None = None
-    # a stream's: samples in its first epoch if the trial saw it end; samples drawn in all
-    epoch_samples: int | None = None
-    samples_drawn: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.config.settings(), "phase": self.phase,
-                "samples_per_s": self.samples_per_s, "first_batch_s": self.first_batch_s,
-                "peak_memory_bytes": self.peak_memory_bytes, "cpu_percent": self.cpu_percent,
-                "stall_fraction": self.stall_fraction, "window_s": self.window_s,
-                "error": self.error, "epoch_samples": self.epoch_samples,
-                "samples_drawn": self.samples_drawn}
 
 
 def run_trial(dataset: Any, batch_size: int, config: LoaderConfig, *, phase: str,
