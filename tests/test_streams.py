@@ -18,6 +18,7 @@ from autotune.loading.safety import check_stream_sharding
 from autotune.sources.samplers import EpochDistributedSampler, ShardSampler
 from autotune.tuning.trial import _WholeEpochs, run_trial
 from autotune.policy import rules
+from autotune.system import distributed
 
 from datasets import (EmptyStream, Indexed, SizedStream, Stream, StreamFailsAt, StuckStream,
                        UnshardedStream)
@@ -223,6 +224,33 @@ def test_torchrun_environment_alone_gives_each_rank_its_share(factory, monkeypat
                                                 shuffle=True)
     assert shuffled.sampler.shuffle and len(set(items(shuffled))) == 32
 
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set without RANK or LOCAL_RANK"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+])
+def test_half_a_torchrun_environment_warns_and_reads_the_whole_dataset(factory, monkeypatch,
+                                                                     env, named):
+    monkeypatch.setattr(distributed, "_warned", set())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.warns(UserWarning, match="rank 0 of 1") as caught:
+        train = factory.create_training_loader(Indexed(64), batch_size=8, num_workers=0)
+        val = factory.create_validation_loader(Indexed(63), batch_size=8, num_workers=0)
+    assert named in str(caught[0].message) and len(caught) == 1  # once, for both loaders
+    assert sorted(items(train)) == list(range(64)) and items(val) == list(range(63))
+
+
+def test_torchrun_problem_reads_only_whole_jobs_as_jobs():
+    assert distributed.torchrun_problem({}) is None
+    assert distributed.torchrun_problem({"WORLD_SIZE": "1"}) is None
+    assert distributed.torchrun_problem({"WORLD_SIZE": "4", "RANK": "3"}) is None
+    assert distributed.torchrun_problem({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}) is None  # Lightning
+    assert "below 1" in distributed.torchrun_problem({"WORLD_SIZE": "0"})
+    assert "LOCAL_RANK='x'" in distributed.torchrun_problem({"WORLD_SIZE": "2", "RANK": "0",
+                                                             "LOCAL_RANK": "x"})
 
 def test_a_trial_counts_a_short_stream_over_whole_epochs():
     trial = run_trial(Stream(96, seconds=0.001), 8, LoaderConfig(num_workers=2,

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from .._check import check_int, is_stream
+from .._lifecycle import Closeable
 from ..config import LoaderConfig
 from ..errors import WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
@@ -53,7 +54,7 @@ class AdaptChange:
     reason: str
 
 
-class AdaptiveLoader:
+class AdaptiveLoader(Closeable):
     """A training loader that changes its worker count between steps while training runs.
 
     Built by ``factory.create_training_loader(dataset, batch_size, adapt=True)``; iterate it
@@ -159,12 +160,6 @@ class AdaptiveLoader:
             self._loader.close()
             self._loader = None
         self.monitor.release()
-
-    def __enter__(self) -> AdaptiveLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"AdaptiveLoader({self.key!r}, num_workers={self.num_workers}, every={self.every})"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .._check import check_bool
+from .._lifecycle import Closeable, close_if_closable
 from ..errors import InvalidConfigError
 
 _END = object()
@@ -104,7 +105,7 @@ def check_device(device: Any) -> torch.device:
     return parsed
 
 
-class DeviceLoader:
+class DeviceLoader(Closeable):
     """Batches of ``loader`` on ``device``, the next one already copying during the step.
 
     Each ``iter()`` is a fresh pass over ``loader``. On CUDA batch n+1's copy is issued on a
@@ -194,15 +195,7 @@ class DeviceLoader:
             batches.close()
         if not self._closed:
             self._closed = True
-            closer = getattr(self.loader, "close", None)
-            if callable(closer):
-                closer()
-
-    def __enter__(self) -> DeviceLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            close_if_closable(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]  # TypeError like torch's if none

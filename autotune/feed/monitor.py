@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .._check import check_seconds
+from .._lifecycle import Closeable, close_if_closable
 from ..errors import InvalidConfigError
 from ..policy import stall
 from ..system import usage
@@ -131,7 +132,7 @@ class StallClock:
         return self.steps, self.wait_s, self.step_s + running
 
 
-class StallMonitor:
+class StallMonitor(Closeable):
     """Iterate this instead of the loader: same batches, timed.
 
     Args:
@@ -257,15 +258,7 @@ class StallMonitor:
     def close(self) -> None:
         """``release()``, and close the wrapped loader if it can be closed."""
         self.release()
-        close = getattr(self.iterable, "close", None)
-        if callable(close):
-            close()
-
-    def __enter__(self) -> StallMonitor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        close_if_closable(self.iterable)
 
     def __repr__(self) -> str:
         return f"StallMonitor({self.iterable!r}, name={self.name!r})"

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._check import check_int
+from .._lifecycle import Closeable, close_if_closable
 from ..errors import InvalidConfigError
 from .monitor import Epochs, StallMonitor, StallReport
 from .schedule import STOPS, STRATEGIES, Schedule, count_batches
@@ -23,7 +24,7 @@ from .schedule import STOPS, STRATEGIES, Schedule, count_batches
 _END = object()
 
 
-class MultiLoader:
+class MultiLoader(Closeable):
     """Batches from several loaders as ``(name, batch)``, in the order a strategy sets.
 
     Args:
@@ -132,16 +133,8 @@ class MultiLoader:
     def close(self) -> None:
         """Close every loader that can be closed (their workers stop)."""
         for loader in self.loaders.values():
-            closer = getattr(loader, "close", None)
-            if callable(closer):
-                closer()
+            close_if_closable(loader)
         self.monitor.release()
-
-    def __enter__(self) -> MultiLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"MultiLoader({', '.join(self.names)}, strategy={self.strategy!r}, "

@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader, default_collate
 
 from .._check import is_stream
+from .._lifecycle import Closeable
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
 from .chunked import WorkerCache, chunk_sampler, reads_chunks
@@ -19,7 +20,7 @@ from .crash import CrashNamingIterator
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
 
-class TunedDataLoader(DataLoader):
+class TunedDataLoader(Closeable, DataLoader):
     """A plain ``DataLoader`` that remembers its ``LoaderConfig`` (``.autotune_config``) and
     releases its workers when told to.
 
@@ -73,12 +74,6 @@ class TunedDataLoader(DataLoader):
             if shutdown is not None:
                 shutdown()
             self._iterator = None
-
-    def __enter__(self) -> TunedDataLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _started(self) -> weakref.WeakSet[Any]:
         """The multi-process iterators this loader made that are still alive."""

@@ -1,7 +1,8 @@
 """Where this process sits among torch.distributed ranks, read live (not cached).
 
 The process group when one is initialised, else torchrun's environment (``WORLD_SIZE``,
-``RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_RANK``). A process alone is rank 0 of 1. Read at
+``RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_RANK``). A process alone is rank 0 of 1, and so is
+one whose environment is half a torchrun job (``torchrun_problem``), with a warning. Read at
 each call, because a process group is often created after the factory (Lightning does).
 """
 
@@ -11,6 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+
+from .._warn import warn_user
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,8 +32,19 @@ class Ranks:
 
 
 def current_ranks(env: Mapping[str, str] | None = None) -> Ranks:
-    """This process's rank, the world size and the ranks on this host."""
+    """This process's rank, the world size and the ranks on this host.
+
+    Args:
+        env: the environment to read (default: ``os.environ``).
+    """
     env = os.environ if env is None else env
+    group = process_group_ready()
+    problem = None if group else torchrun_problem(env)
+    if problem is not None:
+        _warn_once(f"{problem}: this is not read as a torchrun job, so autotune acts as rank 0 "
+                   "of 1 and this process gets the whole dataset. Launch with torchrun to "
+                   "split the data across ranks, or unset the variables")
+        return Ranks()
 
     def number(name: str, default: int) -> int:
         try:
@@ -37,7 +53,6 @@ def current_ranks(env: Mapping[str, str] | None = None) -> Ranks:
             return default
 
     rank, world = number("RANK", 0), number("WORLD_SIZE", 1)
-    group = process_group_ready()
     if group:
         import torch.distributed as dist
 
@@ -45,6 +60,39 @@ def current_ranks(env: Mapping[str, str] | None = None) -> Ranks:
     local_world = number("LOCAL_WORLD_SIZE", world if world > 1 and "LOCAL_RANK" in env else 1)
     return Ranks(rank=rank, world_size=max(1, world), local_rank=number("LOCAL_RANK", 0),
                  local_world_size=max(1, min(local_world, max(1, world))), group=group)
+
+
+def torchrun_problem(env: Mapping[str, str]) -> str | None:
+    """Why the torchrun variables in ``env`` do not describe a process of a torchrun job
+    (``None``: they do, or none is set). A real job sets ``WORLD_SIZE`` with ``RANK``
+    (torchrun) or ``LOCAL_RANK`` (Lightning's launcher); ``WORLD_SIZE`` alone is usually
+    left over in a shell or notebook that exported it."""
+    given = {name: env[name] for name in TORCHRUN_VARIABLES if name in env}
+    bad = [f"{name}={value!r}" for name, value in given.items()
+           if not value.strip().isdigit()]
+    if bad:
+        return f"{', '.join(bad)} {'is not a' if len(bad) == 1 else 'are not'} whole number"
+    values = {name: int(value) for name, value in given.items()}
+    world = values.get("WORLD_SIZE")
+    if world is None or world == 1:
+        return None
+    if world < 1:
+        return f"WORLD_SIZE={world} is below 1"
+    if "RANK" not in values and "LOCAL_RANK" not in values:
+        return f"WORLD_SIZE={world} is set without RANK or LOCAL_RANK"
+    if values.get("RANK", 0) >= world:
+        return f"RANK={values['RANK']} is not below WORLD_SIZE={world}"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Once per process: the ranks are read at every loader built."""
+    if message not in _warned:
+        _warned.add(message)
+        warn_user(message)
 
 
 def process_group_ready() -> bool:
