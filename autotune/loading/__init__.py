@@ -1,1 +1,1 @@
-"""Building loaders: the one builder, the factory, worker start-up, crash naming, safety."""
+"""Worker processes and the one DataLoader builder: start-up, crash naming, safety checks."""

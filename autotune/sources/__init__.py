@@ -1,1 +1,1 @@
-"""Data sources: iterable sharding (and, later, chunked HDF5)."""
+"""Data sources: samplers, splits, dataset wrappers, iterable sharding, chunked HDF5."""

@@ -1,0 +1,1 @@
+"""Building loaders: the one pipeline (resolve -> sampler -> checks -> build), the factory, groups."""

@@ -1,0 +1,1 @@
+"""The training loop: DeviceLoader, MultiLoader, AdaptiveLoader, the stall monitor."""
