@@ -20,7 +20,7 @@ def run_bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
+        except BaseException as exc:  # re-raised in the caller
             box["error"] = exc
 
     thread = threading.Thread(target=target, name="autotune-bounded", daemon=True)

@@ -32,14 +32,50 @@ TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parame
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoaderConfig(Mapping):
+class LoaderConfig(Mapping[str, Any]):
+    """One set of DataLoader settings, each with the reason it was chosen (``explain()``).
+
+    Also a read-only mapping of the keywords ``DataLoader`` takes (``dataloader_kwargs()``),
+    so ``DataLoader(ds, batch_size=24, **cfg)`` works. Frozen: ``replace()`` makes a changed
+    copy. Two configs are equal when their settings and ``source`` are; reasons do not count.
+    Settings that only mean something with workers (``prefetch_factor``,
+    ``persistent_workers``, ``multiprocessing_context``, ``worker_threads``, ``in_order``,
+    ``timeout``) are left out of the keywords when ``num_workers`` is 0.
+
+    Attributes:
+        num_workers: worker processes; 0 loads in the main process.
+        prefetch_factor: batches each worker loads ahead (at least 1); None: torch's default
+            (2). The rules lower it to 1 when the batches in flight would not fit a share
+            of RAM and /dev/shm.
+        pin_memory: batches in page-locked memory, which speeds the copy to a CUDA device
+            and only costs time otherwise.
+        persistent_workers: keep the workers between epochs instead of starting new ones
+            each epoch (training runs many epochs; validation frees them between passes).
+        multiprocessing_context: how workers start: ``"fork"``, ``"spawn"`` or
+            ``"forkserver"``; None: the platform's default start method.
+        worker_threads: native (BLAS) threads per worker, set as each worker starts, so
+            that workers and the main process together fit the CPUs; None: leave the
+            pools as they are (torch already gives each worker one intra-op thread).
+        in_order: batches in sampler order (reproducible); False: a slow sample does not
+            hold back the batches behind it (torch 2.6 and later; left out on older torch).
+        drop_last: drop each epoch's last, partial batch, so every step sees a full one.
+        timeout: seconds to wait for a batch from the workers before raising; 0 waits
+            forever.
+        reasons: why each setting has its value, by setting name (``explain()`` shows
+            them), plus notes on how the data is read (``noted()``); kept read-only and
+            left out of comparisons.
+        source: where the settings came from: ``"rules"`` (the rule engine),
+            ``"tuned"`` (measured by the autotuner), ``"profile"`` (a saved profile entry)
+            or ``"override"`` (the caller passed some of them by keyword).
+    """
+
     num_workers: int = 0
-    prefetch_factor: int | None = None  # None: torch's default (2) when there are workers
+    prefetch_factor: int | None = None
     pin_memory: bool = False
     persistent_workers: bool = False
-    multiprocessing_context: str | None = None  # None: the platform's default start method
-    worker_threads: int | None = None  # native thread pools per worker; None: leave as is
-    in_order: bool = True  # False: a slow sample does not hold back batches behind it
+    multiprocessing_context: str | None = None
+    worker_threads: int | None = None
+    in_order: bool = True
     drop_last: bool = False
     timeout: float = 0.0
     reasons: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -168,6 +204,10 @@ class GroupConfig:
 
     ``num_workers`` is their total: what a group costs in processes, and what the joint
     search keeps low.
+
+    Attributes:
+        members: each loader's settings, by the loader's name (the names the ``MultiLoader``
+            yields, in its order); kept read-only.
     """
 
     members: Mapping[str, LoaderConfig]

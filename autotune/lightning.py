@@ -26,7 +26,7 @@ try:
     from lightning.pytorch import Callback, LightningDataModule
 except ImportError as first:
     try:
-        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]
+        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]  # same API, older name
     except ImportError:
         raise ImportError("autotune.lightning needs Lightning (lightning.pytorch or "
                           "pytorch_lightning). Fix: pip install 'autotune[lightning]'") from first

@@ -2,7 +2,8 @@
 
 Frozen, keyword-only dataclasses with ``to_dict``/``from_dict``, importing no code that
 reads the system or builds a loader, so that the pure decisions (``policy/``) and the
-results can use them from the ground floor. ``None`` is unknown, never 0 or -1.
+results can use them from the ground floor. ``None`` is unknown or absent (no limit, not
+measured), never 0 or -1.
 """
 
 from __future__ import annotations
@@ -24,6 +25,21 @@ class CpuInfo:
 
     Rounding down: a quota of 1.5 CPUs gives 1 usable, since a second busy thread would
     be throttled for part of every period.
+
+    Attributes:
+        logical: logical CPUs the host has (``os.cpu_count()``, else the processors in
+            /proc/cpuinfo), whether or not this process may use them; None when unknown.
+        physical: physical cores (distinct core ids in /proc/cpuinfo, else psutil's count);
+            None when unknown.
+        affinity: ids of the CPUs this process may run on (``os.sched_getaffinity``),
+            sorted; None where the platform does not say.
+        quota: the cgroup CPU quota in CPUs (quota / period, e.g. 1.5), the tightest on the
+            cgroup's path, v1 or v2; None when there is no quota.
+        usable: CPUs this process can keep busy: the affinity set's size (``logical``
+            without one) capped by the quota, rounded down, at least 1.
+            ``HardwareInfo.cpu_budget`` shares it among the ranks torchrun runs here.
+        model: the CPU's model name from /proc/cpuinfo; None when it names none (or there
+            is no /proc/cpuinfo: not Linux).
     """
 
     logical: int | None
@@ -36,11 +52,26 @@ class CpuInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryInfo:
-    """RAM and /dev/shm in bytes. ``available_bytes`` is the smaller of host and cgroup."""
+    """RAM and /dev/shm in bytes. ``available_bytes`` is the smaller of host and cgroup.
+
+    Attributes:
+        total_bytes: the host's RAM (``MemTotal`` in /proc/meminfo), not capped by a
+            cgroup limit; None when unknown.
+        host_available_bytes: the kernel's estimate of RAM it can give without swapping
+            (``MemAvailable``); None when unknown.
+        limit_bytes: the cgroup memory limit, the tightest on the cgroup's path; None when
+            there is none (or it cannot be read).
+        available_bytes: what this process may still take: the smaller of
+            ``host_available_bytes`` and the cgroup's headroom (limit minus usage, not
+            counting reclaimable inactive file pages); None when neither is known. The rules
+            size batches in flight and caches from it.
+        shm_total_bytes, shm_free_bytes: size and free space of /dev/shm, through which
+            worker processes hand batches to the main process; None when it is missing.
+    """
 
     total_bytes: int | None
     host_available_bytes: int | None
-    limit_bytes: int | None  # cgroup memory limit; None when there is none
+    limit_bytes: int | None
     available_bytes: int | None
     shm_total_bytes: int | None
     shm_free_bytes: int | None
@@ -48,6 +79,20 @@ class MemoryInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class GpuInfo:
+    """One GPU as NVML reports it; a field NVML could not read is None.
+
+    Attributes:
+        index: NVML's index of the device. It need not be torch's ``cuda:N``: NVML lists
+            every GPU, whatever ``CUDA_VISIBLE_DEVICES`` says.
+        name: the product name, e.g. ``"NVIDIA H100 80GB HBM3"``.
+        memory_total_bytes, memory_free_bytes: the device's memory in bytes, and how much
+            of it was free when it was probed.
+        compute_capability: ``"major.minor"``, e.g. ``"9.0"``.
+        pcie_generation: the PCIe link's current generation, which an idle GPU may lower
+            to save power.
+        pcie_width: the PCIe link's current width in lanes, e.g. 16.
+    """
+
     index: int
     name: str | None
     memory_total_bytes: int | None
@@ -59,7 +104,17 @@ class GpuInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedInfo:
-    """The torchrun variables; ``None`` where unset."""
+    """The torchrun variables; ``None`` where unset.
+
+    A value that is not a non-negative integer counts as unset.
+
+    Attributes:
+        world_size: processes in the whole job (``WORLD_SIZE``).
+        local_world_size: processes on this host (``LOCAL_WORLD_SIZE``); they share its
+            CPUs, RAM and /dev/shm, so the rules divide those among them.
+        rank: this process's rank in the job (``RANK``).
+        local_rank: this process's rank on this host (``LOCAL_RANK``).
+    """
 
     world_size: int | None = None
     local_world_size: int | None = None
@@ -69,6 +124,15 @@ class DistributedInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class HostInfo:
+    """The host and the software versions, recorded with a profile.
+
+    Attributes:
+        hostname: ``socket.gethostname()``; profiles are saved and looked up under it.
+        os: system and kernel release, e.g. ``"Linux 6.8.0-45-generic"``.
+        python: the Python version, e.g. ``"3.12.3"``.
+        torch: ``torch.__version__``; None when torch cannot be imported.
+    """
+
     hostname: str
     os: str
     python: str
@@ -77,10 +141,24 @@ class HostInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class HardwareInfo:
+    """What this process may use, as ``probe_hardware`` read it; unknown facts are None.
+
+    Attributes:
+        cpu: the CPUs (``CpuInfo``).
+        memory: RAM and /dev/shm (``MemoryInfo``).
+        gpus: the GPUs NVML lists, by NVML index; () when NVML, its library or the driver
+            is missing, or there is no GPU.
+        accelerator: what torch can compute on: ``"cuda"``, ``"mps"``, or None for the CPU
+            alone (or no torch). Where batches go unless the caller says: pinned memory
+            only pays for ``"cuda"``.
+        host: hostname and versions (``HostInfo``).
+        distributed: the torchrun variables (``DistributedInfo``); all None outside torchrun.
+    """
+
     cpu: CpuInfo
     memory: MemoryInfo
     gpus: tuple[GpuInfo, ...] = ()
-    accelerator: str | None = None  # "cuda", "mps" or None: what torch can compute on
+    accelerator: str | None = None
     host: HostInfo
     distributed: DistributedInfo = field(default_factory=DistributedInfo)
 
@@ -128,15 +206,41 @@ class HardwareInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class WorkloadProfile:
-    samples: int  # how many samples were timed
-    sec_per_sample: float  # wall seconds per __getitem__ in this process
-    cpu_sec_per_sample: float  # CPU seconds of this process (all its threads) per sample
-    sample_bytes: int  # mean size of one sample's tensors/arrays/bytes
-    single_thread_sec_per_sample: float | None = None  # wall, thread pools capped at 1
-    single_thread_cpu_sec_per_sample: float | None = None  # the calling thread's CPU only
-    collate_sec_per_sample: float | None = None  # default_collate cost, per sample
-    # mean and standard deviation of ln(wall seconds) of the individually timed samples:
-    # a lognormal fit that shows a heavy tail (storage latency) the mean may have missed
+    """What loading one sample costs, as ``measure_workload`` timed it in this process.
+
+    Two passes: one with native thread pools (BLAS, OpenMP, torch) capped at one thread, as
+    a worker process has them, and one with them as this process has them. The optional
+    fields are None when not measured (a profile written by hand).
+
+    Attributes:
+        samples: how many samples were timed, both passes together (an index timed over
+            repeated sweeps counts once).
+        sec_per_sample: mean wall seconds per ``dataset[i]`` (a stream's ``next()``) in this
+            process, thread pools as they are; the capped pass's when time ran out before
+            this one.
+        cpu_sec_per_sample: CPU seconds of this process (all its threads) per sample, in the
+            same pass as ``sec_per_sample``.
+        sample_bytes: mean size in bytes of one sample's tensors, arrays, bytes or images,
+            over up to 16 of the timed samples.
+        single_thread_sec_per_sample: mean wall seconds per sample, thread pools capped at
+            one thread: what a worker will see.
+        single_thread_cpu_sec_per_sample: CPU seconds per sample of the calling thread only,
+            in the capped pass, so that idle pool threads that spin-wait do not count.
+        collate_sec_per_sample: seconds per sample that ``collate_fn`` (``default_collate``
+            unless given) takes to batch the kept samples; also None when they do not
+            collate (ragged samples that need the user's ``collate_fn``).
+        wall_log_mean, wall_log_std: mean and standard deviation of ln(wall seconds) of
+            the individually timed calls: a lognormal fit that shows a heavy tail (storage
+            latency) the mean may have missed; None when fewer than two calls were timed.
+    """
+
+    samples: int
+    sec_per_sample: float
+    cpu_sec_per_sample: float
+    sample_bytes: int
+    single_thread_sec_per_sample: float | None = None
+    single_thread_cpu_sec_per_sample: float | None = None
+    collate_sec_per_sample: float | None = None
     wall_log_mean: float | None = None
     wall_log_std: float | None = None
 
@@ -180,18 +284,48 @@ class WorkloadProfile:
 
 @dataclass(frozen=True, kw_only=True)
 class Trial:
-    """What one configuration did."""
+    """What one configuration did.
 
-    config: LoaderConfig | GroupConfig  # a group's (``run_group_trial``): each member's
-    phase: str  # which step of the search asked for it: baseline, rules, ladder, ...
+    A failed trial has ``error`` set and no timings; it may still have its peak memory.
+    Under torchrun every rank runs the trial at once and the record combines them: the
+    slowest rank's timings, the busiest host's memory and CPU summed over its ranks.
+
+    Attributes:
+        config: the settings measured: a ``LoaderConfig``, or for a group
+            (``run_group_trial``) a ``GroupConfig`` with each member's.
+        phase: which step of the search asked for it: baseline, rules, ladder, refine,
+            threads, prefetch, in_order, pin, recheck, confirm (a group's: baseline,
+            rules, alone, scale, grow, trim).
+        samples_per_s: samples per second over the counted window, after start-up and the
+            prefetch burst (a group's: all its loaders together); None when it failed.
+        first_batch_s: seconds from ``iter(loader)`` to the first batch, worker start-up
+            included.
+        peak_memory_bytes: peak PSS in bytes of this process and its children (the
+            workers), sampled every 0.25 s while the trial ran, so shared pages count once.
+        cpu_percent: CPU use over the window in percent of one CPU, main process plus
+            workers (200 is two CPUs busy).
+        stall_fraction: share of the window (0-1) spent waiting for data; None without a
+            consumer (a training step), since without one the loop only waits.
+        window_s: wall seconds the samples were counted over; up to 3 times the window
+            asked for when rounds of workers, consumer steps or a stream's whole epochs
+            needed longer.
+        error: why it failed, on one line; None when it succeeded (``ok``).
+        epoch_samples: a stream's samples in its first epoch, if the trial saw it end;
+            None otherwise and for a map-style dataset.
+        samples_drawn: a stream's samples drawn in all since the loader started, warm-up
+            included, so later trials know how long an epoch end may take; None for a
+            map-style dataset.
+    """
+
+    config: LoaderConfig | GroupConfig
+    phase: str
     samples_per_s: float | None = None
     first_batch_s: float | None = None
     peak_memory_bytes: int | None = None
-    cpu_percent: float | None = None  # of one CPU, main process plus workers
-    stall_fraction: float | None = None  # of the window spent waiting for data
+    cpu_percent: float | None = None
+    stall_fraction: float | None = None
     window_s: float | None = None
     error: str | None = None
-    # a stream's: samples in its first epoch if the trial saw it end; samples drawn in all
     epoch_samples: int | None = None
     samples_drawn: int | None = None
 

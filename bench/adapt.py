@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autotune import OptimalDataLoaderFactory, StallMonitor, probe_hardware  # noqa: E402
+from autotune import OptimalDataLoaderFactory, StallMonitor, probe_hardware
 
 
 class Waiting(Dataset):

@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autotune import HDF5Dataset, OptimalDataLoaderFactory, probe_hardware  # noqa: E402
-from autotune.system.usage import process_memory_bytes  # noqa: E402
+from autotune import HDF5Dataset, OptimalDataLoaderFactory, probe_hardware
+from autotune.system.usage import process_memory_bytes
 
 PARTICLES, FEATURES, CHUNK = 128, 17, 100
 GRID = (0, 1, 2, 3, 4, 6, 8)

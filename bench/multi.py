@@ -30,11 +30,11 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from autotune import (MultiAutotuner, MultiLoader, OptimalDataLoaderFactory,  # noqa: E402
+from autotune import (MultiAutotuner, MultiLoader, OptimalDataLoaderFactory,
                       probe_hardware)
-from autotune.loading.builder import build_loader  # noqa: E402
-from autotune.policy import rules  # noqa: E402
-from workloads import BlasAugment, StorageLatency  # noqa: E402
+from autotune.loading.builder import build_loader
+from autotune.policy import rules
+from workloads import BlasAugment, StorageLatency
 
 BATCH = 32
 WEIGHTS = {"cpu": 0.5, "io": 0.5}

@@ -36,16 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
+import torch
 
-import autotune  # noqa: E402
-from autotune import LoaderConfig  # noqa: E402
-from autotune.policy import rules  # noqa: E402
-from autotune.loading.builder import build_loader  # noqa: E402
+import autotune
+from autotune import LoaderConfig
+from autotune.policy import rules
+from autotune.loading.builder import build_loader
 from autotune.tuning.trial import batch_length, run_trial
-from autotune.system.usage import PeakMemory  # noqa: E402
-from autotune.tuning.tuner import window_for  # noqa: E402
-from workloads import all_workloads  # noqa: E402
+from autotune.system.usage import PeakMemory
+from autotune.tuning.tuner import window_for
+from workloads import all_workloads
 
 GRID_WORKERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 GRID_PREFETCH = (1, 2, 4, 8)
@@ -199,7 +199,7 @@ def stream_epochs_rate(dataset, batch: int, config: LoaderConfig, epochs: int,
             for b in loader:
                 samples += batch_length(b)
         return samples / (time.perf_counter() - began), memory.peak
-    except Exception as exc:  # noqa: BLE001  (a failed setting scores 0, as a failed trial)
+    except Exception as exc:  # a failed setting scores 0, as a failed trial
         log(f"   {short(config)} failed: {type(exc).__name__}: {exc}")
         return 0.0, memory.peak
     finally:

@@ -1,4 +1,5 @@
-"""Example datasets for the quick start and for ``autotune tune examples/datasets.py:make_dataset``."""
+"""Example datasets for the quick start and for
+``autotune tune examples/datasets.py:make_dataset``."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import autotune  # noqa: E402
-from examples.datasets import SyntheticImages  # noqa: E402
+import autotune
+from examples.datasets import SyntheticImages
 
 STEP_S = 0.100  # the "model": a 100 ms step
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import autotune  # noqa: E402
-from datasets import Indexed, RankStream, SleepyIndexed, Stream, UnshardedStream  # noqa: E402
+import autotune
+from datasets import Indexed, RankStream, SleepyIndexed, Stream, UnshardedStream
 
 
 def items(loader) -> list[int]:

@@ -26,11 +26,11 @@ class NVMLError(Exception):
     """Stands in for ``pynvml.NVMLError``."""
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801  (pynvml's own spelling)
+class NVMLError_LibraryNotFound(NVMLError):  # pynvml's own spelling
     """What ``nvmlInit`` raises where libnvidia-ml.so (the driver) is missing."""
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801
+class NVMLError_NotSupported(NVMLError):
     """What a query raises where the GPU or driver does not support it."""
 
 

@@ -138,7 +138,7 @@ def test_len_and_attributes_are_the_loaders():
     assert feed.dataset is source.dataset and feed.batch_size == 4
     assert feed.loader is source and feed.device == torch.device("cpu")
     with pytest.raises(AttributeError):
-        feed.no_such_attribute
+        _ = feed.no_such_attribute
     with pytest.raises(TypeError):
         len(DeviceLoader(iter([1, 2]), "cpu"))
     assert repr(feed) == "DeviceLoader(DataLoader, device='cpu')"
@@ -146,7 +146,7 @@ def test_len_and_attributes_are_the_loaders():
 
 def test_half_built_and_copied_loaders_do_not_recurse():
     with pytest.raises(AttributeError):
-        DeviceLoader.__new__(DeviceLoader).dataset
+        _ = DeviceLoader.__new__(DeviceLoader).dataset
     feed = DeviceLoader([torch.zeros(2)], "meta", non_blocking=False)
     iter(feed)  # a pass in progress is not part of the copy
     for twin in (copy.deepcopy(feed), pickle.loads(pickle.dumps(feed))):

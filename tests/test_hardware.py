@@ -1,4 +1,5 @@
-"""Tests of autotune.system._parse (inline file text) and autotune.system.hardware (canned file trees).
+"""Tests of autotune.system._parse (inline file text) and autotune.system.hardware
+(canned file trees).
 
 The trees under tests/data/sys/<scenario>/ hold /proc and cgroup files as Linux writes them:
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import pickle
@@ -378,7 +379,7 @@ def test_adapt_restripes_the_chunks_for_the_workers_it_moved_to(tmp_path):
                                             adapt_every=8)
     sampler = loader._order.source.sampler
     assert isinstance(sampler, ChunkShuffleSampler)
-    for epoch in range(2):
+    for _ in range(2):
         seen = []
         for batch in loader:
             if not seen:  # an epoch starts with stripes for the workers it runs with
@@ -645,7 +646,7 @@ class Chunked:
 
     def __init__(self, sizes: list[int]) -> None:
         starts = np.cumsum([0, *sizes])
-        self.chunk_ranges = tuple(range(a, b) for a, b in zip(starts[:-1], starts[1:]))
+        self.chunk_ranges = tuple(range(a, b) for a, b in itertools.pairwise(starts))
 
     def __len__(self) -> int:
         return self.chunk_ranges[-1].stop

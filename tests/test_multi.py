@@ -187,7 +187,7 @@ def test_bad_arguments_name_themselves(kwargs: dict, named: str) -> None:
 
 def test_bad_state_is_refused() -> None:
     multi = MultiLoader([range(2), range(2)])
-    with pytest.raises(InvalidConfigError, match="not a MultiLoader.state_dict"):
+    with pytest.raises(InvalidConfigError, match=r"not a MultiLoader\.state_dict"):
         multi.load_state_dict({"epoch": 1})
     with pytest.raises(InvalidConfigError, match="3 loaders"):
         multi.load_state_dict({"epoch": 1, "seed": 0, "delivered": [0, 0, 0]})

@@ -91,7 +91,7 @@ def test_an_empty_dataset_is_named():
 
 
 def test_one_dataset_and_torchrun_are_refused(monkeypatch):
-    with pytest.raises(InvalidConfigError, match="tune it with autotune.Autotuner"):
+    with pytest.raises(InvalidConfigError, match=r"tune it with autotune\.Autotuner"):
         MultiAutotuner({"io": Sleepy()}, 8, strategy="round_robin")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")  # a whole torchrun environment (half of one is not read)

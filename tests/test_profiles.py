@@ -438,7 +438,7 @@ def test_lookup_skips_other_hosts_unusable_files(tmp_path, monkeypatch, caplog):
 def test_lookup_this_hosts_malformed_file_raises(text, tmp_path):
     write_profile(tmp_path, HW, name="pod-abc")  # a match elsewhere does not hide the problem
     (tmp_path / "vm.yaml").write_text(text)
-    with pytest.raises(ProfileError, match="vm.yaml"):
+    with pytest.raises(ProfileError, match=r"vm\.yaml"):
         find_profile(HW, tmp_path)
 
 

@@ -115,7 +115,8 @@ def test_waiting_data_sizes_workers_from_the_slower_pass():
                                 single_thread_cpu_sec_per_sample=0.2 * MS)
     slow = dataclasses.replace(split, single_thread_sec_per_sample=4 * MS)
     fast = dataclasses.replace(split, sec_per_sample=2 * MS)
-    workers = {name: _workers(w) for name, w in {"split": split, "slow": slow, "fast": fast}.items()}
+    workers = {name: _workers(w)
+               for name, w in {"split": split, "slow": slow, "fast": fast}.items()}
     assert workers["split"] == workers["slow"] > workers["fast"], workers
     assert workers["slow"] < rules.MAX_WORKERS
 
@@ -208,7 +209,8 @@ def test_io_bound_is_capped_by_memory_and_batches():
     roomy = choose("io", hw=fake_hardware(cpus=2))
     tight = choose("io", hw=fake_hardware(cpus=2, available_bytes=1 << 30))
     assert tight.num_workers < roomy.num_workers
-    assert tight.num_workers * rules.WORKER_MEMORY_BYTES <= 0.1 * (1 << 30) + rules.WORKER_MEMORY_BYTES
+    assert tight.num_workers * rules.WORKER_MEMORY_BYTES \
+        <= 0.1 * (1 << 30) + rules.WORKER_MEMORY_BYTES
     assert choose("io", size=200, batch=64).num_workers <= 4  # 4 batches per epoch
 
 

@@ -56,7 +56,7 @@ def test_plateau_chooses_the_fewest_workers_within_noise():
     surface = Surface(lambda c: {0: 900.0, 1: 600.0}.get(c.num_workers, 1000.0))
     outcome = Search(surface, space(rules=3)).run()
     assert outcome.chosen.config.num_workers == 2  # the midpoint below the rules' 3
-    assert [p for p, c in surface.asked if c.num_workers == 2][0] == "refine"
+    assert next(p for p, c in surface.asked if c.num_workers == 2) == "refine"
     assert max(surface.workers_tried()) == 6  # one step up; it did not pay, so no more
 
 

@@ -67,7 +67,7 @@ def test_one_worker_needs_no_sharding(factory):
 
 
 def test_a_stuck_stream_fails_the_sharding_check_in_bounded_time():
-    with pytest.raises(autotune.AutotuneError, match="did not finish within 0.5 s"):
+    with pytest.raises(autotune.AutotuneError, match=r"did not finish within 0\.5 s"):
         check_stream_sharding(StuckStream(), timeout_s=0.5)
     assert get_worker_info() is None
 

@@ -1,1 +1,1 @@
-"""Building loaders: the one pipeline (resolve -> sampler -> checks -> build), the factory, groups."""
+"""Building loaders: the one pipeline (resolve -> sampler -> checks -> build), factory, groups."""

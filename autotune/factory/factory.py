@@ -27,7 +27,7 @@ from .group import create_group
 from .pipeline import TRAINING_ONLY, LoaderPipeline, LoaderRequest
 
 
-class _on_instance_or_default:
+class _on_instance_or_default:  # noqa: N801  (a decorator, named like ``property``)
     """A method that, called on the class, runs on the process-wide default factory."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -53,8 +53,23 @@ class OptimalDataLoaderFactory:
     def __init__(self, *, hardware: HardwareInfo | None = None,
                  profile_dir: str | os.PathLike[str] | None = None, measure: bool = True,
                  seed: int | None = None, device: str | None = None) -> None:
-        """``measure=False`` skips timing samples; ``seed`` makes shuffling and worker
-        seeds reproducible; ``device`` is where batches go (default: what torch sees)."""
+        """A factory; every argument is optional and keyword-only.
+
+        Args:
+            hardware: the machine to size loaders for; default: ``probe_hardware()`` of this
+                process (pass a ``HardwareInfo`` to decide for another machine, or in tests).
+            profile_dir: where tuned profiles are looked up; None: ``$AUTOTUNE_PROFILE_DIR``,
+                else ``./profiles``.
+            measure: time a few samples of each dataset before the rules decide (skipped
+                when a profile entry or an explicit ``num_workers`` sets the count);
+                ``False`` skips the timing, and the rules go by the hints alone.
+            seed: an int >= 0 that makes shuffling and worker seeds reproducible (each
+                loader gets a generator seeded ``seed + rank`` unless given one); None: not
+                seeded.
+            device: where batches go (``"cuda:0"``), for the rules (a CUDA device gets pinned
+                memory); it does not move batches (``device=`` of ``create_training_loader``
+                does). None: the accelerator torch sees.
+        """
         check_bool("measure", measure)
         if seed is not None:
             check_int("seed", seed, minimum=0)

@@ -263,7 +263,7 @@ class LoaderPipeline:
             check_stream_sharding(dataset)
         try:
             risks = copy_on_read_risks(dataset)
-        except Exception as exc:  # noqa: BLE001 - a hint is not worth failing a loader over
+        except Exception as exc:  # a hint is not worth failing a loader over
             log.debug("copy-on-read scan failed: %s", exc)
             risks = []
         for risk in risks:

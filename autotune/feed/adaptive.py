@@ -62,6 +62,35 @@ class AdaptiveLoader(Closeable):
     by ``autotune.tuning.adapt`` at INFO), ``report()`` is its ``StallMonitor`` report,
     ``autotune_config`` the settings now, ``save()`` writes them to this host's profile.
 
+    The factory passes these arguments; there is rarely a reason to build one by hand.
+
+    Args:
+        dataset: a map-style dataset or an ``IterableDataset`` (a stream cannot resume
+            mid-epoch, so its changes wait for the end of the epoch).
+        batch_size: samples per batch.
+        config: the settings it starts with (its ``num_workers`` is the first count).
+        configure: returns the full settings for a worker count, resolved as the factory
+            would (``policy.resolve``); called for each count it moves to.
+        cap: the most workers it may move to (RAM, /dev/shm, CPUs); raised to
+            ``config.num_workers`` if that starts higher.
+        hardware: the machine: no growth once the workers use its CPU budget, and
+            ``save()`` writes the profile of its hostname.
+        extra: DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
+            ``batch_sampler``, ``generator``, ...), copied; a ``sampler`` or
+            ``batch_sampler`` there sets the epoch's order, a ``generator`` seeds the
+            random one.
+        shuffle: True: a new random order each epoch; False: sequential. Not used when
+            ``extra`` holds a sampler or batch sampler, nor for a stream.
+        key: the profile key ``save()`` writes under by default; also the monitor's name
+            when ``name`` is None.
+        check_workers: called with the new settings before it moves to a worker set-up not
+            yet checked (one worker or several, start method): a ``WorkerSafetyError`` keeps
+            the current count and caps it there. None: no check.
+        every: steps per window, >= 1: at most one change per this many steps (default 20).
+        name: the ``StallMonitor``'s label in logs and reports; None: ``key``.
+        profile_dir: where ``save()`` writes by default; None: ``$AUTOTUNE_PROFILE_DIR``,
+            else ``./profiles``.
+
     Example::
 
         loader = factory.create_training_loader(dataset, batch_size=16, adapt=True)
@@ -148,7 +177,7 @@ class AdaptiveLoader(Closeable):
             "stall_fraction": round(report.stall_fraction, 4), "steps": report.steps,
             "changes": len(self.changes), "settled": self.settled,
             "batch_size": self.batch_size, "local_world_size": current_ranks().local_world_size,
-            "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "tuned_at": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
             "torch": self.hardware.host.torch,
         }
         return save_entry(self.hardware, key, ProfileEntry(settings=self._config.tuned_settings(),

@@ -163,7 +163,7 @@ class DeviceLoader(Closeable):
         batches = iter(self.loader)
         ahead, error = self._copy(batches, side, device), None
         while ahead is not None:
-            host, moved, made = ahead  # host: alive until its copy is waited on, and past it
+            _host, moved, made = ahead  # _host: alive until its copy is waited on, and past it
             current = torch.cuda.current_stream(device)
             current.wait_stream(side)  # only batch n's copy is queued on the side stream yet
             for tensor in made:

@@ -32,14 +32,51 @@ DEFAULT_LOG_EVERY_S = 60.0
 
 @dataclass(frozen=True, kw_only=True)
 class StallReport:
-    """What a monitored loop did. Times in seconds; ``None`` where unknown."""
+    """What a monitored loop did. Times in seconds; ``None`` where unknown.
+
+    Counted since the first pass or the last ``StallMonitor.reset()``; a step still running
+    counts up to the report. The time between one pass's end and the next ``iter()``
+    (validation, checkpoints) counts neither way.
+
+    Attributes:
+        name: the monitor's label (``None`` if it was given none).
+        steps: batches whose step has ended.
+        passes: ``iter()`` calls (epochs).
+        wall_s: ``wait_s + step_s``: the loop's time inside its passes.
+        wait_s: time spent inside ``iter()`` and ``next()`` waiting for data (starting
+            workers included).
+        start_wait_s: the part of ``wait_s`` spent on each pass's first batch (``iter()``
+            and its first ``next()``): worker start-up and the first prefetch.
+        step_s: time from a batch being handed out to the loop asking for the next.
+        wait_mean_s, wait_p50_s, wait_p95_s: mean, median and 95th percentile of the wait
+            for one batch (a pass's first batch with its ``iter()``), over the latest
+            100,000 batches; ``None`` before the first batch.
+        step_mean_s, step_p50_s, step_p95_s: the same for one step; ``None`` before the
+            first step ended.
+        stall_fraction: ``wait_s / wall_s``, a fraction 0-1 (0.0 before anything was
+            timed).
+        verdict: ``"input-bound"`` above 0.20, ``"moderately input-bound"`` from 0.05 to
+            0.20, else ``"not input-bound"`` (TensorFlow profiler's thresholds).
+        num_workers: the loader's ``num_workers``; ``None`` when the iterable has none.
+        workers_cpu: CPUs that this process's child processes (the workers) kept busy on
+            average since the first pass, e.g. 3.5; ``None`` when ``num_workers`` is 0.
+        workers_memory_bytes: the most memory (PSS, bytes) the child processes used at a
+            report or periodic log (only then is it read); ``None`` when ``num_workers``
+            is 0.
+        gpu_utilization: percent (0-100) of time the GPU ran a kernel, the mean of NVML
+            readings taken at each report and log; ``None`` without a CUDA device or NVML.
+        suggestion: what to change, in words (``policy.stall.suggestion``).
+        loaders: a ``MultiLoader``'s report only: each loader's ``batches``, ``wait_s``,
+            ``wait_mean_s`` (``None`` before its first batch) and ``num_workers``, by name;
+            ``None`` otherwise.
+    """
 
     name: str | None
-    steps: int  # batches whose step has ended
-    passes: int  # iter() calls (epochs)
-    wall_s: float  # wait_s + step_s
+    steps: int
+    passes: int
+    wall_s: float
     wait_s: float
-    start_wait_s: float  # the part of wait_s spent on each pass's first batch
+    start_wait_s: float
     step_s: float
     wait_mean_s: float | None
     wait_p50_s: float | None
@@ -50,11 +87,10 @@ class StallReport:
     stall_fraction: float
     verdict: str
     num_workers: int | None
-    workers_cpu: float | None  # CPUs the worker processes kept busy on average
-    workers_memory_bytes: int | None  # their PSS, the most seen
-    gpu_utilization: float | None  # percent, mean of NVML samples
+    workers_cpu: float | None
+    workers_memory_bytes: int | None
+    gpu_utilization: float | None
     suggestion: str
-    # a MultiLoader's: name -> batches, wait_s, wait_mean_s, num_workers of each loader
     loaders: Mapping[str, Mapping[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,7 +335,7 @@ class Epochs:
 class _Timed:
     """One pass: the wrapped iterator with each ``next()`` timed."""
 
-    __slots__ = ("_iterator", "_monitor", "_clock", "_pass")
+    __slots__ = ("_clock", "_iterator", "_monitor", "_pass")
 
     def __init__(self, iterator: Iterator[Any], monitor: StallMonitor) -> None:
         self._iterator = iterator

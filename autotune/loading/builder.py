@@ -36,6 +36,16 @@ class TunedDataLoader(Closeable, DataLoader):
     explicitly; for a count the rules, a profile or a trial chose it is the point (waiting
     data), and ``explain()`` says why.
 
+    Args:
+        dataset: the dataset, as ``DataLoader`` takes it (``build_loader`` passes the
+            caller's wrapped, see above).
+        args: passed to torch's ``DataLoader`` (``batch_size``, ``shuffle``, ...).
+        autotune_config: the ``LoaderConfig`` the loader was built from, kept as
+            ``.autotune_config``; a keyword, so that code re-creating the loader from its
+            arguments (Lightning adding a sampler) keeps it. None: not built by autotune,
+            so torch's worker-count warning applies as usual.
+        kwargs: passed to torch's ``DataLoader``.
+
     Example::
 
         with factory.create_training_loader(dataset, batch_size=64) as loader:

@@ -42,7 +42,19 @@ def start_method(context: Any = None) -> str:
 def check_worker_safety(dataset: Any, *, collate_fn: Callable[..., Any] | None = None,
                         worker_init_fn: Callable[[int], Any] | None = None,
                         context: Any = None) -> None:
-    """Raise ``WorkerSafetyError`` if workers under ``context`` could not receive these."""
+    """Raise ``WorkerSafetyError`` if workers under ``context`` could not receive these.
+
+    Under spawn or forkserver every worker unpickles the dataset and the two functions, so
+    each is pickled here (tensors and numeric arrays are skipped: they always pickle) and
+    the error names the attribute path to what fails (a lambda, a local function, an open
+    file, ...). Under fork nothing is pickled and nothing is checked.
+
+    Args:
+        dataset: the dataset the workers will get.
+        collate_fn, worker_init_fn: the loader's functions, if any (None: not checked).
+        context: the start method, a name (``"spawn"``) or a multiprocessing context;
+            None: this process's default.
+    """
     method = start_method(context)
     if method == "fork":
         return  # forked workers inherit memory; nothing is pickled
@@ -121,7 +133,19 @@ def _describe(obj: Any) -> str:
 
 
 def copy_on_read_risks(dataset: Any, *, min_bytes: int = COPY_ON_READ_BYTES) -> list[str]:
-    """Attribute paths of lists/dicts/tuples/sets of Python objects taking ``min_bytes`` or more."""
+    """Attribute paths of lists/dicts/tuples/sets of Python objects taking ``min_bytes`` or more.
+
+    Each worker that reads such a container copies the memory pages it touches (reference
+    counts are writes), so memory grows with workers and epochs; numpy arrays do not.
+    Each risk reads like ``"dataset.items is a list of 1,000,000 Python objects (~148 MiB)"``;
+    sizes are estimated from a sample of up to 100 elements.
+
+    Args:
+        dataset: the object to scan: its attributes and containers, three levels deep
+            (the elements of a container of more than 64 are not scanned one by one).
+        min_bytes: the smallest estimated size worth reporting, >= 0; default 32 MiB
+            (``COPY_ON_READ_BYTES``).
+    """
     check_int("min_bytes", min_bytes, minimum=0)
     found: list[str] = []
     _scan(dataset, "dataset", 0, min_bytes, found, set())

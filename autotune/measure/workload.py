@@ -108,7 +108,7 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     return run.result()
 
 
-class _Abandoned(Exception):
+class _AbandonedError(Exception):
     """Unwinds the measuring thread once the caller has given up on it."""
 
 
@@ -133,7 +133,7 @@ class _Measurement:
         self.doing: tuple[int | None, float] | None = None
         self.done = threading.Event()
         self.abandoned = False
-        self.capping = _single_thread()
+        self.capping = _SingleThread()
         self.profile: WorkloadProfile | None = None
         self.error: BaseException | None = None
         self.complete = False  # every index returned
@@ -143,9 +143,9 @@ class _Measurement:
     def run(self) -> None:
         try:
             self.profile = self._measure()
-        except _Abandoned:
+        except _AbandonedError:
             pass
-        except BaseException as exc:  # noqa: BLE001  (handed to the caller, raised there)
+        except BaseException as exc:  # handed to the caller, raised there
             self.error = exc
         finally:
             self.done.set()
@@ -210,7 +210,7 @@ class _Measurement:
         finally:
             self.doing = None
         if self.abandoned:
-            raise _Abandoned
+            raise _AbandonedError
         return sample, since
 
     def _next_item(self) -> Any:
@@ -238,7 +238,7 @@ class _Measurement:
             finally:
                 self.doing = None
             if self.abandoned:
-                raise _Abandoned
+                raise _AbandonedError
             calls += 1
         return (time.perf_counter() - start) / calls / len(samples)
 
@@ -333,7 +333,7 @@ def _log_stats(walls: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(var)
 
 
-class _single_thread:
+class _SingleThread:
     """Cap native thread pools and torch's to one thread, as a worker would have them.
 
     The limits are process-wide, so ``close`` (from any thread) undoes them at once and

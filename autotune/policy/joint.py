@@ -76,10 +76,9 @@ def shared(hw: HardwareInfo, share: Share, config: LoaderConfig) -> LoaderConfig
     threads = (thread_budget(hw, total) if native
                else rules.worker_threads(hw, workers, member.workload))
     persistent = rules.persistent_workers(member.hints, workers)
-    for name, (value, why) in (("prefetch_factor", prefetch), ("worker_threads", threads),
-                               ("persistent_workers", persistent)):
-        config = config.replace(reason=why, **{name: value})
-    return config
+    return (config.replace(reason=prefetch[1], prefetch_factor=prefetch[0])
+            .replace(reason=threads[1], worker_threads=threads[0])
+            .replace(reason=persistent[1], persistent_workers=persistent[0]))
 
 
 def _memory_share(hw: HardwareInfo, part: float) -> HardwareInfo:
@@ -114,6 +113,7 @@ def split_workers(hw: HardwareInfo, members: list[Member]) -> dict[str, Split]:
             continue
         wall, _ = costs[m.name]
         needed = m.share * rate * wall
+        assert m.workload is not None  # as every measured member's
         headroom = 1 + (rules.WAIT_HEADROOM - 1) * rules.worker_wait_share(m.workload)
         workers = max(1, min(m.alone, caps[m.name], math.ceil(needed * headroom)))
         others = ", ".join(o.name for o in members if o is not m)
@@ -173,7 +173,8 @@ def batch_shares(strategy: str, weights: list[float]) -> list[float]:
 def _batch_costs(member: Member) -> tuple[float, float]:
     """(wall, CPU) seconds one of the member's batches costs a worker."""
     batch = member.hints.batch_size or rules.ASSUMED_BATCH_SIZE
-    wall, cpu = rules.worker_costs(member.workload, batch)  # type: ignore[arg-type]
+    assert member.workload is not None  # only measured members have costs
+    wall, cpu = rules.worker_costs(member.workload, batch)
     return wall * batch, cpu * batch
 
 

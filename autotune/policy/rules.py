@@ -51,15 +51,32 @@ TAIL_MAX_FACTOR = 2.0  # the fit may raise the measured mean wait at most this m
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetHints:
-    """What the caller tells us about the data and how it will be used."""
+    """What the caller tells us about the data and how it will be used.
 
-    dataset_size: int | None  # None: a stream of unknown length
+    Attributes:
+        dataset_size: samples per epoch (``len(dataset)``; this rank's share under
+            torch.distributed), >= 1; None: a stream of unknown length (estimates assume
+            ``STREAM_SAMPLES``). Required.
+        batch_size: samples per batch, >= 1; None: ``ASSUMED_BATCH_SIZE`` (32) for estimates.
+        has_augmentation, has_standardization: the samples get per-sample transforms;
+            without a measurement the rules give them a worker per CPU of the budget.
+        training: a training loader (default): persistent workers, full batches only, and
+            worker start-up spread over many epochs. False: evaluation, where every sample
+            counts, workers are freed between passes, and a profile entry's
+            ``persistent_workers`` and ``in_order`` do not apply.
+        device: where batches go (``"cuda:0"``): a CUDA device gets pinned memory; None:
+            the accelerator torch sees, else the CPU.
+        stream: an ``IterableDataset``: items come from ``iter()``, split per worker, so in
+            training each worker drops its own partial last batch.
+    """
+
+    dataset_size: int | None
     batch_size: int | None = None
     has_augmentation: bool = False
     has_standardization: bool = False
     training: bool = True
-    device: str | None = None  # where batches go; None: the accelerator torch sees
-    stream: bool = False  # an IterableDataset: items come from iter(), split per worker
+    device: str | None = None
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset_size is not None:
@@ -106,7 +123,8 @@ def num_workers(hw: HardwareInfo, hints: DatasetHints,
     budget = hw.cpu_budget
     batch = hints.batch_size or ASSUMED_BATCH_SIZE
     cap = max_workers(hw, hints, workload)
-    if cap == 0:
+    if cap == 0:  # only a measured batch that /dev/shm cannot hold gives 0
+        assert workload is not None and hw.memory.shm_free_bytes is not None
         return 0, (f"one batch ({_mb(batch * workload.sample_bytes)}) is over "
                    f"{SHM_FRACTION:.0%} of free /dev/shm ({_mb(hw.memory.shm_free_bytes)}): "
                    "workers could die of a bus error, so batches are made in-process")

@@ -41,7 +41,8 @@ CONFIRM_RESERVE = 2  # trials' worth of budget the exploring steps leave for con
 MEMORY_TIE = 1.10  # memory within this factor of the least counts as the same
 DEEP_PREFETCH = (4, 8)
 
-Measure = Callable[[LoaderConfig, str], Trial]
+Setting = LoaderConfig | GroupConfig  # one loader's settings, or a group's (joint_search)
+Measure = Callable[[Setting, str], Trial]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +67,7 @@ class SearchSpace:
 class Candidate:
     """One setting and every run of it."""
 
-    config: LoaderConfig
+    config: Setting
     runs: tuple[Trial, ...]
 
     @property
@@ -156,8 +157,8 @@ class Measurements:
             lead = max(c.samples_per_s for c in candidates)
             close = [c for c in candidates if c.samples_per_s >= CONFIRM_WITHIN * lead]
             fastest = max(candidates, key=lambda c: c.samples_per_s)
-            order = [fastest] + sorted((c for c in close if c is not fastest),
-                                       key=lambda c: (c.config.num_workers, -c.samples_per_s))
+            order = [fastest, *sorted((c for c in close if c is not fastest),
+                                      key=lambda c: (c.config.num_workers, -c.samples_per_s))]
         for candidate in order[:CONFIRM_MAX]:
             if len(candidate.runs) < 2 and self._has_time(reserve=False):
                 self._measure(candidate.config, "confirm", again=True)
@@ -209,7 +210,7 @@ class Measurements:
 
     # -- bookkeeping ----------------------------------------------------------------
 
-    def _measure(self, config: LoaderConfig, phase: str, *, again: bool = False) -> Trial:
+    def _measure(self, config: Setting, phase: str, *, again: bool = False) -> Trial:
         key = setting_key(config)
         if key in self._runs and not again:
             return self._runs[key][-1]
@@ -233,7 +234,7 @@ class Measurements:
         return trial.ok and (trial.samples_per_s or 0.0) > \
             self._best_rate(excluding=trial) * (1 + self.noise())
 
-    def _gain_holds(self, before: LoaderConfig | GroupConfig, after: Trial) -> bool:
+    def _gain_holds(self, before: Setting, after: Trial) -> bool:
         """Measure ``before`` again right after ``after`` beat it: on a machine whose speed
         drifts (shared CPUs) every later trial looks better, and only side by side does a
         move's own gain show. True while ``after`` stays clearly faster (or no time is
@@ -284,7 +285,7 @@ class Search(Measurements):
         self._refine()
         pick = self._pick()
         if pick is not None:
-            self._tune_around(pick.config)
+            self._tune_around(_one_loader(pick.config))
         return self.outcome(baseline)
 
     # -- steps ----------------------------------------------------------------------
@@ -340,7 +341,7 @@ class Search(Measurements):
             # the copy, not the making, is what costs (large samples).
             with_workers = [c for c in self._candidates() if c.config.num_workers > 0]
             if with_workers and self._has_time():
-                best = max(with_workers, key=lambda c: c.samples_per_s).config
+                best = _one_loader(max(with_workers, key=lambda c: c.samples_per_s).config)
                 self._measure(best.replace(prefetch_factor=DEEP_PREFETCH[-1]), "prefetch")
             return
         if space.native_threads and self._has_time():
@@ -363,10 +364,16 @@ class Search(Measurements):
     def _pick_with(self, workers: int) -> LoaderConfig | None:
         """The best measured setting with this many workers."""
         same = [c for c in self._candidates() if c.config.num_workers == workers]
-        return max(same, key=lambda c: c.samples_per_s).config if same else None
+        return _one_loader(max(same, key=lambda c: c.samples_per_s).config) if same else None
 
 
-def setting_key(config: LoaderConfig | GroupConfig) -> tuple[Any, ...]:
+def _one_loader(config: Setting) -> LoaderConfig:
+    """``Search`` measures one loader's settings only (a group's go to ``joint_search``)."""
+    assert isinstance(config, LoaderConfig), config
+    return config
+
+
+def setting_key(config: Setting) -> tuple[Any, ...]:
     """What makes two settings measure differently: the tuned settings, and of those only
     pinning when batches are made in-process (the rest are about workers); a group's,
     each member's."""

@@ -313,8 +313,8 @@ def _when(updated: str | None) -> _dt.datetime:
     try:
         when = _dt.datetime.fromisoformat(str(updated))
     except ValueError:
-        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
-    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+        return _dt.datetime.min.replace(tzinfo=_dt.UTC)
+    return when if when.tzinfo else when.replace(tzinfo=_dt.UTC)
 
 
 def check_writable(directory: str | os.PathLike[str] | None = None) -> Path:
@@ -390,4 +390,4 @@ def _plain(value: Any) -> Any:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()

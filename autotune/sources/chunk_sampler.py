@@ -25,6 +25,7 @@ file; the autotuner measures it and kept batches in order).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -111,7 +112,7 @@ class ChunkShuffleSampler(EpochDistributedSampler):
         stripes = self._stripes(len(index))
         bounds = np.cumsum([0, *stripes])
         shuffled = [self._window_shuffle(index[a:b], chunk[a:b], rng)
-                    for a, b in zip(bounds[:-1], bounds[1:])]
+                    for a, b in itertools.pairwise(bounds)]
         if len(shuffled) == 1:
             return shuffled
         return _interleave(shuffled, self.batch_size or 1)

@@ -24,10 +24,20 @@ def compute_stats(dataset: Any, *, chunk_size: int = STATS_CHUNK, item: int | No
                   channel_dim: int | None = None) -> tuple[Any, Any]:
     """Mean and standard deviation of a dataset's inputs, in one pass over chunks.
 
-    ``item`` picks the input out of tuple samples (None: the sample is the input).
-    ``channel_dim`` gives per-channel statistics (e.g. 0 for CxHxW); default: one scalar.
     Accumulates in float64, chunk by chunk (Chan et al.'s parallel update), so memory stays
-    at one chunk.
+    at one chunk. The standard deviation is the sample one (divided by n - 1).
+
+    Args:
+        dataset: a non-empty map-style dataset (``len`` and indexing); every sample is read.
+        chunk_size: samples stacked at a time, >= 1 (default 1024): memory vs. speed.
+        item: the index of the input in tuple or list samples (default 0: ``(x, y)``);
+            None: the sample is the input.
+        channel_dim: the channel dimension of an input for per-channel statistics (e.g. 0
+            for CxHxW); None (default): one scalar over all values.
+
+    Returns:
+        ``(mean, std)``: two floats, or two float32 tensors of one value per channel with
+        ``channel_dim``; ready for ``StandardizedDataset``.
     """
     check_int("chunk_size", chunk_size, minimum=1)
     if item is not None:
@@ -66,7 +76,18 @@ def _input(sample: Any, item: int | None) -> torch.Tensor:
 
 
 class StandardizedDataset(Dataset):
-    """``(x - mean) / std`` on each sample's input, statistics given (see ``compute_stats``)."""
+    """``(x - mean) / std`` on each sample's input, statistics given (see ``compute_stats``).
+
+    The input comes out as float32; the rest of the sample is passed through unchanged.
+
+    Args:
+        base: the map-style dataset to wrap (``len`` and indexing).
+        mean, std: a number each, or one value per channel (a 1-D tensor, array or list)
+            broadcast over the trailing dimensions of CxHxW inputs.
+        item: where the input is in each sample: an index of a tuple or list sample, or a
+            key of a dict sample (default 0: ``(x, y)``); None: the sample is the input.
+        eps: added to ``std``, so a constant channel (std 0) does not divide by zero.
+    """
 
     def __init__(self, base: Any, mean: Any, std: Any, *, item: int | None = 0,
                  eps: float = 1e-8) -> None:
@@ -95,8 +116,16 @@ class AugmentedDataset(Dataset):
 
     ``rng`` is a ``numpy.random.Generator`` owned by this process and seeded from torch's
     seed for it (in a worker: the loader's base seed + worker id), so workers draw different
-    augmentations, epochs differ, and a seeded loader repeats. ``augment`` must pickle: a
-    module-level function or an object of a module-level class.
+    augmentations, epochs differ, and a seeded loader repeats.
+
+    Args:
+        base: the map-style dataset to wrap (``len`` and indexing).
+        augment: called as ``augment(x, rng)``, returns the new input. It must pickle (for
+            spawned workers): a module-level function or an object of a module-level class.
+        training: augment only while True (default); False passes samples through as they
+            are, e.g. for validation. A plain attribute: it may be switched later.
+        item: where the input is in each sample: an index of a tuple or list sample, or a
+            key of a dict sample (default 0: ``(x, y)``); None: the sample is the input.
     """
 
     def __init__(self, base: Any, augment: Callable[[Any, np.random.Generator], Any],

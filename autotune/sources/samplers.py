@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from torch.utils.data import DistributedSampler
 
@@ -24,8 +25,8 @@ from .._check import check_int
 class EpochDistributedSampler(DistributedSampler):
     """``DistributedSampler`` whose every ``iter()`` is a new epoch (0, 1, 2, ...)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._next_epoch = self.epoch
 
     def set_epoch(self, epoch: int) -> None:

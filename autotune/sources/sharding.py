@@ -51,6 +51,12 @@ class ShardedIterable(IterableDataset):
     they inherited; a pickled copy (spawned workers) keeps the rank of the process that
     pickled it.
     ``len()`` is this rank's share of the wrapped stream's length, when it has one.
+    ``autotune.shard_iterable(dataset)`` builds one, and returns a wrapped stream as it is.
+
+    Args:
+        dataset: the stream to split, an ``IterableDataset`` that does not shard itself;
+            every shard iterates it in full and keeps item ``i`` when ``i % shards`` is its
+            index.
     """
 
     def __init__(self, dataset: Any) -> None:

@@ -95,7 +95,7 @@ def parse_cpuinfo(text: str | None) -> tuple[int | None, int | None, str | None]
     cores: set[tuple[str, str]] = set()
     model = None
     physical_id = core_id = None
-    for line in (text or "").splitlines() + [""]:
+    for line in [*(text or "").splitlines(), ""]:  # "" ends the last block
         key, _, value = (part.strip() for part in line.partition(":"))
         if key == "processor":
             logical += 1

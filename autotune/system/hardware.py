@@ -22,7 +22,17 @@ _cached: HardwareInfo | None = None
 
 
 def probe_hardware(*, refresh: bool = False) -> HardwareInfo:
-    """Read this machine once per process; ``refresh=True`` reads it again."""
+    """Read this machine once per process; ``refresh=True`` reads it again.
+
+    Never raises for a missing file, driver or library: a fact it cannot read is None.
+
+    Args:
+        refresh: read the machine again instead of returning the reading cached by the
+            first call, e.g. after free memory, /dev/shm or the cgroup limits changed.
+
+    Returns:
+        The ``HardwareInfo``; the same object on every call until a refresh replaces it.
+    """
     global _cached
     if _cached is None or refresh:
         _cached = read_hardware()

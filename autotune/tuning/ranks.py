@@ -31,7 +31,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..config import LoaderConfig
 from ..errors import AutotuneError
@@ -108,7 +108,7 @@ class Team:
             ranks = ", ".join(str(rank) for rank, _ in failed)
             which = f"rank {ranks}" if len(failed) == 1 else f"ranks {ranks}"
             raise AutotuneError(f"{which} of {self.world_size} failed: {failed[0][1]}") from own
-        return value  # type: ignore[no-any-return]
+        return cast(T, value)  # what work() returned
 
     def from_leader(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (the others pass anything)."""
@@ -121,7 +121,7 @@ class Team:
             kind, payload = self._broadcast(None)
             if kind == _FAILED:
                 raise AutotuneError(payload)
-            return payload  # type: ignore[no-any-return]
+            return cast(T, payload)  # what work() returned on rank 0
         try:
             value = work()
         except Exception as exc:

@@ -23,9 +23,52 @@ from .ranks import RankTrial
 
 @dataclass(kw_only=True)
 class TuningResult:
-    best: LoaderConfig  # the chosen setting: the leanest within noise of the fastest
+    """What ``Autotuner.run()`` chose for one loader, the fastest setting it saw and every
+    trial; ``save()`` writes the choice into this host's profile, ``table()`` shows it.
+
+    Rates are the mean over a setting's runs. Under torchrun every trial ran on all ranks at
+    once: its samples/s is the slowest rank's (training waits for it), its memory and CPU
+    the node's (summed over the ranks on a host; the busiest host's).
+
+    Attributes:
+        best: the chosen setting (``source="tuned"``, ``"profile"`` once saved): the leanest
+            within noise of the fastest (fewest workers, then least memory); with a
+            consumer (``step_time_s``, ``train_step``), the fewest workers that keep up.
+            Its ``reasons`` say why.
+        best_samples_per_s: samples/s the chosen setting measured.
+        baseline_samples_per_s: samples/s of torch's defaults (no workers), measured in the
+            same run; None if that trial failed.
+        trials: every trial in the order run (baseline, rules, ladder, ..., confirm),
+            failed ones included with their error.
+        elapsed_s: wall seconds the tuning took, measuring the workload included.
+        batch_size: samples per batch the trials loaded.
+        key: the profile key ``save()`` writes under (the tuner's ``key``; ``save(key=...)``
+            changes it).
+        objective: what the choice optimised, in words (``"lean throughput"``, or no stall
+            with the given step).
+        workload: the quick measurement of a few samples the search started from (rank 0's
+            under torchrun).
+        hardware: the machine it was tuned on; ``save()`` files the entry under its host
+            name.
+        best_memory_bytes: peak memory (PSS, bytes) of the main process and its workers over
+            the chosen setting's runs; None if it could not be read.
+        fastest: the setting with the highest samples/s measured (may be the chosen one);
+            the tuner always sets it, None only in a result built by hand.
+        fastest_samples_per_s, fastest_memory_bytes: as ``best_samples_per_s`` and
+            ``best_memory_bytes``, for ``fastest``.
+        noise: the relative spread of repeated runs that the choice allowed for (a fraction:
+            the median (max - min) / mean of settings run twice or more, kept within
+            0.02-0.05; 0.03 when nothing was repeated); None only in a result built by
+            hand.
+        local_world_size: ranks on this host while it was tuned (torchrun), all loading at
+            once; 1 when tuned alone. The factory warns when a run has another number.
+        rank_trials: under torchrun, each trial's own measurement on every rank (aligned
+            with ``trials``, which hold the combined numbers); empty when tuned alone.
+    """
+
+    best: LoaderConfig
     best_samples_per_s: float
-    baseline_samples_per_s: float | None  # torch's defaults, measured in the same run
+    baseline_samples_per_s: float | None
     trials: tuple[Trial, ...]
     elapsed_s: float
     batch_size: int
@@ -33,14 +76,12 @@ class TuningResult:
     objective: str
     workload: WorkloadProfile
     hardware: HardwareInfo = field(repr=False)
-    best_memory_bytes: int | None = None  # peak PSS of the chosen setting's trials
-    fastest: LoaderConfig | None = None  # the fastest setting measured (may be the chosen)
+    best_memory_bytes: int | None = None
+    fastest: LoaderConfig | None = None
     fastest_samples_per_s: float | None = None
     fastest_memory_bytes: int | None = None
-    noise: float | None = None  # relative spread of repeated runs the choice allowed for
-    local_world_size: int = 1  # ranks on this host while it was tuned (torchrun), all loading
-    # under torchrun, each trial's own measurement on every rank (aligned with ``trials``,
-    # which hold the combined numbers); empty when tuned alone
+    noise: float | None = None
+    local_world_size: int = 1
     rank_trials: tuple[tuple[RankTrial, ...], ...] = ()
 
     def save(self, profile_dir: str | os.PathLike[str] | None = None,
@@ -128,18 +169,52 @@ class TuningResult:
 @dataclass(kw_only=True)
 class MultiTuningResult:
     """What ``MultiAutotuner`` chose for loaders sharing one loop: every loader's settings
-    (``best.members``), measured as the loop's samples/s; saved as one profile entry."""
+    (``best.members``), measured as the loop's samples/s; saved as one profile entry.
 
-    best: GroupConfig  # the chosen split: the fewest workers in all within noise of the fastest
-    best_samples_per_s: float  # of the loop, all loaders together
-    baseline_samples_per_s: float | None  # torch's defaults for every loader, same run
+    Rates are the mean over a split's runs, of the whole loop (all loaders together).
+
+    Attributes:
+        best: the chosen split (each member ``source="tuned"``, ``"profile"`` once saved):
+            the fewest workers in all within noise of the fastest, then the least memory;
+            with a consumer, the fewest that keep up.
+        best_samples_per_s: samples/s of the loop, all loaders together, with the chosen
+            split.
+        baseline_samples_per_s: the loop's samples/s with torch's defaults (no workers) for
+            every loader, measured in the same run; None if that trial failed.
+        trials: every trial in the order run, failed ones included with their error.
+        elapsed_s: wall seconds the tuning took, measuring the workloads included.
+        batch_size: samples per batch, for every loader.
+        key: the profile key ``save()`` writes under (default: the datasets' class names
+            joined by ``+``, as the factory looks it up).
+        objective: what the choice optimised, in words.
+        strategy: how the loop interleaves the loaders (``"round_robin"``,
+            ``"alternating"`` or ``"weighted"``).
+        shares: each loader's share of the loop's batches (a fraction, 0-1), by name.
+        workloads: each dataset's quick measurement of a few samples, by name.
+        hardware: the machine it was tuned on; ``save()`` files the entry under its host
+            name.
+        best_memory_bytes: peak memory (PSS, bytes) of the main process and every loader's
+            workers over the chosen split's runs; None if it could not be read.
+        fastest: the split with the highest samples/s measured (may be the chosen one);
+            the tuner always sets it, None only in a result built by hand.
+        fastest_samples_per_s, fastest_memory_bytes: as ``best_samples_per_s`` and
+            ``best_memory_bytes``, for ``fastest``.
+        noise: the relative spread of repeated runs that the choice allowed for (a fraction,
+            as ``TuningResult.noise``); None only in a result built by hand.
+        local_world_size: always 1: ``MultiAutotuner`` tunes in one process, never under
+            torchrun.
+    """
+
+    best: GroupConfig
+    best_samples_per_s: float
+    baseline_samples_per_s: float | None
     trials: tuple[Trial, ...]
     elapsed_s: float
     batch_size: int
     key: str
     objective: str
     strategy: str
-    shares: dict[str, float]  # each loader's share of the loop's batches
+    shares: dict[str, float]
     workloads: dict[str, WorkloadProfile]
     hardware: HardwareInfo = field(repr=False)
     best_memory_bytes: int | None = None
@@ -147,7 +222,7 @@ class MultiTuningResult:
     fastest_samples_per_s: float | None = None
     fastest_memory_bytes: int | None = None
     noise: float | None = None
-    local_world_size: int = 1  # tuned in one process
+    local_world_size: int = 1
 
     def save(self, profile_dir: str | os.PathLike[str] | None = None,
              key: str | None = None) -> Path:
@@ -180,7 +255,8 @@ class MultiTuningResult:
         chosen = setting_key(self.best)
         fastest = setting_key(self.fastest) if self.fastest else None
         for i, t in enumerate(self.trials, 1):
-            workers = t.config.workers()  # type: ignore[union-attr]
+            assert isinstance(t.config, GroupConfig)  # as every group trial's
+            workers = t.config.workers()
             mark = ""
             if not t.ok:
                 mark = f"  FAILED: {t.error}"
@@ -252,7 +328,7 @@ def _measured(result: TuningResult | MultiTuningResult) -> dict[str, Any]:
         "batch_size": result.batch_size, "objective": result.objective,
         "noise": None if result.noise is None else round(result.noise, 3),
         "trials": len(result.trials), "tuning_s": round(result.elapsed_s, 1),
-        "tuned_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "tuned_at": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
         "torch": result.hardware.host.torch,
         "local_world_size": result.local_world_size,
     }

@@ -115,7 +115,8 @@ class Autotuner:
             return self._search(self._workload(), start, None)
         workload = team.from_leader(team.each(self._workload))  # windows agree on all ranks
         if not team.leads:
-            return team.follow(self._trial)  # type: ignore[no-any-return]
+            followed: TuningResult = team.follow(self._trial)  # rank 0's result
+            return followed
         try:
             result = self._search(workload, start, team)
         except Exception as exc:
