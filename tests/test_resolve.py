@@ -6,7 +6,8 @@ import pytest
 
 from autotune import DatasetHints, InvalidConfigError, LoaderConfig, WorkloadProfile
 from autotune.config import EXPLICIT
-from autotune.policy.resolve import check_yields_a_batch, resolve
+from autotune.policy import joint
+from autotune.policy.resolve import IN_ORDER_FOR_ADAPT, check_yields_a_batch, resolve
 from autotune.policy.rules import recommend
 
 from fakes import fake_hardware
@@ -19,6 +20,11 @@ ENTRY = {"num_workers": 6, "prefetch_factor": 4, "persistent_workers": True,
          "in_order": False, "worker_threads": 1}
 TRAIN = DatasetHints(dataset_size=50_000, batch_size=64, training=True)
 VAL = DatasetHints(dataset_size=50_000, batch_size=64, training=False)
+# One loader of two sharing the loop (``create_training_loaders``): 3 of the 8 workers.
+SHARE = joint.Share(
+    member=joint.Member(name="a", hints=TRAIN, workload=WAITING, share=0.5, alone=8),
+    splits={"a": joint.Split(workers=3, reason="3 of 8"), "b": joint.Split(workers=5, reason="")},
+    strategy="round_robin")
 
 # (hints, entry, explicit) -> expected source and settings (None: the rules' value)
 TABLE = [
@@ -37,12 +43,31 @@ TABLE = [
      {"drop_last": False}),
 ]
 
+# The re-tuner's count (workers=), a group's share (share=) and adapt=True, as inputs.
+CASES = [
+    ("adapt's count wins over the explicit start", TRAIN, None, {"num_workers": 2},
+     {"workers": 5}, "rules", {"num_workers": 5}),
+    ("adapt's count keeps the entry's other settings", TRAIN, ENTRY, {}, {"workers": 5},
+     "profile", {"num_workers": 5, "prefetch_factor": 4, "worker_threads": 1}),
+    ("adapt's count of 0 sets the entry aside", TRAIN, ENTRY, {}, {"workers": 0}, "rules",
+     {"num_workers": 0}),
+    ("adapt=True keeps batches in order", TRAIN, ENTRY, {}, {"adaptive": True}, "profile",
+     {"num_workers": 6, "prefetch_factor": 4, "in_order": True}),
+    ("a share sizes a loader without entry or explicit count", TRAIN, None, {},
+     {"share": SHARE}, "rules", {"num_workers": 3}),
+    ("an explicit count sets the share aside", TRAIN, None, {"num_workers": 2},
+     {"share": SHARE}, "override", {"num_workers": 2}),
+    ("an entry wins over the share", TRAIN, ENTRY, {}, {"share": SHARE}, "profile",
+     {"num_workers": 6, "prefetch_factor": 4}),
+]
 
-@pytest.mark.parametrize("name, hints, entry, explicit, source, expected", TABLE,
-                         ids=[row[0] for row in TABLE])
-def test_precedence_table(name, hints, entry, explicit, source, expected):
+
+@pytest.mark.parametrize("name, hints, entry, explicit, inputs, source, expected",
+                         [(*row[:4], {}, *row[4:]) for row in TABLE] + CASES,
+                         ids=[row[0] for row in TABLE + CASES])
+def test_precedence_table(name, hints, entry, explicit, inputs, source, expected):
     config = resolve(HW, hints, WAITING, entry=entry, entry_reason="tuned here",
-                     explicit=explicit)
+                     explicit=explicit, **inputs)
     rules = recommend(HW, hints, WAITING)
     assert config.source == source
     for setting, value in config.settings().items():
@@ -50,10 +75,16 @@ def test_precedence_table(name, hints, entry, explicit, source, expected):
         if setting not in expected and "num_workers" in expected:
             continue  # the rules re-size the rest for the chosen count
         assert value == want, setting
-    for setting in explicit:
+    overruled = {"num_workers"} if "workers" in inputs else set()  # by the re-tuner's count
+    for setting in set(explicit) - overruled:
         assert config.reasons[setting] == EXPLICIT
     if source == "profile":
-        assert config.reasons["num_workers"] == "tuned here"
+        chosen = "num_workers" if "workers" not in inputs else "prefetch_factor"
+        assert config.reasons[chosen] == "tuned here"
+    if inputs.get("adaptive"):
+        assert config.reasons["in_order"] == IN_ORDER_FOR_ADAPT
+    if "share" in inputs and not explicit and entry is None:
+        assert config.reasons["num_workers"] == "3 of 8"
 
 
 @pytest.mark.parametrize("explicit, match", [
