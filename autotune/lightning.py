@@ -26,7 +26,8 @@ try:
     from lightning.pytorch import Callback, LightningDataModule
 except ImportError as first:
     try:
-        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]  # same API, older name
+        # the same API under its older name
+        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]
     except ImportError:
         raise ImportError("autotune.lightning needs Lightning (lightning.pytorch or "
                           "pytorch_lightning). Fix: pip install 'autotune[lightning]'") from first

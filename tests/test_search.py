@@ -132,7 +132,10 @@ def test_keep_up_chooses_the_fewest_workers_without_stall():
 
 def test_budget_counts_trials_and_keeps_time_to_confirm():
     surface = Surface(lambda c: 100.0 * min(max(c.num_workers, 1), 24))
-    clock = lambda: float(len(surface.asked))  # noqa: E731  (each trial takes 1 s)
+
+    def clock() -> float:
+        return float(len(surface.asked))  # each trial takes 1 s
+
     unbounded = Search(Surface(surface.rate), space(rules=8)).run()
     outcome = Search(surface, space(rules=8), budget_s=7, clock=clock).run()
     assert len(outcome.trials) <= 7 < len(unbounded.trials)

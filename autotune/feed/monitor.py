@@ -234,7 +234,7 @@ class StallMonitor(Closeable):
             self._log(end)
 
     def __len__(self) -> int:
-        return len(self.iterable)  # type: ignore[arg-type]
+        return len(self.iterable)  # type: ignore[arg-type]  # TypeError like torch's if none
 
     def __getattr__(self, name: str) -> Any:
         if name == "iterable":

@@ -84,7 +84,7 @@ class MultiLoader(Closeable):
         lengths = []
         for name, loader in self.loaders.items():
             try:
-                lengths.append(len(loader))  # type: ignore[arg-type]  # TypeError if none: caught
+                lengths.append(len(loader))  # type: ignore[arg-type]  # no len(): below
             except TypeError:
                 raise TypeError(f"loader {name!r} has no len(), so the MultiLoader has none"
                                 ) from None
@@ -156,7 +156,8 @@ class MultiLoader(Closeable):
         if resume is not None:
             schedule.restore(resume["schedule"])
             for name, loader_state in (resume.get("loaders") or {}).items():
-                self.loaders[name].load_state_dict(loader_state)  # type: ignore[attr-defined]  # saved: has it
+                # only a loader with state_dict() has a saved state
+                self.loaders[name].load_state_dict(loader_state)  # type: ignore[attr-defined]
             stateful = set(resume.get("loaders") or {})
             for i, name in enumerate(self.names):
                 if schedule.started[i] and schedule.live[i]:
