@@ -23,7 +23,8 @@ START_METHODS = ("fork", "spawn", "forkserver")
 EXPLICIT = "set explicitly"  # the reason of a setting the caller passed by keyword
 SOURCES = ("rules", "tuned", "profile", "override")
 SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
-            "multiprocessing_context", "worker_threads", "in_order", "drop_last", "timeout")
+            "prefetch_across_epochs", "multiprocessing_context", "worker_threads", "in_order",
+            "drop_last", "timeout")
 # What tuning measures and a profile may set; drop_last and timeout are the caller's semantics.
 TUNED_SETTINGS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers",
                   "multiprocessing_context", "worker_threads", "in_order")
@@ -40,7 +41,8 @@ class LoaderConfig(Mapping[str, Any]):
     copy. Two configs are equal when their settings and ``source`` are; reasons do not count.
     Settings that only mean something with workers (``prefetch_factor``,
     ``persistent_workers``, ``multiprocessing_context``, ``worker_threads``, ``in_order``,
-    ``timeout``) are left out of the keywords when ``num_workers`` is 0.
+    ``timeout``) are left out of the keywords when ``num_workers`` is 0;
+    ``prefetch_across_epochs`` is autotune's own (``TunedDataLoader``), never a keyword.
 
     Attributes:
         num_workers: worker processes; 0 loads in the main process.
@@ -51,6 +53,11 @@ class LoaderConfig(Mapping[str, Any]):
             and only costs time otherwise.
         persistent_workers: keep the workers between epochs instead of starting new ones
             each epoch (training runs many epochs; validation frees them between passes).
+        prefetch_across_epochs: the workers make the next epoch's first batches while the
+            current epoch's last ones are used, so an epoch boundary costs no more than any
+            other step (``loading.epochs``). Needs persistent workers, batches in order and
+            a sampler whose next epoch is known; a ``TunedDataLoader`` turns it off, with
+            the reason, where one is missing.
         multiprocessing_context: how workers start: ``"fork"``, ``"spawn"`` or
             ``"forkserver"``; None: the platform's default start method.
         worker_threads: native (BLAS) threads per worker, set as each worker starts, so
@@ -73,6 +80,7 @@ class LoaderConfig(Mapping[str, Any]):
     prefetch_factor: int | None = None
     pin_memory: bool = False
     persistent_workers: bool = False
+    prefetch_across_epochs: bool = False
     multiprocessing_context: str | None = None
     worker_threads: int | None = None
     in_order: bool = True
@@ -87,7 +95,8 @@ class LoaderConfig(Mapping[str, Any]):
             check_int("prefetch_factor", self.prefetch_factor, minimum=1)
         if self.worker_threads is not None:
             check_int("worker_threads", self.worker_threads, minimum=1)
-        for name in ("pin_memory", "persistent_workers", "in_order", "drop_last"):
+        for name in ("pin_memory", "persistent_workers", "prefetch_across_epochs", "in_order",
+                     "drop_last"):
             check_bool(name, getattr(self, name))
         if self.multiprocessing_context not in (None, *START_METHODS):
             raise InvalidConfigError(

@@ -31,6 +31,22 @@ def main() -> None:
     with factory.create_training_loader(Indexed(640), batch_size=16, num_workers=1) as train:
         seen["sampler"] = type(train.sampler).__name__
         seen["epochs"] = [items(train) for _ in range(3)]  # no set_epoch call: the factory's
+        seen["across"] = train.autotune_config.prefetch_across_epochs
+    # set_epoch by hand, as a DDP loop does: matching what was drawn ahead (0, 1, 2, ...) and
+    # not (0, 5, 6: the draw ahead of epoch 1 is stale), and what each epoch must be
+    for name, chosen in (("set_epoch", (0, 1, 2)), ("set_epoch_jump", (0, 5, 6))):
+        with factory.create_training_loader(Indexed(640), batch_size=16,
+                                            num_workers=2) as train:
+            got = []
+            for epoch in chosen:
+                train.sampler.set_epoch(epoch)
+                got.append(items(train))
+            reference = torch.utils.data.DistributedSampler(range(640), seed=train.sampler.seed)
+            want = []
+            for epoch in chosen:
+                reference.set_epoch(epoch)
+                want.append(list(reference))
+            seen[name] = {"got": got, "want": want}
     val = factory.create_validation_loader(Indexed(63), batch_size=8, num_workers=0)
     seen["val"] = items(val)
     stream = autotune.shard_iterable(UnshardedStream(101))

@@ -55,7 +55,8 @@ class FakeNvml:
     """A fake ``pynvml`` module.
 
     ``gpus``: one dict per GPU with keys name (str, or bytes like old pynvml), total, free
-    (bytes), cc (major, minor), pcie_gen, pcie_width, util (percent busy, default 0);
+    (bytes), cc (major, minor), pcie_gen, pcie_width, util (percent busy, default 0, or a
+    function of no arguments that returns it, for utilisation that changes over a run);
     missing keys take the H100 values.
     ``init_error=True``: ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` (no driver).
     ``failing``: names of functions that raise ``NVMLError_NotSupported``, for example
@@ -117,7 +118,8 @@ class FakeNvml:
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> FakeUtilization:
         self._check("nvmlDeviceGetUtilizationRates")
-        return FakeUtilization(gpu=self.gpus[handle].get("util", 0), memory=0)
+        util = self.gpus[handle].get("util", 0)
+        return FakeUtilization(gpu=util() if callable(util) else util, memory=0)
 
 
 # --- HardwareInfo records -----------------------------------------------------------------

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from autotune import InvalidConfigError, OptimalDataLoaderFactory
-from autotune.policy.adapt import Window, decide
+from autotune.policy.adapt import Tried, Window, decide
 from autotune.feed.adaptive import AdaptiveLoader
-from datasets import Indexed, SleepyIndexed, WithLambda
+from datasets import Busy, Indexed, SleepyIndexed, WithLambda
 from fakes import fake_hardware
 
 
@@ -156,6 +156,51 @@ def test_decide_grows_to_what_the_step_needs() -> None:
                          cpu_used=1.9), cap=64, cpu_budget=2) is None  # CPUs are full
 
 
+def test_decide_reads_the_device_step_when_it_is_longer() -> None:
+    """A GPU step: the host launches in 27 ms, the device works 54 ms. A batch costs a
+    worker 992 ms: 1.3 x 992 / 54 = 24 workers, not the 48 the host's time asks for."""
+    host_only = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84)
+    with_device = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84,
+                         device_s=1.08)
+    assert decide(host_only, cap=64, cpu_budget=64).workers == 48
+    assert decide(with_device, cap=64, cpu_budget=64).workers == 24
+    assert with_device.step == pytest.approx(0.054)
+    # a device faster than the host changes nothing: the host's step is the longer
+    faster = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84, device_s=0.2)
+    assert decide(faster, cap=64, cpu_budget=64).workers == 48
+
+
+def test_decide_gives_a_cpu_bound_batch_no_more_workers_than_cpus() -> None:
+    """The same window as above on 16 CPUs: the workers' CPU seconds per busy second near 1
+    (computing, not waiting), the training process busy 1 CPU: 15 workers, not 24."""
+    cpu_bound = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84,
+                       device_s=1.08, cpu_used=4.2, main_cpu=1.0)  # 19.1 CPU s per 19.8 busy
+    change = decide(cpu_bound, cap=64, cpu_budget=16)
+    assert change.workers == 15 and "CPU time" in change.reason
+    waiting = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84,
+                     device_s=1.08, cpu_used=0.1, main_cpu=1.0)  # storage: no cap
+    assert decide(waiting, cap=64, cpu_budget=16).workers == 24
+    # from 0 workers: the training process computed while it waited (its CPU ~ the wait)
+    alone = Window(workers=0, steps=20, wait_s=3.8, step_s=0.2, main_cpu=1.0)
+    change = decide(alone, cap=64, cpu_budget=2)
+    assert change.workers == 2 and "CPU time" in change.reason
+    sleeping = Window(workers=0, steps=20, wait_s=3.8, step_s=0.2, main_cpu=0.05)
+    assert decide(sleeping, cap=64, cpu_budget=2).workers == 25
+
+
+def test_decide_takes_back_a_growth_that_gave_nothing() -> None:
+    tried = Tried(before=16, after=32, rate_before=8.0)
+    flat = Window(workers=32, steps=20, wait_s=1.3, step_s=1.2)  # 8.0 steps/s again
+    change = decide(flat, cap=64, cpu_budget=16, tried=tried)
+    assert change.workers == 16 and "32 workers gave no gain" in change.reason
+    faster = Window(workers=32, steps=20, wait_s=0.05, step_s=1.2)  # 16 steps/s: kept
+    assert decide(faster, cap=64, cpu_budget=16, tried=tried) is None
+    # and the count that gave nothing is not grown to again
+    wants_more = Window(workers=16, steps=10, wait_s=1.0, step_s=1.0, busy_s=40.0)
+    assert decide(wants_more, cap=64, cpu_budget=64).workers == 52
+    assert decide(wants_more, cap=64, cpu_budget=64, ceiling=32).workers == 31
+
+
 def test_decide_shrinks_idle_workers_but_not_to_a_count_that_stalled() -> None:
     idle = Window(workers=8, steps=20, wait_s=0.001, step_s=2.0, busy_s=0.2)  # 10 ms a batch
     assert decide(idle, cap=64, cpu_budget=2).workers == 1
@@ -195,7 +240,8 @@ def test_collate_time_counts_as_the_workers_work(tmp_path) -> None:
         collate_fn=slow_collate)
     train(loader, 1, 0.02)
     loader.close()
-    assert all(c.to_workers >= c.from_workers for c in loader.changes), loader.changes
+    # never read as idle (a growth that gave nothing may be taken back)
+    assert not any("idle" in c.reason for c in loader.changes), loader.changes
 
 
 def test_short_epochs_still_adapt(tmp_path) -> None:
@@ -278,3 +324,34 @@ def test_adapt_keywords_are_for_training_only(tmp_path) -> None:
         factory(tmp_path).create_training_loader(Indexed(8), 2, adapt_every=5)
     with pytest.raises(InvalidConfigError, match="adapt= is for training loaders only"):
         factory(tmp_path).create_validation_loader(Indexed(8), 2, adapt=True)
+
+
+def epoch_rate(loader, step_s: float) -> float:
+    """Steps per second over one epoch with a sleeping step."""
+    start, steps = time.perf_counter(), 0
+    for _ in loader:
+        time.sleep(step_s)
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+@pytest.mark.slow
+def test_a_cpu_bound_batch_never_gets_more_workers_than_cpus(tmp_path) -> None:
+    """A busy-loop dataset (~40 ms of CPU a batch) and a 10 ms step on 2 CPUs: the model
+    alone would ask for 5+ workers; the CPUs hold 2. adapt=True from 0 workers stays within
+    them and ends near the best fixed count, measured side by side."""
+    dataset = Busy(size=240, loops=300_000)
+    adaptive = factory(tmp_path).create_training_loader(dataset, batch_size=4, num_workers=0,
+                                                       adapt=True, adapt_every=10)
+    rates = [epoch_rate(adaptive, 0.01) for _ in range(3)]
+    counts = [0] + [c.to_workers for c in adaptive.changes]
+    adaptive.close()
+    assert max(counts) <= 2, adaptive.changes
+    assert counts[-1] > 0
+    fixed = {}
+    for workers in (1, 2):
+        with factory(tmp_path).create_training_loader(dataset, batch_size=4,
+                                                      num_workers=workers) as loader:
+            epoch_rate(loader, 0.01)  # workers start
+            fixed[workers] = epoch_rate(loader, 0.01)
+    assert rates[-1] >= 0.75 * max(fixed.values()), (rates, fixed, adaptive.changes)

@@ -38,6 +38,20 @@ def test_training_ranks_get_disjoint_covering_shares_reshuffled_every_epoch(rank
         assert len({frozenset(o) for o in orders}) == 3  # and its own share of samples
 
 
+def test_epochs_run_on_across_boundaries_and_set_epoch_by_hand_is_obeyed(ranks):
+    """The training loaders draw the next epoch ahead; a set_epoch that matches the draw
+    keeps it, one that does not gets its own epoch's order, never the stale one."""
+    for rank in ranks:
+        assert rank["across"] is True
+        for name in ("set_epoch", "set_epoch_jump"):
+            got, want = rank[name]["got"], rank[name]["want"]
+            assert got == want, name
+    for name in ("set_epoch", "set_epoch_jump"):  # each epoch: the ranks' shares cover it
+        for epoch in range(3):
+            both = ranks[0][name]["got"][epoch] + ranks[1][name]["got"][epoch]
+            assert sorted(both) == list(range(640))
+
+
 def test_evaluation_counts_every_sample_once_across_ranks(ranks):
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(63))
     assert ranks[0]["val"] == sorted(ranks[0]["val"])  # in order

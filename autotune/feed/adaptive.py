@@ -132,6 +132,9 @@ class AdaptiveLoader(Closeable):
         self._meter: BusyMeter | None = None
         self._window: _Snapshot | None = None
         self._stalled_at = -1
+        self._tried: adapt.Tried | None = None  # the last growth, until a window judges it
+        self._ceiling: int | None = None  # a count a growth gave nothing at
+        self._last_rate = 0.0
         self._quiet_windows = 0
         self._pending: adapt.Change | None = None
         self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers),
@@ -238,7 +241,8 @@ class AdaptiveLoader(Closeable):
         steps, wait_s, step_s = clock.totals()
         return _Snapshot(clock=clock, steps=steps, wait_s=wait_s - clock.start_wait_s,
                          step_s=step_s, wall=time.perf_counter(), cpu=children_cpu_seconds(),
-                         busy=self._meter.total() if self._meter is not None else 0.0)
+                         busy=self._meter.total() if self._meter is not None else 0.0,
+                         main=time.process_time())
 
     def _watch(self) -> adapt.Change | None:
         """Called after each step; every ``every`` steps, the decision on the last window.
@@ -256,11 +260,18 @@ class AdaptiveLoader(Closeable):
             workers=self.num_workers, steps=now.steps - first.steps,
             wait_s=max(0.0, now.wait_s - first.wait_s), step_s=now.step_s - first.step_s,
             busy_s=now.busy - first.busy if self._meter is not None else None,
-            cpu_used=(now.cpu - first.cpu) / wall if wall > 0 else None)
+            cpu_used=(now.cpu - first.cpu) / wall if wall > 0 else None,
+            main_cpu=(now.main - first.main) / wall if wall > 0 else None)
         if adapt.short_of_workers(window):
             self._stalled_at = max(self._stalled_at, window.workers)
         change = adapt.decide(window, cap=self._cap, cpu_budget=self.hardware.cpu_budget,
-                              stalled_at=self._stalled_at)
+                              stalled_at=self._stalled_at, tried=self._tried,
+                              ceiling=self._ceiling)
+        if self._tried is not None and change is not None \
+                and change.workers == self._tried.before:  # the growth gave nothing
+            self._ceiling = min(self._ceiling or self._tried.after, self._tried.after)
+        self._tried = None
+        self._last_rate = window.rate
         self._quiet_windows = 0 if change is not None else self._quiet_windows + 1
         return change
 
@@ -282,6 +293,9 @@ class AdaptiveLoader(Closeable):
         record = AdaptChange(epoch=self.epoch, step=self.steps,
                              from_workers=self.num_workers, to_workers=change.workers,
                              reason=change.reason)
+        grew = change.workers > self.num_workers
+        self._tried = adapt.Tried(before=self.num_workers, after=change.workers,
+                                  rate_before=self._last_rate) if grew else None
         self.changes.append(record)
         log.info("autotune adapt %s: %d -> %d workers (epoch %d, step %d): %s", self.key,
                  record.from_workers, record.to_workers, record.epoch, record.step, change.reason)
@@ -304,6 +318,7 @@ class _Snapshot:
     wall: float
     cpu: float
     busy: float
+    main: float  # the training process's CPU seconds
 
 
 class _EpochOrder:

@@ -14,6 +14,7 @@ import collections
 import logging
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -63,8 +64,10 @@ class StallReport:
         workers_memory_bytes: the most memory (PSS, bytes) the child processes used at a
             report or periodic log (only then is it read); ``None`` when ``num_workers``
             is 0.
-        gpu_utilization: percent (0-100) of time the GPU ran a kernel, the mean of NVML
-            readings taken at each report and log; ``None`` without a CUDA device or NVML.
+        gpu_utilization: percent (0-100) of time the GPU ran a kernel: the mean of NVML
+            readings taken every half second while the loop runs (``usage.GpuSampler``);
+            ``None`` without a CUDA device or NVML.
+        gpu_utilization_p50: the median of the same readings.
         suggestion: what to change, in words (``policy.stall.suggestion``).
         loaders: a ``MultiLoader``'s report only: each loader's ``batches``, ``wait_s``,
             ``wait_mean_s`` (``None`` before its first batch) and ``num_workers``, by name;
@@ -92,6 +95,7 @@ class StallReport:
     gpu_utilization: float | None
     suggestion: str
     loaders: Mapping[str, Mapping[str, Any]] | None = None
+    gpu_utilization_p50: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +112,8 @@ class StallReport:
             line += f" using {self.workers_cpu:.1f} CPUs"
         if self.gpu_utilization is not None:
             line += f"; GPU {self.gpu_utilization:.0f}% busy"
+            if self.gpu_utilization_p50 is not None:
+                line += f" (median {self.gpu_utilization_p50:.0f}%)"
         return line
 
     def __str__(self) -> str:
@@ -203,8 +209,7 @@ class StallMonitor(Closeable):
         self.log_every_s = log_every_s
         self.clock = StallClock()
         self._device = _check_device(device)
-        self._gpu: usage.GpuUtilization | None = None
-        self._gpu_samples: list[float] = []
+        self._gpu: usage.GpuSampler | None = None
         self._cpu_start: float | None = None
         self._wall_start: float | None = None
         self._memory_peak: int | None = None
@@ -223,6 +228,7 @@ class StallMonitor(Closeable):
         if self._wall_start is None:
             self._wall_start = start
             self._cpu_start = usage.children_cpu_seconds()
+            self._start_gpu()
             if self.log_every_s is not None:
                 self._next_log = start + self.log_every_s
         self.clock.began(start, end)
@@ -245,7 +251,8 @@ class StallMonitor(Closeable):
         """Forget what was timed so far (e.g. after a warm-up epoch); a pass running goes on
         being timed from now."""
         self.clock = StallClock()
-        self._gpu_samples.clear()
+        if self._gpu is not None:
+            self._gpu.clear()
         self._memory_peak = None
         self._wall_start = time.perf_counter()
         self._cpu_start = usage.children_cpu_seconds()
@@ -264,6 +271,7 @@ class StallMonitor(Closeable):
             elapsed = now - self._wall_start
             cpu = (usage.children_cpu_seconds() - self._cpu_start) / elapsed if elapsed else None
         waits, step_times = list(self.clock.waits), list(self.clock.step_times)
+        gpu = self._gpu.samples() if self._gpu is not None else []
         wait_p50, wait_p95 = _percentiles(waits)
         step_p50, step_p95 = _percentiles(step_times)
         return StallReport(
@@ -273,7 +281,7 @@ class StallMonitor(Closeable):
             step_mean_s=_mean(step_times), step_p50_s=step_p50, step_p95_s=step_p95,
             stall_fraction=fraction, verdict=stall.verdict(fraction), num_workers=workers,
             workers_cpu=cpu, workers_memory_bytes=self._memory_peak if workers != 0 else None,
-            gpu_utilization=_mean(self._gpu_samples),
+            gpu_utilization=_mean(gpu), gpu_utilization_p50=_percentiles(gpu)[0],
             suggestion=stall.suggestion(fraction, steps=steps, num_workers=workers,
                                         workers_cpu=cpu,
                                         cpu_budget=_cpu_budget(), wait_s=wait_s,
@@ -288,7 +296,7 @@ class StallMonitor(Closeable):
     def release(self) -> None:
         """Release what the monitor itself holds (NVML); the wrapped loader stays open."""
         if self._gpu is not None:
-            self._gpu.close()
+            self._gpu.stop()
             self._gpu = None
 
     def close(self) -> None:
@@ -300,16 +308,20 @@ class StallMonitor(Closeable):
         return f"StallMonitor({self.iterable!r}, name={self.name!r})"
 
     def _sample(self) -> None:
-        """The slow readings: worker memory and GPU utilisation (logs and reports only)."""
+        """The slow reading, worker memory (logs and reports only); the GPU sampler starts
+        here too if no pass has begun yet."""
         memory = usage.process_memory_bytes(children_only=True)
         self._memory_peak = max(self._memory_peak or 0, memory)
-        index = _gpu_index(self._device)
-        if index is not None:
-            if self._gpu is None:
-                self._gpu = usage.GpuUtilization(index)
-            busy = self._gpu.read()
-            if busy is not None:
-                self._gpu_samples.append(busy)
+        self._start_gpu()
+
+    def _start_gpu(self) -> None:
+        """GPU utilisation, read in the background from the first pass on (a CUDA device)."""
+        if self._gpu is None:
+            index = _gpu_index(self._device)
+            if index is not None:
+                self._gpu = usage.GpuSampler(index)
+                self._gpu.start()
+                weakref.finalize(self, self._gpu.stop)  # a monitor never closed
 
     def _log(self, now: float) -> None:
         self._next_log = now + (self.log_every_s or float("inf"))

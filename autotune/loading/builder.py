@@ -15,8 +15,10 @@ from .._check import is_stream
 from .._lifecycle import Closeable
 from ..config import EXPLICIT, LoaderConfig
 from ..errors import InvalidConfigError
+from ..policy.rules import across_epochs_needs
 from .chunked import WorkerCache, chunk_sampler, reads_chunks
 from .crash import CrashNamingIterator
+from .epochs import AcrossEpochs, why_not_ahead
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
 
@@ -35,6 +37,10 @@ class TunedDataLoader(Closeable, DataLoader):
     torch's warning about more workers than CPUs is kept for a count the caller set
     explicitly; for a count the rules, a profile or a trial chose it is the point (waiting
     data), and ``explain()`` says why.
+
+    With ``prefetch_across_epochs`` (the rules' default for training) one torch iterator runs
+    on from epoch to epoch, so the workers never idle at a boundary (``loading.epochs``);
+    where this loader cannot do that, its ``autotune_config`` turns it off and says why.
 
     Args:
         dataset: the dataset, as ``DataLoader`` takes it (``build_loader`` passes the
@@ -61,10 +67,18 @@ class TunedDataLoader(Closeable, DataLoader):
         # a sampler) keeps it; set first: DataLoader.__init__ already checks worker counts
         self.autotune_config = autotune_config
         super().__init__(dataset, *args, **kwargs)
+        self.__dict__["_autotune_across"] = self._across_epochs()
 
     def __iter__(self) -> Any:
-        """torch's iterator; a worker that dies raises ``WorkerCrashError`` with the likely fix
-        instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
+        """One epoch's batches; a worker that dies raises ``WorkerCrashError`` with the likely
+        fix instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
+        across = self.__dict__.get("_autotune_across")
+        if across is not None:
+            return across.epoch(self._torch_iter)
+        return self._torch_iter()
+
+    def _torch_iter(self) -> Any:
+        """torch's iterator (a persistent one is reset: what it had in flight is dropped)."""
         iterator = super().__iter__()
         if self.num_workers == 0:
             return iterator
@@ -72,10 +86,32 @@ class TunedDataLoader(Closeable, DataLoader):
         self._started().add(named)
         return named
 
+    @property
+    def _index_sampler(self) -> Any:
+        """What torch's iterator draws batches of indices from: epoch after epoch when the
+        loader prefetches across epochs."""
+        across = self.__dict__.get("_autotune_across")
+        return across.endless if across is not None else super()._index_sampler
+
+    def _across_epochs(self) -> AcrossEpochs | None:
+        """The run across epochs, if the settings ask for it and this loader allows it."""
+        config = self.autotune_config
+        if config is None or not config.prefetch_across_epochs:
+            return None
+        missing = ("off: a stream keeps its own epochs" if is_stream(self.dataset) else
+                   across_epochs_needs(config) or why_not_ahead(self))
+        if missing is not None:
+            self.autotune_config = config.replace(prefetch_across_epochs=False, reason=missing)
+            return None
+        return AcrossEpochs(self.batch_sampler)
+
     def close(self) -> None:
         """Stop this loader's worker processes now (idempotent). An epoch still running in
         this thread then raises instead of ending early; do not close a loader that another
         thread is iterating (torch's iterator would wait for workers that are gone)."""
+        across = self.__dict__.get("_autotune_across")
+        if across is not None:
+            across.stop()
         for iterator in list(self._started()):
             iterator.close()
         persistent = getattr(self, "_iterator", None)

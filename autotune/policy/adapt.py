@@ -2,10 +2,14 @@
 showed, how many workers the loader should have.
 
 The model: one batch costs a worker ``batch_s`` seconds (measured inside the workers, or the
-main process's whole wait when it loads alone); a step takes ``step_s``; so about
-``batch_s / step_s`` workers hand over a batch per step, and ``GROW_HEADROOM`` covers the
-spread. Grow while the loop is at least moderately input-bound and the workers are busy
-(and have CPU left to use); shrink when the workers sit idle, but never to or below a count
+main process's whole wait when it loads alone); a step takes ``step_s``, the longer of the
+host's time in the loop body and the device's time for the same steps (a GPU step runs
+after the host has launched it); so about ``batch_s / step_s`` workers hand over a batch
+per step, and ``GROW_HEADROOM`` covers the spread. A batch whose cost is CPU time gets no
+more workers than the CPUs the training process leaves them: more processes only share
+them. A growth that did not make the loop faster is taken back, and not tried again.
+Grow while the loop is at least moderately input-bound and the workers are busy (and have
+CPU left to use); shrink when the workers sit idle, but never to or below a count
 that was already seen short of workers. Idle workers and a waiting loop mean the wait is the
 main process receiving batches (about 2 ms a batch measured here), which no worker fixes.
 """
@@ -21,6 +25,8 @@ GROW_HEADROOM = 1.3  # workers for the step, with this margin
 IDLE_BUSY = 0.5  # workers busy less than this share of the time are more than needed
 MAIN_PROCESS_SHARE = 0.02  # load in the main process when a batch costs less than this
                            # share of a step
+CPU_BOUND = 0.5  # worker CPU seconds per busy second from which a batch's cost is CPU time
+NO_GAIN = 0.05  # a growth that made the loop less than this much faster gave nothing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +39,8 @@ class Window:
     step_s: float  # in the loop body, in all
     busy_s: float | None = None  # inside the dataset, summed over the workers
     cpu_used: float | None = None  # CPUs the workers kept busy on average
+    main_cpu: float | None = None  # CPUs the training process itself kept busy on average
+    device_s: float | None = None  # the device's time for the same steps (CUDA events)
 
     @property
     def stall(self) -> float:
@@ -47,6 +55,26 @@ class Window:
             return None
         return self.busy_s / (self.workers * total)
 
+    @property
+    def step(self) -> float:
+        """Seconds one step takes: the host's, or the device's when that is longer."""
+        return max(self.step_s, self.device_s or 0.0) / self.steps
+
+    @property
+    def rate(self) -> float:
+        """Steps per second over the window."""
+        total = self.wait_s + self.step_s
+        return self.steps / total if total > 0 else 0.0
+
+    @property
+    def cpu_per_busy(self) -> float | None:
+        """Worker CPU seconds per second the workers were busy: near 1 when a batch's cost
+        is computing, near 0 when it is waiting (storage, sleep)."""
+        total = self.wait_s + self.step_s
+        if self.cpu_used is None or not self.busy_s or total <= 0:
+            return None
+        return self.cpu_used * total / self.busy_s
+
 
 @dataclass(frozen=True, kw_only=True)
 class Change:
@@ -54,7 +82,17 @@ class Change:
     reason: str
 
 
-def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1) -> Change | None:
+@dataclass(frozen=True, kw_only=True)
+class Tried:
+    """A growth made, and the loop's rate (steps/s) before it."""
+
+    before: int
+    after: int
+    rate_before: float
+
+
+def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1,
+           tried: Tried | None = None, ceiling: int | None = None) -> Change | None:
     """The worker count for the next window, or None to keep the current one.
 
     Workers busy less than ``IDLE_BUSY`` of the time are not what the loop waits for (a
@@ -67,10 +105,18 @@ def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1) -
         cap: the most workers the hardware budget allows (RAM, /dev/shm, CPUs).
         cpu_budget: CPUs this process may use.
         stalled_at: the largest count already seen short of workers (``short_of_workers``).
+        tried: the last growth, when ``window`` is the first full window after it: taken
+            back if the loop did not get faster by more than ``NO_GAIN``.
+        ceiling: a count a growth gave nothing at: never grow to it or beyond.
     """
     if window.steps < 1 or window.step_s <= 0:
         return None
-    step = window.step_s / window.steps
+    if tried is not None and window.workers == tried.after > tried.before \
+            and window.rate < tried.rate_before * (1 + NO_GAIN):
+        return Change(workers=tried.before, reason=(
+            f"{tried.after} workers gave no gain: {window.rate:.1f} steps/s against "
+            f"{tried.rate_before:.1f} with {tried.before}; back to {tried.before}"))
+    step = window.step
     batch = _batch_s(window)
     workers = window.workers
     wanted = math.ceil(GROW_HEADROOM * batch / step)
@@ -86,15 +132,40 @@ def decide(window: Window, *, cap: int, cpu_budget: int, stalled_at: int = -1) -
             f"{target} worker(s) keep up"))
     if window.stall < MODERATE or workers >= cap:
         return None
-    if workers and window.cpu_used is not None and window.cpu_used >= CPU_SATURATED * cpu_budget:
-        return None  # more processes would only share the same CPUs
+    if workers and window.cpu_used is not None \
+            and window.cpu_used + (window.main_cpu or 0.0) >= CPU_SATURATED * cpu_budget:
+        return None  # workers and the training process fill the CPUs: more would share them
     target = min(cap, wanted)
+    if ceiling is not None:
+        target = min(target, ceiling - 1)
+    so = f"so {target} workers hand over a batch per step"
+    cpu_room = cpu_for_workers(window, cpu_budget)
+    if cpu_room is not None and target > cpu_room:
+        target = cpu_room
+        so = (f"so {wanted} would hand over a batch per step, but its cost is CPU time: "
+              f"{target}, the CPUs the training process leaves")
     if target <= workers:  # enough workers for the step: the wait is transfer or bursts
         return None
     return Change(workers=target, reason=(
         f"input-bound: waited {window.stall:.0%} of {window.steps} steps; a batch costs "
-        f"{_ms(batch)} of a worker and a step takes {_ms(step)}, so {target} workers hand "
-        f"over a batch per step"))
+        f"{_ms(batch)} of a worker and a step takes {_ms(step)}, {so}"))
+
+
+def cpu_for_workers(window: Window, cpu_budget: int) -> int | None:
+    """The most workers worth having when a batch's cost is CPU time: the CPUs left once the
+    training process has its share (None: the cost is not CPU time, or unknown)."""
+    total = window.wait_s + window.step_s
+    if window.workers == 0:  # the training process loads: its CPU while waiting is loading
+        if window.main_cpu is None or total <= 0 or window.wait_s <= 0:
+            return None
+        cpu_s = window.main_cpu * total
+        if min(cpu_s, window.wait_s) < CPU_BOUND * window.wait_s:
+            return None
+        return max(1, round(cpu_budget - max(0.0, cpu_s - window.wait_s) / total))
+    per_busy = window.cpu_per_busy
+    if per_busy is None or per_busy < CPU_BOUND:
+        return None
+    return max(1, round(cpu_budget - (window.main_cpu or 0.0)))
 
 
 def short_of_workers(window: Window) -> bool:

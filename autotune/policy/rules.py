@@ -102,14 +102,17 @@ def recommend(hw: HardwareInfo, hints: DatasetHints, workload: WorkloadProfile |
     threads, why_threads = worker_threads(hw, workers, workload)
     pin, why_pin = pin_memory(hw, hints)
     persistent, why_persistent = persistent_workers(hints, workers)
+    ahead, why_ahead = prefetch_across_epochs(hints, persistent)
     drop, why_drop = drop_last(hints)
     return LoaderConfig(
         num_workers=workers, prefetch_factor=prefetch, worker_threads=threads,
-        pin_memory=pin, persistent_workers=persistent, drop_last=drop,
+        pin_memory=pin, persistent_workers=persistent, prefetch_across_epochs=ahead,
+        drop_last=drop,
         reasons={
             "num_workers": why_workers, "prefetch_factor": why_prefetch,
             "worker_threads": why_threads, "pin_memory": why_pin,
-            "persistent_workers": why_persistent, "drop_last": why_drop,
+            "persistent_workers": why_persistent, "prefetch_across_epochs": why_ahead,
+            "drop_last": why_drop,
             "multiprocessing_context": "the platform's default start method",
             "timeout": "no timeout: wait for slow samples rather than fail",
             "in_order": "batches in sampler order (reproducible); the autotuner may relax it",
@@ -341,6 +344,26 @@ def persistent_workers(hints: DatasetHints, workers: int) -> tuple[bool, str]:
     if hints.training:
         return True, "training runs many epochs: start workers once, not every epoch"
     return False, "validation: workers are freed between passes rather than held idle"
+
+
+def prefetch_across_epochs(hints: DatasetHints, persistent: bool) -> tuple[bool, str]:
+    """torch starts an epoch's batches only at ``iter()``: every worker idles at the
+    boundary, then each needs a whole batch before the first one arrives."""
+    if hints.stream:
+        return False, "a stream keeps its own epochs (its __iter__ decides where one ends)"
+    if not persistent:
+        return False, "no persistent workers: nothing runs from one epoch into the next"
+    return True, ("the next epoch's first batches are made while this epoch's last ones are "
+                  "used: no stop at the epoch boundary")
+
+
+def across_epochs_needs(config: LoaderConfig) -> str | None:
+    """What ``config`` lacks for ``prefetch_across_epochs`` (None: nothing)."""
+    if config.num_workers == 0 or not config.persistent_workers:
+        return "off: it needs persistent workers (num_workers > 0, persistent_workers=True)"
+    if not config.in_order:
+        return "off: with in_order=False the batches of two epochs could mix"
+    return None
 
 
 def drop_last(hints: DatasetHints) -> tuple[bool, str]:

@@ -8,6 +8,7 @@ their memory is their PSS, so pages shared with the parent count once.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import psutil
 
 MEMORY_SAMPLE_S = 0.25
+GPU_SAMPLE_S = 0.5  # NVML's own reading covers its last sample period (1/6 s to 1 s)
+GPU_SAMPLES = 100_000  # readings kept: ~14 hours at GPU_SAMPLE_S
 
 
 def children_cpu_seconds() -> float:
@@ -113,3 +116,49 @@ class GpuUtilization:
                 self._nvml.nvmlShutdown()
             except Exception:
                 pass
+
+
+class GpuSampler:
+    """GPU utilisation read every ``every_s`` seconds by a background thread while a loop
+    runs: one reading is whatever the GPU did in NVML's last sample period (0% or 100% by
+    chance in a step-by-step loop); many over the run give its mean and median. A thread
+    that wakes twice a second costs the loop nothing measurable."""
+
+    def __init__(self, index: int = 0, *, every_s: float | None = None, nvml: Any = None
+                 ) -> None:
+        self.every_s = GPU_SAMPLE_S if every_s is None else every_s
+        self._gpu = GpuUtilization(index, nvml=nvml)
+        self._samples: collections.deque[float] = collections.deque(maxlen=GPU_SAMPLES)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """One reading now, then one every ``every_s`` until ``stop()``."""
+        if self._thread is not None or not self._read():
+            return
+        self._thread = threading.Thread(target=self._run, name="autotune-gpu", daemon=True)
+        self._thread.start()
+
+    def samples(self) -> list[float]:
+        return list(self._samples)
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def stop(self) -> None:
+        """Stop reading and release NVML (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._gpu.close()
+
+    def _read(self) -> bool:
+        busy = self._gpu.read()
+        if busy is not None:
+            self._samples.append(busy)
+        return busy is not None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._read()
