@@ -71,7 +71,9 @@ def test_batch_shares() -> None:
 # -- create_training_loaders, real loaders ----------------------------------------------------
 
 def factory(tmp_path) -> OptimalDataLoaderFactory:
-    return OptimalDataLoaderFactory(profile_dir=tmp_path, seed=0)
+    """2 CPUs, whatever this machine has: the split is judged against that budget."""
+    return OptimalDataLoaderFactory(hardware=fake_hardware(cpus=2), profile_dir=tmp_path,
+                                    seed=0)
 
 
 def test_create_training_loaders_sizes_them_together(tmp_path) -> None:
