@@ -3,6 +3,8 @@
 ``FakeNvml``      an object shaped like the ``pynvml`` module (nvidia-ml-py) for
                   ``read_hardware(nvml=...)``.
 ``fake_hardware`` a ready ``HardwareInfo`` record for rule/factory tests, no probing.
+``FakeGpuClock``  timing events shaped like ``torch.cuda.Event``, on a GPU that runs
+                  each step for a set time after the host launched it.
 """
 
 from __future__ import annotations
@@ -169,3 +171,51 @@ def fake_hardware(*, cpus: int = 2, logical: int | None = None, quota: float | N
         distributed=DistributedInfo(world_size=world_size, local_world_size=local_world_size,
                                     rank=rank, local_rank=local_rank),
     )
+
+
+# --- CUDA timing events -------------------------------------------------------------------
+
+class FakeGpuClock:
+    """A GPU that starts each queued step when it is free and runs it ``step_s`` seconds.
+
+    ``event()`` makes an event shaped like ``torch.cuda.Event(enable_timing=True)``:
+    ``record()`` queues it (a handed-over batch starts a step, the next request ends it),
+    ``query()`` says whether the GPU has reached it by the host's clock, ``elapsed_time``
+    is in milliseconds. Events alternate start, end, start, ... as ``DeviceSteps`` records.
+    """
+
+    def __init__(self, step_s: float, now: Any = None) -> None:
+        import time
+
+        self.step_s = step_s
+        self.now = now or time.perf_counter
+        self._free_at = 0.0  # when the GPU finishes what is queued
+        self._recorded = 0
+
+    def event(self) -> FakeEvent:
+        return FakeEvent(self)
+
+    def _record(self) -> float:
+        """The GPU time at which this event is reached."""
+        self._recorded += 1
+        start = max(self.now(), self._free_at)
+        if self._recorded % 2 == 1:  # a step starts: the GPU runs it next
+            self._free_at = start + self.step_s
+            return start
+        return max(self.now(), self._free_at)  # the step ends when the GPU is done
+
+
+class FakeEvent:
+    def __init__(self, clock: FakeGpuClock) -> None:
+        self.clock = clock
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = self.clock._record()
+
+    def query(self) -> bool:
+        return self.at is not None and self.clock.now() >= self.at
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.at is not None and end.at is not None
+        return (end.at - self.at) * 1e3

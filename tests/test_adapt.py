@@ -355,3 +355,39 @@ def test_a_cpu_bound_batch_never_gets_more_workers_than_cpus(tmp_path) -> None:
             epoch_rate(loader, 0.01)  # workers start
             fixed[workers] = epoch_rate(loader, 0.01)
     assert rates[-1] >= 0.75 * max(fixed.values()), (rates, fixed, adaptive.changes)
+
+
+def test_device_steps_reads_the_gpus_time_without_waiting_for_it() -> None:
+    """The host launches a step in 5 ms; the GPU runs it 30 ms after: the device's time is
+    read, from events that completed, never by synchronising."""
+    from autotune.feed.steps import DeviceSteps
+    from fakes import FakeGpuClock
+
+    gpu = FakeGpuClock(step_s=0.03)
+    steps = DeviceSteps(gpu.event)
+    for _ in range(6):
+        steps.handed()
+        time.sleep(0.005)
+        steps.asked()
+    seconds, done = steps.totals()
+    assert done < 6  # the GPU is still behind: those steps are not read yet
+    time.sleep(0.2)
+    seconds, done = steps.totals()
+    assert done == 6 and seconds == pytest.approx(6 * 0.03, rel=0.05)
+
+
+def test_adapt_reads_a_gpu_step_that_is_longer_than_the_host_loop(tmp_path) -> None:
+    """A batch costs 80 ms at 0 workers; the host's step 10 ms, the GPU's 50 ms: the first
+    change sizes for a 50 ms step (3 workers), not a 10 ms one (11)."""
+    from autotune.feed.steps import DeviceSteps
+    from fakes import FakeGpuClock
+
+    loader = factory(tmp_path).create_training_loader(
+        SleepyIndexed(size=96, seconds=0.01), batch_size=8, num_workers=0, adapt=True,
+        adapt_every=6)
+    loader._device_steps = DeviceSteps(FakeGpuClock(step_s=0.05).event)
+    train(loader, 1, 0.01)
+    loader.close()
+    first = loader.changes[0]
+    assert first.from_workers == 0 and 2 <= first.to_workers <= 4, loader.changes
+    assert "a step takes 5" in first.reason

@@ -251,7 +251,7 @@ class LoaderPipeline:
                               hardware=hardware, extra=overrides,
                               shuffle=overrides.pop("shuffle", True), key=key,
                               check_workers=check, every=req.adapt_every or 1,
-                              profile_dir=self.profile_dir)
+                              profile_dir=self.profile_dir, device=hints.device)
 
     def check_workers(self, dataset: Any, config: LoaderConfig, extra: Mapping[str, Any],
                       workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:

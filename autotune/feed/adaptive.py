@@ -36,6 +36,7 @@ from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..system.distributed import current_ranks
 from ..system.usage import children_cpu_seconds
 from .monitor import Epochs, StallMonitor, StallReport
+from .steps import device_steps
 
 log = logging.getLogger("autotune.tuning.adapt")  # the name users configure (kept when it moved)
 
@@ -90,6 +91,9 @@ class AdaptiveLoader(Closeable):
         name: the ``StallMonitor``'s label in logs and reports; None: ``key``.
         profile_dir: where ``save()`` writes by default; None: ``$AUTOTUNE_PROFILE_DIR``,
             else ``./profiles``.
+        device: where the loop runs its steps (``"cuda"``): for a CUDA device a step's time
+            is also read on the GPU (``feed.steps``), since the host only launches it.
+            None: the host's time alone.
 
     Example::
 
@@ -106,7 +110,7 @@ class AdaptiveLoader(Closeable):
                  extra: dict[str, Any], shuffle: bool, key: str,
                  check_workers: Callable[[LoaderConfig], None] | None = None,
                  every: int = DEFAULT_EVERY, name: str | None = None,
-                 profile_dir: Any = None) -> None:
+                 profile_dir: Any = None, device: Any = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.every = check_int("adapt_every", every, minimum=1)
@@ -132,6 +136,7 @@ class AdaptiveLoader(Closeable):
         self._meter: BusyMeter | None = None
         self._window: _Snapshot | None = None
         self._stalled_at = -1
+        self._device_steps = device_steps(device)
         self._tried: adapt.Tried | None = None  # the last growth, until a window judges it
         self._ceiling: int | None = None  # a count a growth gave nothing at
         self._last_rate = 0.0
@@ -210,7 +215,9 @@ class AdaptiveLoader(Closeable):
             for batch in self._current():
                 self._order.delivered += 1
                 self.steps += 1
+                self._handed()
                 yield batch
+                self._asked()
                 change = self._watch()
                 if change is not None and self._apply(change):
                     self._order.start = self._order.delivered  # the new loader goes on here
@@ -221,7 +228,9 @@ class AdaptiveLoader(Closeable):
     def _stream_epoch(self) -> Iterator[Any]:
         for batch in self._current():
             self.steps += 1
+            self._handed()
             yield batch
+            self._asked()
             change = self._watch()
             if change is not None:
                 self._pending = change  # a stream cannot resume mid-epoch
@@ -236,13 +245,22 @@ class AdaptiveLoader(Closeable):
 
     # -- watching and changing -----------------------------------------------------------------
 
+    def _handed(self) -> None:
+        if self._device_steps is not None:
+            self._device_steps.handed()
+
+    def _asked(self) -> None:
+        if self._device_steps is not None:
+            self._device_steps.asked()
+
     def _snapshot(self) -> _Snapshot:
         clock = self.monitor.clock
         steps, wait_s, step_s = clock.totals()
         return _Snapshot(clock=clock, steps=steps, wait_s=wait_s - clock.start_wait_s,
                          step_s=step_s, wall=time.perf_counter(), cpu=children_cpu_seconds(),
                          busy=self._meter.total() if self._meter is not None else 0.0,
-                         main=time.process_time())
+                         main=time.process_time(),
+                         device=self._device_steps.totals() if self._device_steps else None)
 
     def _watch(self) -> adapt.Change | None:
         """Called after each step; every ``every`` steps, the decision on the last window.
@@ -261,7 +279,8 @@ class AdaptiveLoader(Closeable):
             wait_s=max(0.0, now.wait_s - first.wait_s), step_s=now.step_s - first.step_s,
             busy_s=now.busy - first.busy if self._meter is not None else None,
             cpu_used=(now.cpu - first.cpu) / wall if wall > 0 else None,
-            main_cpu=(now.main - first.main) / wall if wall > 0 else None)
+            main_cpu=(now.main - first.main) / wall if wall > 0 else None,
+            device_s=_device_s(first, now))
         if adapt.short_of_workers(window):
             self._stalled_at = max(self._stalled_at, window.workers)
         change = adapt.decide(window, cap=self._cap, cpu_budget=self.hardware.cpu_budget,
@@ -319,6 +338,7 @@ class _Snapshot:
     cpu: float
     busy: float
     main: float  # the training process's CPU seconds
+    device: tuple[float, int] | None  # (seconds, steps) the device completed (DeviceSteps)
 
 
 class _EpochOrder:
@@ -387,3 +407,12 @@ class _Remaining:
 
     def __len__(self) -> int:
         return len(self.order.source) - self.order.start
+
+
+def _device_s(first: _Snapshot, now: _Snapshot) -> float | None:
+    """The device's time for the window's steps, from the steps it completed meanwhile (its
+    events complete a few steps behind the host)."""
+    if first.device is None or now.device is None:
+        return None
+    seconds, steps = now.device[0] - first.device[0], now.device[1] - first.device[1]
+    return seconds / steps * (now.steps - first.steps) if steps > 0 else None
