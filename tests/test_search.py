@@ -163,3 +163,42 @@ def test_a_doubling_that_pays_side_by_side_still_climbs():
     outcome = Search(surface, space(rules=2)).run()
     assert [c.num_workers for p, c in surface.asked if p == "recheck"][:3] == [2, 4, 8]
     assert outcome.chosen.config.num_workers == 16
+
+
+def gpu_feed_surface() -> Surface:
+    """The issue's GPU machine: 16 CPUs decoding JPEGs (130 images/s a worker), a step that
+    eats 4,700 images/s; torch's defaults at 179. No setting keeps up."""
+    def rate(c):
+        if c.num_workers == 0:
+            return 179.0
+        return min(c.num_workers, 16) * 130.0 * (1.1 if (c.prefetch_factor or 2) > 2 else 1.0)
+    return Surface(rate, stall=lambda c: max(0.0, 1 - rate(c) / 4700))
+
+
+def gpu_space() -> SearchSpace:
+    return SearchSpace(configure=configure, cap=64, rules_workers=16, start=16, cpu_budget=16)
+
+
+@pytest.mark.parametrize("trial_s, distinct", [(7.0, 6), (15.0, 3)])
+def test_a_slow_starting_workload_spends_its_budget_on_settings_that_can_win(trial_s,
+                                                                             distinct):
+    """Each trial takes 7 s (a ~2 s first batch and its window) or 15 s: the defaults, at
+    1/11 of the leader, are never confirmed; what that frees measures another setting."""
+    surface = gpu_feed_surface()
+
+    def clock() -> float:
+        return trial_s * len(surface.asked)
+
+    outcome = Search(surface, gpu_space(), budget_s=60, keep_up=True, clock=clock).run()
+    assert [p for p, c in surface.asked if c.num_workers == 0] == ["baseline"]
+    settings = {tuple(c.settings().values()) for _, c in surface.asked}
+    assert len(settings) >= distinct, surface.asked
+    assert len(surface.asked) <= 60 / trial_s
+    assert outcome.chosen.config.num_workers >= 16
+
+
+def test_neighbours_only_where_the_steps_measured_few_settings():
+    """A fast workload's search measures many settings already: no extra trials."""
+    surface = Surface(lambda c: 100.0 * min(max(c.num_workers, 1), 4))
+    Search(surface, space(rules=4)).run()
+    assert "neighbour" not in [p for p, _ in surface.asked]

@@ -38,6 +38,9 @@ REFINE_SPAN = 1.25  # a midpoint is tried between worker counts further apart th
 CONFIRM_WITHIN = 0.90  # candidates whose first run came this close to the best run again
 CONFIRM_MAX = 4
 CONFIRM_RESERVE = 2  # trials' worth of budget the exploring steps leave for confirming
+FAR_BEHIND = 1 / 3  # a setting below this share of the leader is never measured again
+MIN_SETTINGS = 6  # a search that measured fewer spends what budget is left on the leader's
+                  # neighbours (slow-starting workloads: few trials fit the budget)
 MEMORY_TIE = 1.10  # memory within this factor of the least counts as the same
 DEEP_PREFETCH = (4, 8)
 
@@ -148,20 +151,28 @@ class Measurements:
     def _confirm(self) -> None:
         """Measure the candidates that could be chosen again, leanest first; the mean of
         all runs decides."""
-        candidates = [c for c in self._candidates()]
+        for candidate in self._to_confirm():
+            if self._has_time(reserve=False):
+                self._measure(candidate.config, "confirm", again=True)
+
+    def _to_confirm(self) -> list[Candidate]:
+        """The candidates that could be chosen and ran once: with a consumer, those that keep
+        up (or, when none does, those close to the fastest); else those close to the
+        fastest. Never one far behind the leader: it cannot win, and on a slow-starting
+        workload a trial is a large share of the budget."""
+        candidates = self._candidates()
         if not candidates:
-            return
-        if self.keep_up:
+            return []
+        lead = max(c.samples_per_s for c in candidates)
+        fastest = max(candidates, key=lambda c: c.samples_per_s)
+        if self.keep_up and any(c.keeps_up for c in candidates):
             order = sorted(candidates, key=self._keep_up_rank)
         else:
-            lead = max(c.samples_per_s for c in candidates)
             close = [c for c in candidates if c.samples_per_s >= CONFIRM_WITHIN * lead]
-            fastest = max(candidates, key=lambda c: c.samples_per_s)
             order = [fastest, *sorted((c for c in close if c is not fastest),
                                       key=lambda c: (c.config.num_workers, -c.samples_per_s))]
-        for candidate in order[:CONFIRM_MAX]:
-            if len(candidate.runs) < 2 and self._has_time(reserve=False):
-                self._measure(candidate.config, "confirm", again=True)
+        return [c for c in order[:CONFIRM_MAX]
+                if len(c.runs) < 2 and c.samples_per_s >= FAR_BEHIND * lead]
 
     # -- the choice -----------------------------------------------------------------
 
@@ -253,11 +264,13 @@ class Measurements:
     def _keeps_up(self, trial: Trial) -> bool:
         return self.keep_up and trial.ok and (trial.stall_fraction or 0.0) <= STALL_OK
 
-    def _has_time(self, *, reserve: bool = True) -> bool:
-        """Room for one more trial, keeping enough back to confirm the leaders."""
+    def _has_time(self, *, reserve: bool = True, held_trials: int | None = None) -> bool:
+        """Room for one more trial, keeping enough back to confirm the leaders
+        (``CONFIRM_RESERVE`` trials, or ``held_trials`` when that is known)."""
         elapsed = self.clock() - self._start
         per_trial = elapsed / max(1, len(self._trials))
-        held = CONFIRM_RESERVE * per_trial if reserve else 0.0
+        held = (CONFIRM_RESERVE if held_trials is None else held_trials) * per_trial \
+            if reserve else 0.0
         return elapsed + per_trial + held <= self.budget_s
 
 
@@ -286,6 +299,7 @@ class Search(Measurements):
         pick = self._pick()
         if pick is not None:
             self._tune_around(_one_loader(pick.config))
+        self._neighbours()
         return self.outcome(baseline)
 
     # -- steps ----------------------------------------------------------------------
@@ -360,6 +374,32 @@ class Search(Measurements):
             self._measure(pick.replace(in_order=False), "in_order")
         if space.cuda and self._has_time():
             self._measure(pick.replace(pin_memory=not pick.pin_memory), "pin")
+
+    def _neighbours(self) -> None:
+        """When the steps measured fewer than ``MIN_SETTINGS`` settings, the budget they
+        left (beyond the confirmations still needed) goes to the leader's neighbours: the
+        worker counts halfway (geometrically) to the measured ones above and below, then a
+        deeper prefetch."""
+        while len(self._runs) < MIN_SETTINGS \
+                and self._has_time(held_trials=len(self._to_confirm())):
+            pick = self._pick()
+            if pick is None or pick.config.num_workers == 0:
+                return
+            config = _one_loader(pick.config)
+            n, cap = config.num_workers, self.space.cap
+            measured = {c.config.num_workers for c in self._candidates()} | \
+                {t.config.num_workers for t in self._trials}
+            above = min((m for m in measured if m > n), default=min(cap, 2 * n))
+            below = max((m for m in measured if 0 < m < n), default=max(1, n // 2))
+            options = [config.replace(num_workers=round(math.sqrt(n * above))),
+                       config.replace(num_workers=round(math.sqrt(n * below))),
+                       config.replace(prefetch_factor=2 * (config.prefetch_factor or 2))]
+            fresh = [c for c in options if 1 <= c.num_workers <= cap
+                     and (c.prefetch_factor or 2) <= DEEP_PREFETCH[-1]
+                     and setting_key(c) not in self._runs]
+            if not fresh:
+                return
+            self._measure(fresh[0], "neighbour")
 
     def _pick_with(self, workers: int) -> LoaderConfig | None:
         """The best measured setting with this many workers."""
