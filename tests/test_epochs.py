@@ -172,3 +172,18 @@ def test_a_failing_sample_then_a_fresh_epoch():
         with pytest.raises(ValueError, match="corrupt record"):
             indices(loader)
         assert indices(loader) == list(range(16))
+
+
+def test_a_multiloader_of_loaders_that_run_across_epochs():
+    factory = OptimalDataLoaderFactory(measure=False, seed=2)
+    multi = factory.create_training_loaders({"a": Indexed(48), "b": Indexed(24)}, batch_size=4,
+                                            strategy="round_robin", stop="max", num_workers=1)
+    assert all(loader.autotune_config.prefetch_across_epochs
+               for loader in multi.loaders.values())
+    for _ in range(3):
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+        for name, batch in multi:
+            seen[name] += batch.view(-1).tolist()
+        assert sorted(seen["a"]) == list(range(48)) and sorted(seen["b"]) == list(range(24))
+    multi.close()
+    assert wait_for_no_workers() == []
