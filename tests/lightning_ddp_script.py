@@ -71,7 +71,9 @@ def _index(batch: Any) -> torch.Tensor:
 def describe(loader: object, ours: object) -> dict[str, object]:
     return {"sampler": type(loader.sampler).__name__, "num_workers": loader.num_workers,
             "kept": loader is ours, "class": type(loader).__name__,
-            "has_config": getattr(loader, "autotune_config", None) is not None}
+            "has_config": getattr(loader, "autotune_config", None) is not None,
+            "across": getattr(getattr(loader, "autotune_config", None), "prefetch_across_epochs",
+                              None)}
 
 
 def main() -> None:

@@ -194,9 +194,11 @@ def test_ddp_training_shares_are_disjoint_cover_the_split_and_reshuffle(ddp_rank
     assert [r["train_split"] for r in ranks] == [train_split] * 2  # same split on both ranks
     assert [r["measured"] for r in ranks] == [["dataset"]] * 2
     for rank in ranks:  # ours kept: Lightning only adds a sampler where none is distributed
+        workers = int(DDP_CASES[case][0])
         assert rank["train_loader"] == {"sampler": "EpochDistributedSampler", "kept": True,
                                         "class": "TunedDataLoader", "has_config": True,
-                                        "num_workers": int(DDP_CASES[case][0])}
+                                        "num_workers": workers,
+                                        "across": workers > 0}  # Lightning's set_epoch obeyed
     for epoch in range(2):
         zero, one = ranks[0]["train"][epoch], ranks[1]["train"][epoch]
         assert len(zero) == len(one) == len(train_split) // 2
@@ -233,6 +235,7 @@ def test_ddp_keeps_the_chunk_sampler_of_an_hdf5_dataset(tmp_path):
     ranks = run_ddp(tmp_path, "1", "1", str(tmp_path))
     for rank in ranks:
         assert rank["train_loader"]["sampler"] == "ChunkShuffleSampler"
+        assert rank["train_loader"]["across"]
         assert rank["train_loader"]["kept"] and rank["val_loader"]["kept"]
     for epoch in range(2):
         zero, one = ranks[0]["train"][epoch], ranks[1]["train"][epoch]
