@@ -179,6 +179,11 @@ def test_decide_gives_a_cpu_bound_batch_no_more_workers_than_cpus() -> None:
     assert change.workers == 15 and "CPU time" in change.reason
     waiting = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84,
                      device_s=1.08, cpu_used=0.1, main_cpu=1.0)  # storage: no cap
+    # other processes on the CPUs make the workers' reading look like waiting; the
+    # measurement before training (95% computing) still tells
+    crowded = Window(workers=2, steps=20, wait_s=4.0, step_s=0.54, busy_s=19.84,
+                     device_s=1.08, cpu_used=1.0, main_cpu=1.0, cpu_fraction=0.95)
+    assert decide(crowded, cap=64, cpu_budget=16).workers == 15
     assert decide(waiting, cap=64, cpu_budget=16).workers == 24
     # from 0 workers: the training process computed while it waited (its CPU ~ the wait)
     alone = Window(workers=0, steps=20, wait_s=3.8, step_s=0.2, main_cpu=1.0)

@@ -187,3 +187,27 @@ def test_a_multiloader_of_loaders_that_run_across_epochs():
         assert sorted(seen["a"]) == list(range(48)) and sorted(seen["b"]) == list(range(24))
     multi.close()
     assert wait_for_no_workers() == []
+
+
+@pytest.mark.slow
+def test_adapt_runs_across_epochs_too(tmp_path):
+    """The adaptive loader draws the next epoch ahead itself: the same boundary as above,
+    every sample once per epoch, each epoch its own order."""
+    factory = OptimalDataLoaderFactory(profile_dir=tmp_path, measure=False, seed=4)
+    loader = factory.create_training_loader(SleepyIndexed(24, seconds=0.05), batch_size=4,
+                                            num_workers=2, adapt=True, adapt_every=1000)
+    assert loader.autotune_config.prefetch_across_epochs
+    waits, epochs = [], []
+    for _ in range(5):
+        start, seen = time.perf_counter(), []
+        for i, batch in enumerate(loader):
+            if i == 0:
+                waits.append(time.perf_counter() - start)
+            seen += batch.view(-1).tolist()
+            time.sleep(0.15)
+        epochs.append(seen)
+    loader.close()
+    assert wait_for_no_workers() == []
+    assert all(sorted(e) == list(range(24)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 5
+    assert max(waits[1:]) <= 0.15, waits

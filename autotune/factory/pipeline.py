@@ -200,9 +200,11 @@ class LoaderPipeline:
         key = check_key(req.profile_key) if req.profile_key is not None else dataset_key(dataset)
         entry = self.profile_entry(key) if req.look_up else req.entry
         workload = req.workload
-        if workload is None and self.needs_measuring(entry, explicit):
-            workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         adaptive = req.adapt_every is not None
+        # the re-tuner reads a sample's computing share from it, whoever set the workers
+        if workload is None and (self.needs_measuring(entry, explicit)
+                                 or (adaptive and self.measure and not stream)):
+            workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
         config = self.resolved(hints, workload, entry, key, explicit, share=req.share,
                                adaptive=adaptive)
         config = fit_chunks(dataset, config, self.hardware_here())
@@ -251,7 +253,8 @@ class LoaderPipeline:
                               hardware=hardware, extra=overrides,
                               shuffle=overrides.pop("shuffle", True), key=key,
                               check_workers=check, every=req.adapt_every or 1,
-                              profile_dir=self.profile_dir, device=hints.device)
+                              profile_dir=self.profile_dir, device=hints.device,
+                              workload=workload)
 
     def check_workers(self, dataset: Any, config: LoaderConfig, extra: Mapping[str, Any],
                       workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:

@@ -31,7 +31,7 @@ from ..loading.builder import TunedDataLoader, build_loader
 from ..loading.worker import BusyMeter
 from ..policy import adapt
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
-from ..records import HardwareInfo
+from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
 from ..system.distributed import current_ranks
 from ..system.usage import children_cpu_seconds
@@ -94,6 +94,9 @@ class AdaptiveLoader(Closeable):
         device: where the loop runs its steps (``"cuda"``): for a CUDA device a step's time
             is also read on the GPU (``feed.steps``), since the host only launches it.
             None: the host's time alone.
+        workload: the measurement of a few samples the settings came from: its share of
+            time spent computing tells a CPU-bound batch even when other processes make
+            the workers' own CPU readings look like waiting. None: the readings alone.
 
     Example::
 
@@ -110,7 +113,8 @@ class AdaptiveLoader(Closeable):
                  extra: dict[str, Any], shuffle: bool, key: str,
                  check_workers: Callable[[LoaderConfig], None] | None = None,
                  every: int = DEFAULT_EVERY, name: str | None = None,
-                 profile_dir: Any = None, device: Any = None) -> None:
+                 profile_dir: Any = None, device: Any = None,
+                 workload: WorkloadProfile | None = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.every = check_int("adapt_every", every, minimum=1)
@@ -133,10 +137,12 @@ class AdaptiveLoader(Closeable):
         if self._order is not None:
             self._extra["batch_sampler"] = _Remaining(self._order)
         self._loader: TunedDataLoader | None = None
+        self._inner: Iterator[Any] | None = None  # the loader's iterator, kept across epochs
         self._meter: BusyMeter | None = None
         self._window: _Snapshot | None = None
         self._stalled_at = -1
         self._device_steps = device_steps(device)
+        self._cpu_fraction = workload.cpu_fraction if workload is not None else None
         self._tried: adapt.Tried | None = None  # the last growth, until a window judges it
         self._ceiling: int | None = None  # a count a growth gave nothing at
         self._last_rate = 0.0
@@ -196,6 +202,7 @@ class AdaptiveLoader(Closeable):
         if self._loader is not None:
             self._loader.close()
             self._loader = None
+        self._inner = None
         self.monitor.release()
 
     def __repr__(self) -> str:
@@ -210,20 +217,31 @@ class AdaptiveLoader(Closeable):
         if self._order is None:
             yield from self._stream_epoch()
             return
-        self._order.new_epoch(self._config.num_workers)
-        while True:
-            for batch in self._current():
-                self._order.delivered += 1
+        order = self._order
+        if not order.new_epoch(self._config.num_workers):
+            self._inner = None  # the last epoch was left early: what was drawn ahead is gone
+        restarted = False
+        while not order.epoch_done():
+            if self._inner is None:
+                order.start = order.delivered  # a loader (new or reset) goes on from here
+                self._inner, restarted = iter(self._current()), True
+            for batch in self._inner:
+                restarted = False
+                order.delivered += 1
                 self.steps += 1
                 self._handed()
                 yield batch
                 self._asked()
                 change = self._watch()
                 if change is not None and self._apply(change):
-                    self._order.start = self._order.delivered  # the new loader goes on here
+                    order.start = order.delivered  # the new loader goes on here
                     break
+                if order.epoch_done():
+                    return  # the loader goes on into the next epoch, drawn ahead
             else:
-                return
+                self._inner = None  # its batches ran out (nothing more was drawn ahead)
+                if restarted:
+                    return
 
     def _stream_epoch(self) -> Iterator[Any]:
         for batch in self._current():
@@ -237,6 +255,9 @@ class AdaptiveLoader(Closeable):
 
     def _current(self) -> TunedDataLoader:
         if self._loader is None:
+            if self._order is not None:  # what the next epochs are drawn for
+                self._order.ahead = self._config.prefetch_across_epochs
+                self._order.workers = self._config.num_workers
             workers = self._config.num_workers
             self._meter = BusyMeter(workers) if workers else None
             self._loader = build_loader(self.dataset, self.batch_size, self._config,
@@ -280,7 +301,7 @@ class AdaptiveLoader(Closeable):
             busy_s=now.busy - first.busy if self._meter is not None else None,
             cpu_used=(now.cpu - first.cpu) / wall if wall > 0 else None,
             main_cpu=(now.main - first.main) / wall if wall > 0 else None,
-            device_s=_device_s(first, now))
+            device_s=_device_s(first, now), cpu_fraction=self._cpu_fraction)
         if adapt.short_of_workers(window):
             self._stalled_at = max(self._stalled_at, window.workers)
         change = adapt.decide(window, cap=self._cap, cpu_budget=self.hardware.cpu_budget,
@@ -321,6 +342,7 @@ class AdaptiveLoader(Closeable):
         if self._loader is not None:
             self._loader.close()
             self._loader = None
+        self._inner = None
         self._config = config
         self._window = None
         return True
@@ -342,9 +364,12 @@ class _Snapshot:
 
 
 class _EpochOrder:
-    """The epoch's batches as drawn from the caller's sampler or batch sampler (or a random
-    or sequential one), kept from the first not yet delivered on: a new loader continues the
-    same order. Drawn as the loaders ask (an endless sampler works), once per epoch."""
+    """The batches of epoch after epoch as drawn from the caller's sampler or batch sampler
+    (or a random or sequential one), kept from the first not yet delivered on: a new loader
+    continues the same order. Each epoch is drawn once, as the loaders ask (an endless
+    sampler works). With ``ahead`` the next epoch's draw begins where this one's ends, so the
+    workers go on into it while the loop takes this epoch's last batches (one epoch ahead
+    at most). Positions count batches over all epochs."""
 
     def __init__(self, dataset: Any, batch_size: int, config: LoaderConfig,
                  extra: dict[str, Any], shuffle: bool) -> None:
@@ -356,18 +381,45 @@ class _EpochOrder:
                            if shuffle else SequentialSampler(dataset))
             batches = BatchSampler(sampler, batch_size, config.drop_last)
         self.source = batches
+        self.ahead = config.prefetch_across_epochs
         self.drawn: list[list[Any]] = []  # batches drawn and not yet delivered ...
-        self.offset = 0  # ... the first of them is the epoch's batch number offset
+        self.offset = 0  # ... the first of them is at this position
         self.start = 0  # where the loader being built begins
         self.delivered = 0
-        self._draw: Iterator[Any] = iter(())
+        self.epochs: list[list[int | None]] = []  # [first, end] of the consumer's epoch and
+        self._draw: Iterator[Any] | None = None  # the one drawn ahead; the one being drawn
+        self.workers = 0  # the workers the epochs are striped for (a ChunkShuffleSampler)
 
-    def new_epoch(self, workers: int) -> None:
+    def new_epoch(self, workers: int) -> bool:
+        """The loop starts its next epoch. False when the last one was left before its end:
+        what was drawn after it is dropped (as torch drops an epoch left early), and the
+        loader must start again from here."""
+        self.workers = workers
+        if self.epochs:
+            end = self.epochs[0][1]
+            if end is not None and self.delivered == end:
+                self.epochs.pop(0)
+                if self.epochs:
+                    return True  # drawn ahead
+            else:
+                self.epochs.clear()
+                self._draw = None
+                self.drawn, self.offset, self.start = [], self.delivered, self.delivered
+                self._begin()
+                return False
+        self._begin()
+        return True
+
+    def epoch_done(self) -> bool:
+        end = self.epochs[0][1] if self.epochs else None
+        return end is not None and self.delivered >= end
+
+    def _begin(self) -> None:
         sampler = getattr(self.source, "sampler", None)
         if isinstance(sampler, ChunkShuffleSampler):  # each worker its own chunks again
-            sampler.num_workers = workers
+            sampler.num_workers = self.workers
+        self.epochs.append([self.offset + len(self.drawn), None])
         self._draw = iter(self.source)
-        self.drawn, self.offset, self.start, self.delivered = [], 0, 0, 0
 
     def batches_from(self, start: int) -> Iterator[list[Any]]:
         position = start
@@ -378,13 +430,19 @@ class _EpochOrder:
                 self.offset += cut
             if position - self.offset < len(self.drawn):
                 yield self.drawn[position - self.offset]
-            else:
-                batch = next(self._draw, None)
-                if batch is None:
+                position += 1
+                continue
+            if self._draw is None:
+                if not (self.ahead and len(self.epochs) == 1 and self.epochs[0][1] is not None):
                     return
-                self.drawn.append(list(batch))
-                yield self.drawn[-1]
-            position += 1
+                self._begin()  # the next epoch, drawn ahead
+            assert self._draw is not None
+            batch = next(self._draw, None)
+            if batch is None:
+                self.epochs[-1][1] = self.offset + len(self.drawn)
+                self._draw = None
+                continue
+            self.drawn.append(list(batch))
 
 
 def _own(generator: torch.Generator | None) -> torch.Generator | None:
@@ -397,7 +455,8 @@ def _own(generator: torch.Generator | None) -> torch.Generator | None:
 
 
 class _Remaining:
-    """The batch sampler each built loader gets: the epoch's batches from ``start`` on."""
+    """The batch sampler each built loader gets: the batches from ``start`` on (into the
+    next epoch when drawing ahead); its length is the rest of the current epoch."""
 
     def __init__(self, order: _EpochOrder) -> None:
         self.order = order
@@ -406,7 +465,8 @@ class _Remaining:
         return self.order.batches_from(self.order.start)
 
     def __len__(self) -> int:
-        return len(self.order.source) - self.order.start
+        first = self.order.epochs[0][0] if self.order.epochs else self.order.start
+        return max(0, len(self.order.source) - (self.order.start - (first or 0)))
 
 
 def _device_s(first: _Snapshot, now: _Snapshot) -> float | None:

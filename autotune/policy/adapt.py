@@ -41,6 +41,7 @@ class Window:
     cpu_used: float | None = None  # CPUs the workers kept busy on average
     main_cpu: float | None = None  # CPUs the training process itself kept busy on average
     device_s: float | None = None  # the device's time for the same steps (CUDA events)
+    cpu_fraction: float | None = None  # computing share of a sample, measured beforehand
 
     @property
     def stall(self) -> float:
@@ -159,11 +160,12 @@ def cpu_for_workers(window: Window, cpu_budget: int) -> int | None:
         if window.main_cpu is None or total <= 0 or window.wait_s <= 0:
             return None
         cpu_s = window.main_cpu * total
-        if min(cpu_s, window.wait_s) < CPU_BOUND * window.wait_s:
+        if min(cpu_s, window.wait_s) < CPU_BOUND * window.wait_s \
+                and (window.cpu_fraction or 0.0) < CPU_BOUND:
             return None
         return max(1, round(cpu_budget - max(0.0, cpu_s - window.wait_s) / total))
-    per_busy = window.cpu_per_busy
-    if per_busy is None or per_busy < CPU_BOUND:
+    computing = max(window.cpu_per_busy or 0.0, window.cpu_fraction or 0.0)
+    if computing < CPU_BOUND:  # other processes on the CPUs make a reading look lower
         return None
     return max(1, round(cpu_budget - (window.main_cpu or 0.0)))
 

@@ -24,8 +24,6 @@ from . import joint, rules
 _TRAINING_ONLY = ("persistent_workers", "in_order")
 IN_ORDER_FOR_ADAPT = ("adapt=True: batches in sampler order, so a change mid-epoch continues "
                       "at the first batch not delivered")
-NOT_ACROSS_FOR_ADAPT = ("adapt=True: a change of workers mid-epoch builds a new loader, so "
-                        "each epoch starts at iter() as in torch")
 
 
 def resolve(hw: HardwareInfo, hints: rules.DatasetHints, workload: WorkloadProfile | None = None,
@@ -74,8 +72,6 @@ def resolve(hw: HardwareInfo, hints: rules.DatasetHints, workload: WorkloadProfi
         config = config.replace(source="override", reason=EXPLICIT, **explicit)
     if adaptive and not config.in_order:
         config = config.replace(in_order=True, reason=IN_ORDER_FOR_ADAPT)
-    if adaptive and config.prefetch_across_epochs:
-        config = config.replace(prefetch_across_epochs=False, reason=NOT_ACROSS_FOR_ADAPT)
     missing = rules.across_epochs_needs(config)
     if config.prefetch_across_epochs and missing:
         config = config.replace(prefetch_across_epochs=False, reason=missing)
