@@ -46,7 +46,8 @@ def test_probe_json_reports_affinity_as_usable():
     result = run("probe", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["cpu"]["usable"] == len(os.sched_getaffinity(0))
+    quota = data["cpu"]["quota"]
+    assert data["cpu"]["usable"] == max(1, min(len(os.sched_getaffinity(0)), int(quota or 10**9)))
     assert data["cpu_budget"] >= 1 and data["fingerprint"]
     assert "shm_free_bytes" in data["memory"] and isinstance(data["gpus"], list)
 

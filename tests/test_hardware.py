@@ -573,10 +573,10 @@ def test_fake_hardware_defaults_and_overrides():
 # --- the real machine -------------------------------------------------------------------
 
 def test_probe_the_real_machine():
-    # This machine has no cgroup CPU quota, so usable is the affinity set.
+    # Usable is the affinity set, cut to a whole cgroup CPU quota where this machine has one.
     hw = autotune.probe_hardware(refresh=True)
-    assert hw.cpu.usable == len(os.sched_getaffinity(0))
-    assert hw.cpu.quota is None
+    quota = hw.cpu.quota
+    assert hw.cpu.usable == max(1, min(len(os.sched_getaffinity(0)), int(quota or 10**9)))
     assert autotune.probe_hardware() is hw
     assert autotune.probe_hardware() is autotune.probe_hardware()
     assert autotune.probe_hardware(refresh=True) is not hw

@@ -130,7 +130,9 @@ def test_weighted_draws_get_a_prefetch_deep_enough_for_their_runs() -> None:
 def test_a_stream_and_a_map_style_dataset_together(tmp_path) -> None:
     from datasets import make_stream
 
-    multi = OptimalDataLoaderFactory(profile_dir=tmp_path, measure=False).create_training_loaders(
+    factory = OptimalDataLoaderFactory(profile_dir=tmp_path, measure=False,
+                                       hardware=fake_hardware(cpus=2))
+    multi = factory.create_training_loaders(
         {"stream": make_stream(), "map": Indexed(24)}, 4, strategy="round_robin", stop="max",
         drop_last=False)
     seen: dict[str, list[int]] = {"stream": [], "map": []}
