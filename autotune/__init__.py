@@ -23,6 +23,7 @@ from .records import (CpuInfo, DistributedInfo, GpuInfo, HardwareInfo, HostInfo,
 from .sources.chunk_sampler import ChunkShuffleSampler
 from .sources.datasets import AugmentedDataset, StandardizedDataset, compute_stats
 from .sources.hdf5 import HDF5Dataset
+from .sources.images import ImageFolder
 from .sources.sharding import ShardedIterable, shard_iterable
 from .system.hardware import probe_hardware
 from .tuning.group import MultiAutotuner
@@ -50,6 +51,7 @@ __all__ = [
     "HDF5Dataset",
     "HardwareInfo",
     "HostInfo",
+    "ImageFolder",
     "InvalidConfigError",
     "LoaderConfig",
     "MemoryInfo",

@@ -117,6 +117,7 @@ class OptimalDataLoaderFactory:
                                profile_key: str | None = None,
                                workload: WorkloadProfile | None = None, adapt: bool = False,
                                adapt_every: int | None = None, device: Any = None,
+                               device_transform: Any = None,
                                **dataloader_overrides: Any) -> Any:
         """Shuffled, full batches only, worker thread budget, seeded when the factory has a seed.
 
@@ -142,6 +143,10 @@ class OptimalDataLoaderFactory:
                 (default 20; only with ``adapt=True``).
             device: where batches go (``"cuda"``): the rules pin memory for a CUDA device and
                 the loader comes wrapped in a ``DeviceLoader`` that copies one batch ahead.
+                An ``ImageFolder`` with ``placement=None`` is measured for where to decode.
+            device_transform: called on each batch once it is on ``device`` (which it needs),
+                on the copy's side stream so that it overlaps the step (``DeviceLoader``'s
+                ``transform``); after an ``ImageFolder``'s device decoding.
             **dataloader_overrides: any ``DataLoader`` keyword; it wins over profile and rules.
 
         Returns:
@@ -158,13 +163,15 @@ class OptimalDataLoaderFactory:
             dataset=dataset, batch_size=batch_size, training=True,
             has_augmentation=has_augmentation, has_standardization=has_standardization,
             profile_key=profile_key, workload=workload, overrides=dataloader_overrides,
-            adapt_every=(adapt_every or DEFAULT_EVERY) if adapt else None, device=device))
+            adapt_every=(adapt_every or DEFAULT_EVERY) if adapt else None, device=device,
+            device_transform=device_transform))
 
     @_on_instance_or_default
     def create_validation_loader(self, dataset: Any, batch_size: int, *,
                                  has_augmentation: bool = False, has_standardization: bool = False,
                                  profile_key: str | None = None,
                                  workload: WorkloadProfile | None = None, device: Any = None,
+                                 device_transform: Any = None,
                                  **dataloader_overrides: Any) -> Any:
         """In order, keeps the last partial batch, workers not held between passes
         (arguments as ``create_training_loader``, without ``adapt``). Under torch.distributed
@@ -176,7 +183,7 @@ class OptimalDataLoaderFactory:
             dataset=dataset, batch_size=batch_size, training=False,
             has_augmentation=has_augmentation, has_standardization=has_standardization,
             profile_key=profile_key, workload=workload, overrides=dataloader_overrides,
-            device=device))
+            device=device, device_transform=device_transform))
 
     @_on_instance_or_default
     def create_dataloaders(self, dataset: Any, batch_size: int, *,

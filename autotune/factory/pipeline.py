@@ -14,7 +14,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +37,11 @@ from ..policy.resolve import check_yields_a_batch, resolve
 from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
 from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
+from ..sources.images import ImageFolder
 from ..sources.samplers import EpochDistributedSampler, ShardSampler
 from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
+from .placing import place_images
 
 log = logging.getLogger("autotune.factory")
 
@@ -69,6 +71,7 @@ class LoaderRequest:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     adapt_every: int | None = None
     device: Any = None
+    device_transform: Any = None
     look_up: bool = True
     entry: ProfileEntry | None = None
     share: joint.Share | None = None
@@ -167,6 +170,13 @@ class LoaderPipeline:
             raise InvalidConfigError(f"workload={req.workload!r} must be a WorkloadProfile "
                                      "(from autotune.measure_workload) or None")
         target = check_device(req.device) if req.device is not None else None
+        if req.device_transform is not None:
+            if not callable(req.device_transform):
+                raise InvalidConfigError(f"device_transform={req.device_transform!r} is not "
+                                         "callable: pass a function of one batch, or None")
+            if target is None:
+                raise InvalidConfigError("device_transform= runs on the device the batches go "
+                                         "to: pass device= too (\"cuda\", or \"cpu\")")
         overrides = dict(req.overrides)
         if not req.training and set(overrides) & set(TRAINING_ONLY):
             raise InvalidConfigError(
@@ -194,6 +204,12 @@ class LoaderPipeline:
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
             size = len(overrides["sampler"])
+        placement = None
+        if isinstance(dataset, ImageFolder):  # before measuring: the placement sets the cost
+            placement = place_images(dataset, target, self.hardware_here().cpu_budget,
+                                     collate_given="collate_fn" in overrides)
+            if placement.where != "cpu":
+                overrides["collate_fn"] = dataset.collate
         hints = self.hints(size, req.has_augmentation, req.has_standardization, req.batch_size,
                            req.training, stream=stream,
                            device=None if target is None else str(target))
@@ -213,6 +229,8 @@ class LoaderPipeline:
             overrides["sampler"] = chunk_sampler(dataset, req.batch_size, config.num_workers,
                                                  seed=self.seed)
             config = config.noted(sampler=sampler_note(overrides["sampler"]))
+        if placement is not None:
+            config = config.noted(placement=f"{placement.where}: {placement.reason}")
         if not ordered and size is not None:
             check_yields_a_batch(config, size, req.batch_size)
         log.info("DataLoader for %s:\n%s", key, config.explain())
@@ -229,7 +247,12 @@ class LoaderPipeline:
         else:
             loader = self._adaptive(req, config, hints, workload, explicit, overrides, key,
                                     entry)
-        return loader if target is None else DeviceLoader(loader, target)
+        if target is None:
+            return loader
+        steps = [dataset.device_transform(target)] if placement and placement.where != "cpu" \
+            else []
+        steps += [req.device_transform] if req.device_transform is not None else []
+        return DeviceLoader(loader, target, transform=_chained(steps))
 
     def _adaptive(self, req: LoaderRequest, config: LoaderConfig, hints: rules.DatasetHints,
                   workload: WorkloadProfile | None, explicit: Mapping[str, Any],
@@ -326,3 +349,16 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warn_user(message)
+
+
+def _chained(steps: list[Callable[[Any], Any]]) -> Callable[[Any], Any] | None:
+    """One transform doing ``steps`` in order (``None`` for none)."""
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+
+    def chained(batch: Any) -> Any:
+        for step in steps:
+            batch = step(batch)
+        return batch
+
+    return chained

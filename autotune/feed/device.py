@@ -9,6 +9,11 @@ overlap the step's kernels; it is correct because the step's stream waits for it
 the caching allocator does not hand its memory to a later copy early), and each copy waits for
 the step work already queued (which covers what a custom ``.to()`` allocates). On the CPU
 batches pass through; other devices (``mps``, ``meta``) get a synchronous ``.to(device)``.
+
+A ``transform`` (normalise, augment, decode on the GPU) runs on each batch once it is on the
+device: on CUDA on the same side stream, right after its copy, so batch n+1's transform
+overlaps step n; the tensors it returns are marked as used by the step's stream like the
+copies. Elsewhere it runs in the loop's thread, batch by batch, in order.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -84,6 +89,21 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, made: list | None)
     return obj
 
 
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj`` (mappings, lists, tuples, dataclasses), for ``record_stream``."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, field.name, None))
+
+
 def check_device(device: Any) -> torch.device:
     """``device`` (a ``torch.device`` or a string) as a ``torch.device`` this machine has."""
     if not isinstance(device, (str, torch.device)):
@@ -119,6 +139,8 @@ class DeviceLoader(Closeable):
             ``pin_memory=True`` for CUDA: only a pinned batch copies while the step runs.
         device: a ``torch.device`` or a string: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"mps"``.
         non_blocking: issue CUDA copies asynchronously (from pinned memory).
+        transform: called on each batch once it is on ``device``; what it returns is
+            yielded. On CUDA it runs on the copy's side stream, one batch ahead.
 
     Example::
 
@@ -130,10 +152,15 @@ class DeviceLoader(Closeable):
     """
 
     def __init__(self, loader: Iterable[Any], device: torch.device | str, *,
-                 non_blocking: bool = True) -> None:
+                 non_blocking: bool = True,
+                 transform: Callable[[Any], Any] | None = None) -> None:
         self.loader = loader
         self.device = check_device(device)
         self.non_blocking = check_bool("non_blocking", non_blocking)
+        if transform is not None and not callable(transform):
+            raise InvalidConfigError(f"transform={transform!r} is not callable: pass a "
+                                     "function of one batch, or None")
+        self.transform = transform
         self._passes: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
         self._closed = False
 
@@ -149,11 +176,16 @@ class DeviceLoader(Closeable):
         return batches
 
     def _as_is(self) -> Iterator[Any]:
-        yield from self.loader  # a generator all the same: close() can end it
+        if self.transform is None:
+            yield from self.loader  # a generator all the same: close() can end it
+        else:
+            for batch in self.loader:
+                yield self.transform(batch)
 
     def _moved(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield _move(batch, self.device, False, None)
+            moved = _move(batch, self.device, False, None)
+            yield moved if self.transform is None else self.transform(moved)
 
     def _ahead(self) -> Iterator[Any]:
         device = self.device
@@ -186,6 +218,9 @@ class DeviceLoader(Closeable):
         made: list[torch.Tensor] = []
         with torch.cuda.stream(side):
             moved = _move(batch, device, self.non_blocking, made)
+            if self.transform is not None:
+                moved = self.transform(moved)
+                made += [t for t in _tensors(moved) if t.is_cuda]
         return batch, moved, made
 
     def close(self) -> None:
@@ -213,4 +248,6 @@ class DeviceLoader(Closeable):
         self.__dict__.update(state, _passes=weakref.WeakSet())
 
     def __repr__(self) -> str:
-        return f"DeviceLoader({type(self.loader).__name__}, device={str(self.device)!r})"
+        transform = "" if self.transform is None else f", transform={self.transform!r}"
+        return (f"DeviceLoader({type(self.loader).__name__}, device={str(self.device)!r}"
+                f"{transform})")

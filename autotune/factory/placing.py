@@ -1,0 +1,83 @@
+"""Where an ``ImageFolder`` decodes: measured here, decided by ``policy.placement``.
+
+A few images are decoded both ways: on the CPU as a worker would (CPU seconds per image, in
+this process), and as one batch on the device (after a warm-up batch, synchronised). The
+CPU side's rate is the CPUs the workers may use over the seconds per image. The draws the
+measurement makes come from a forked random state: the caller's seeds are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..errors import InvalidConfigError
+from ..policy.placement import Placement, choose_placement
+from ..sources.images import ImageFolder
+
+log = logging.getLogger(__name__)
+
+SAMPLES = 16  # images timed on each side
+
+
+def place_images(dataset: ImageFolder, device: torch.device | None, cpus: int, *,
+                 collate_given: bool) -> Placement:
+    """The placement for ``dataset`` whose batches go to ``device`` (``None``: they stay
+    where the loader makes them), with the workers on ``cpus`` CPUs; applied to it."""
+    asked = dataset.placement
+    if asked == "device" and device is None:
+        raise InvalidConfigError("ImageFolder(placement='device') decodes on the device the "
+                                 "batches go to: pass device='cuda' to the factory's loader, "
+                                 "or placement='cpu'")
+    if asked is not None and asked != "cpu" and collate_given:
+        raise InvalidConfigError("ImageFolder(placement='device') batches are packed by "
+                                 "ImageFolder.collate: drop collate_fn=, or pass "
+                                 "placement='cpu'")
+    if asked is not None:
+        placement = Placement(asked, 1.0 if asked == "cpu" else 0.0, None,
+                              f"placement={asked!r} asked for")
+    elif device is None or device.type == "cpu":
+        placement = Placement("cpu", 1.0, None, "decoded by the workers: the batches stay on "
+                              "the CPU")
+    elif collate_given:
+        placement = Placement("cpu", 1.0, None, "decoded by the workers: a collate_fn was "
+                              "given (the device placement packs batches itself)")
+    else:
+        placement = _measured(dataset, device, cpus)
+    dataset.place(placement)
+    log.info("ImageFolder %s: %s", placement.where, placement.reason)
+    return placement
+
+
+def _measured(dataset: ImageFolder, device: torch.device, cpus: int) -> Placement:
+    count = min(SAMPLES, len(dataset))
+    indices = [i * len(dataset) // count for i in range(count)]
+    try:
+        transform = dataset.device_transform(device)
+    except InvalidConfigError as exc:
+        return Placement("cpu", 1.0, None, f"decoded by the workers: {exc}")
+    with torch.random.fork_rng(devices=[]):
+        start = time.process_time()
+        for i in indices:
+            dataset.decode_on_cpu(i)
+        cpu_s = max(time.process_time() - start, 1e-6) / count
+        in_effect = dataset.in_effect
+        dataset.place(Placement("device", 0.0, None, "measuring"))
+        try:
+            batch = dataset.collate([dataset[i] for i in indices])
+        finally:
+            dataset.place(in_effect)
+    transform(batch)  # the decoder's start-up (nvJPEG handles, kernels) is not its rate
+    _synchronize(device)
+    start = time.perf_counter()
+    transform(batch)
+    _synchronize(device)
+    device_rate = count / max(time.perf_counter() - start, 1e-6)
+    return choose_placement(cpus / cpu_s, device_rate)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,420 @@
+"""``ImageFolder``: torchvision's layout and ImageNet transforms, checked against references
+written here with Pillow (torchvision does not load with the local CPU torch); the device
+placement run on the CPU through Pillow as its decoder; bad files named."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import autotune
+from autotune import DataFileError, DeviceLoader, ImageFolder, InvalidConfigError
+from autotune.factory.placing import _measured, place_images
+from autotune.policy.placement import Placement
+from autotune.sources._jpeg import decode_with_pillow
+from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, crop_box
+
+DEVICE = Placement("device", 0.0, None, "test")
+CPU = Placement("cpu", 1.0, None, "test")
+
+
+def smooth(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like image: gradients and a few soft blobs (no pixel noise, so two resamplers
+    agree closely)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = []
+    for _ in range(3):
+        a, b, c = rng.uniform(-1, 1, 3)
+        value = 0.5 + 0.3 * np.sin(4 * a * x + 3 * b * y + c)
+        for _ in range(3):
+            cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+            value += 0.2 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / r ** 2)
+        channels.append(value)
+    return (np.clip(np.stack(channels, -1), 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Three classes of JPEGs 400-600 x 300-450 px (the GPU issue's sizes), sub-folders,
+    upper-case endings and files that are not images."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["zebra", "ant", "bee"]):
+        for i in range(5):
+            width, height = int(rng.integers(400, 600)), int(rng.integers(300, 450))
+            where = root / name / ("deep" if i == 4 else "")
+            where.mkdir(parents=True, exist_ok=True)
+            ending = ".JPG" if i == 3 else ".jpg"
+            Image.fromarray(smooth(width, height, 10 * c + i)).save(
+                where / f"{i}{ending}", quality=92)
+        (root / name / "notes.txt").write_text("not an image")
+    (root / "stray.jpg").write_bytes(b"at the top, not in a class")
+    (root / "empty_class").mkdir()
+    return root
+
+
+def reference_layout(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision's ImageFolder rules: class folders sorted, files found below each by
+    their (case-insensitive) extension, sorted."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    samples = []
+    for index, name in enumerate(classes):
+        for folder, _dirs, files in sorted(os.walk(root / name)):
+            samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                        if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+    return classes, samples
+
+
+def reference_params(width: int, height: int) -> tuple[int, int, int, int]:
+    """RandomResizedCrop.get_params, as torchvision documents and draws it."""
+    area = width * height
+    log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(0.08, 1.0).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    raise AssertionError("the test images always fit a crop in ten tries")
+
+
+def to_normalised(image: Image.Image) -> torch.Tensor:
+    """ToTensor then Normalize(ImageNet)."""
+    x = torch.tensor(np.asarray(image)).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def reference_train(path: str, size: int = 224) -> torch.Tensor:
+    image = Image.open(path).convert("RGB")
+    i, j, h, w = reference_params(*image.size)
+    out = image.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BILINEAR)
+    if torch.rand(1) < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_normalised(out)
+
+
+def reference_eval(path: str) -> torch.Tensor:
+    """Resize(256) then CenterCrop(224), sizes as torchvision computes them."""
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(256 * long / short)
+    size = (256, new_long) if width <= height else (new_long, 256)
+    resized = image.resize(size, Image.Resampling.BILINEAR)
+    top = round((size[1] - 224) / 2.0)
+    left = round((size[0] - 224) / 2.0)
+    return to_normalised(resized.crop((left, top, left + 224, top + 224)))
+
+
+def test_layout_as_torchvisions_image_folder(folder) -> None:
+    ds = ImageFolder(folder)
+    classes, samples = reference_layout(folder)
+    assert ds.classes == classes == ["ant", "bee", "empty_class", "zebra"]
+    assert ds.class_to_idx == {name: i for i, name in enumerate(classes)}
+    assert ds.samples == samples and len(ds) == 15
+    assert ds.targets == [t for _p, t in samples]
+    assert any(p.endswith(".JPG") for p, _t in ds.samples)
+    assert any(os.sep + "deep" + os.sep in p for p, _t in ds.samples)
+    x, target = ds[0]
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and target == 0
+    assert ImageFolder(folder, size=96)[0][0].shape == (3, 96, 96)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_samples_are_torchvisions_recipe_pixel_for_pixel(folder, seed) -> None:
+    ds = ImageFolder(folder, reduced_decode=False)
+    for index in (0, 7, 14):
+        torch.manual_seed(seed)
+        ours = ds[index][0]
+        torch.manual_seed(seed)
+        theirs = reference_train(ds.samples[index][0])
+        assert torch.equal(ours, theirs)
+
+
+def test_evaluation_samples_are_resize_then_center_crop(folder) -> None:
+    ds = ImageFolder(folder, train=False, reduced_decode=False)
+    for index in range(len(ds)):
+        assert torch.equal(ds[index][0], reference_eval(ds.samples[index][0]))
+    torch.manual_seed(0)
+    assert torch.equal(ds[3][0], ds[3][0])  # no random draw in evaluation
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
+                               - np.searchsorted(b, grid, side="right") / len(b))))
+
+
+def reference_draws(width: int, height: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(scale, log aspect) of ``n`` RandomResizedCrop boxes drawn with numpy's generator."""
+    out = []
+    for _ in range(n):
+        for _try in range(10):
+            area = width * height * rng.uniform(0.08, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                break
+        else:
+            raise AssertionError("unreachable for these sizes")
+        out.append((w * h / (width * height), math.log(w / h)))
+    return np.array(out)
+
+
+def test_crop_and_flip_draws_match_random_resized_crop(tmp_path) -> None:
+    # 10,000 samples through the dataset itself (device placement: the worker's draws
+    # without decoding), against 10,000 draws of the documented algorithm.
+    width, height = 500, 375
+    root = tmp_path / "one" / "class"
+    root.mkdir(parents=True)
+    Image.new("RGB", (width, height), (90, 120, 150)).save(root / "a.jpg")
+    ds = ImageFolder(tmp_path / "one")
+    ds.place(DEVICE)
+    torch.manual_seed(0)
+    batch = ds.collate([ds[0] for _ in range(10_000)])[0]
+    boxes = batch.boxes.numpy().astype(float)
+    ours = np.stack([boxes[:, 2] * boxes[:, 3] / (width * height),
+                     np.log(boxes[:, 3] / boxes[:, 2])], axis=1)
+    theirs = reference_draws(width, height, 10_000, np.random.default_rng(0))
+    critical = 1.95 * math.sqrt(2 / 10_000)  # alpha = 0.001
+    assert ks_statistic(ours[:, 0], theirs[:, 0]) < critical
+    assert ks_statistic(ours[:, 1], theirs[:, 1]) < critical
+    # and the check can fail: a scale range of (0.3, 1) is told apart
+    shifted = np.array([crop_box(width, height, (0.3, 1.0))[2:] for _ in range(2_000)], float)
+    assert ks_statistic(shifted[:, 0] * shifted[:, 1] / (width * height),
+                        theirs[:2_000, 0]) > critical
+    assert (boxes[:, 0] + boxes[:, 2] <= height).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= width).all()
+    assert abs(batch.flips.float().mean().item() - 0.5) <= 0.02
+
+
+def test_a_crop_that_never_fits_falls_back_to_the_center() -> None:
+    # a 1000 x 10 strip: no crop within the ratio fits in ten tries
+    assert crop_box(1000, 10) == (0, 493, 10, 13)
+    assert crop_box(10, 1000) == (493, 0, 13, 10)
+
+
+def device_batches(ds: ImageFolder, seed: int, indices) -> torch.Tensor:
+    ds.place(DEVICE)
+    torch.manual_seed(seed)
+    batch = ds.collate([ds[i] for i in indices])
+    ds.place(CPU)
+    return ds.device_transform("cpu", decoder=decode_with_pillow)(batch)[0]
+
+
+def test_the_device_placement_makes_the_same_samples(folder) -> None:
+    ds = ImageFolder(folder, reduced_decode=False)
+    indices = list(range(len(ds)))
+    on_device = device_batches(ds, 5, indices)
+    torch.manual_seed(5)
+    on_cpu = torch.stack([ds[i][0] for i in indices])
+    assert on_device.shape == on_cpu.shape and on_device.dtype == on_cpu.dtype
+    # the same crops and flips: within resampling differences (Pillow's and torch's
+    # antialiased bilinear), far below what another crop or a flip would give
+    difference = (on_device - on_cpu).abs()
+    assert difference.mean().item() < 0.02 and difference.max().item() < 0.6
+    assert (on_device.mean() - on_cpu.mean()).abs().item() < 0.005
+    assert (on_device.std() - on_cpu.std()).abs().item() < 0.005
+    flipped = on_cpu.flip(-1)
+    assert (on_device - flipped).abs().mean().item() > 5 * difference.mean().item()
+    evaluation = ImageFolder(folder, train=False, reduced_decode=False)
+    assert (device_batches(evaluation, 0, indices)
+            - torch.stack([evaluation[i][0] for i in indices])).abs().mean().item() < 0.02
+
+
+@pytest.fixture()
+def mixed(tmp_path) -> Path:
+    """JPEGs the device decodes, and files it does not take: PNG, grayscale, CMYK,
+    progressive."""
+    root = tmp_path / "mixed"
+    (root / "a").mkdir(parents=True)
+    pixels = smooth(480, 360, 1)
+    Image.fromarray(pixels).save(root / "a" / "0_baseline.jpg", quality=90)
+    Image.fromarray(pixels).save(root / "a" / "1.png")
+    Image.fromarray(pixels).convert("L").save(root / "a" / "2_gray.jpg")
+    Image.fromarray(pixels).convert("CMYK").save(root / "a" / "3_cmyk.jpg")
+    Image.fromarray(pixels).save(root / "a" / "4_progressive.jpg", progressive=True)
+    return root
+
+
+def test_files_the_device_does_not_take_are_decoded_by_the_worker(mixed) -> None:
+    ds = ImageFolder(mixed, reduced_decode=False)
+    ds.place(DEVICE)
+    batch = ds.collate([ds[i] for i in range(len(ds))])[0]
+    assert batch.encoded.tolist() == [0] and batch.decoded.tolist() == [1, 2, 3, 4]
+    images = ds.device_transform("cpu", decoder=decode_with_pillow)(
+        (batch, torch.zeros(5)))[0]
+    assert images.shape == (5, 3, 224, 224) and torch.isfinite(images).all()
+
+
+def test_a_split_sends_its_share_of_every_batch_to_the_workers(folder) -> None:
+    ds = ImageFolder(folder)
+    ds.place(Placement("split", 0.4, None, "test"))
+    batch = ds.collate([ds[i % len(ds)] for i in range(200)])[0]
+    assert len(batch.decoded) == pytest.approx(80, abs=4)
+    out = ds.device_transform("cpu", decoder=decode_with_pillow)((batch, None))[0]
+    assert out.shape == (200, 3, 224, 224)
+
+
+def test_reduced_decoding_keeps_the_picture(tmp_path) -> None:
+    # a 2400 x 1800 photo, evaluation crop: Pillow decodes it at 1/4 (600 x 450)
+    root = tmp_path / "big"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(smooth(2400, 1800, 3)).save(root / "a" / "big.jpg", quality=92)
+    full = ImageFolder(root, train=False, reduced_decode=False)[0][0]
+    reduced = ImageFolder(root, train=False)[0][0]
+    assert (full - reduced).abs().mean().item() < 0.03
+
+
+def test_a_loader_with_workers_in_each_placement(folder) -> None:
+    factory = autotune.OptimalDataLoaderFactory(measure=False, seed=0)
+    for placement in ("cpu", "device"):
+        ds = ImageFolder(folder, placement=placement)
+        loader = factory.create_training_loader(ds, 4, device="cpu", num_workers=2)
+        batches = list(loader)
+        loader.close()
+        assert len(batches) == 3
+        assert all(x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+                   for x, _y in batches)
+        assert f"{placement}: placement={placement!r} asked for" in \
+            loader.autotune_config.explain()
+
+
+def test_the_factory_chooses_the_cpu_where_batches_stay_there(folder) -> None:
+    factory = autotune.OptimalDataLoaderFactory(measure=False)
+    ds = ImageFolder(folder)
+    loader = factory.create_training_loader(ds, 4, num_workers=0)
+    assert ds.in_effect.where == "cpu"
+    assert "the batches stay on the CPU" in loader.autotune_config.explain()
+    x, _y = next(iter(loader))
+    assert isinstance(x, torch.Tensor) and x.shape == (4, 3, 224, 224)
+
+
+def test_the_placement_measured_on_a_device(folder) -> None:
+    # the measuring path, run on the CPU (Pillow is its decoder here)
+    ds = ImageFolder(folder)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    measured = _measured(ds, torch.device("cpu"), 2)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's draws are untouched
+    assert ds.in_effect.where == "cpu"  # measuring left the placement as it was
+    assert measured.where in ("cpu", "device", "split")
+    assert "CPUs" in measured.reason and "device decoder" in measured.reason
+    assert place_images(ds, None, 2, collate_given=False).where == "cpu"
+
+
+def test_bad_placements_and_transforms_are_refused(folder) -> None:
+    factory = autotune.OptimalDataLoaderFactory(measure=False)
+    with pytest.raises(InvalidConfigError, match="placement='gpu'"):
+        ImageFolder(folder, placement="gpu")
+    with pytest.raises(InvalidConfigError, match="pass device='cuda'"):
+        factory.create_training_loader(ImageFolder(folder, placement="device"), 4)
+    with pytest.raises(InvalidConfigError, match="drop collate_fn="):
+        factory.create_training_loader(ImageFolder(folder, placement="device"), 4,
+                                       device="cpu", collate_fn=list)
+    with pytest.raises(InvalidConfigError, match="device_transform= runs on the device"):
+        factory.create_training_loader(ImageFolder(folder), 4, device_transform=abs)
+    with pytest.raises(InvalidConfigError, match="not callable"):
+        factory.create_training_loader(ImageFolder(folder), 4, device="cpu",
+                                       device_transform=3)
+    with pytest.raises(InvalidConfigError, match="does not exist"):
+        ImageFolder(folder / "nowhere")
+    with pytest.raises(InvalidConfigError, match="no class folders"):
+        ImageFolder(folder / "empty_class")
+    with pytest.raises(InvalidConfigError, match="flip=2"):
+        ImageFolder(folder, flip=2)
+
+
+@pytest.fixture()
+def broken(tmp_path) -> Path:
+    root = tmp_path / "broken"
+    (root / "a").mkdir(parents=True)
+    pixels = smooth(480, 360, 2)
+    for i in range(4):
+        Image.fromarray(pixels).save(root / "a" / f"{i}_good.jpg")
+    whole = (root / "a" / "0_good.jpg").read_bytes()
+    (root / "a" / "5_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "a" / "6_text.jpg").write_bytes(b"this is not a JPEG")
+    return root
+
+
+@pytest.mark.parametrize("placement", ["cpu", "device"])
+def test_every_bad_file_is_named(broken, placement) -> None:
+    ds = ImageFolder(broken, placement=placement)
+    bad = [i for i, (p, _t) in enumerate(ds.samples) if "good" not in p]
+    transform = ds.device_transform("cpu", decoder=decode_with_pillow)
+    for i in bad:  # each one, alone, is named
+        with pytest.raises(DataFileError, match=os.path.basename(ds.samples[i][0])):
+            transform(ds.collate([ds[i]]))
+    # through real workers: the loader stops at the first bad file and names it
+    loader = autotune.OptimalDataLoaderFactory(measure=False).create_validation_loader(
+        ds, 7, device="cpu", num_workers=2)
+    with pytest.raises(DataFileError, match=r"5_truncated\.jpg"):
+        list(loader)
+
+
+def test_a_file_the_device_decoder_refuses_is_decoded_with_pillow(folder) -> None:
+    ds = ImageFolder(folder, placement="device")
+    ds.place(DEVICE)
+    batch = ds.collate([ds[i] for i in range(4)])
+    calls = []
+
+    def refuses_batches(datas, device):
+        calls.append(len(datas))
+        if len(datas) > 1:
+            raise RuntimeError("nvjpeg: batch failed")
+        return decode_with_pillow(datas, device)
+
+    images = ds.device_transform("cpu", decoder=refuses_batches)(batch)[0]
+    assert calls == [4, 1, 1, 1, 1] and images.shape == (4, 3, 224, 224)
+
+
+def test_device_loader_transform_runs_on_every_batch_in_order() -> None:
+    seen = []
+
+    def transform(batch):
+        seen.append(batch.clone())
+        return batch * 10
+
+    loader = torch.utils.data.DataLoader(torch.arange(12), batch_size=3)
+    out = list(DeviceLoader(loader, "cpu", transform=transform))
+    assert [b.tolist() for b in seen] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert [b.tolist() for b in out] == [[0, 10, 20], [30, 40, 50], [60, 70, 80],
+                                         [90, 100, 110]]
+    moved = list(DeviceLoader(loader, "meta", transform=lambda b: (b.device.type, b.shape)))
+    assert moved[0] == ("meta", torch.Size([3]))
+    with pytest.raises(InvalidConfigError, match="transform=3 is not callable"):
+        DeviceLoader(loader, "cpu", transform=3)
+
+
+def test_the_factorys_device_transform_runs_after_the_decoding(folder) -> None:
+    factory = autotune.OptimalDataLoaderFactory(measure=False, seed=0)
+    order = []
+
+    def transform(batch):
+        order.append(batch[1].tolist())
+        images, targets = batch
+        assert isinstance(images, torch.Tensor)  # decoded already
+        return images.mean(dim=(1, 2, 3)), targets
+
+    loader = factory.create_validation_loader(
+        ImageFolder(folder, train=False, placement="device"), 4, device="cpu",
+        device_transform=transform, num_workers=1)
+    out = list(loader)
+    assert [y.tolist() for _x, y in out] == order
+    assert sum(order, []) == ImageFolder(folder).targets
+    assert all(x.shape == (len(y),) for x, y in out)
