@@ -1,14 +1,16 @@
 """Keep a GPU fed: ResNet-50 training on a folder of JPEGs, each loader for the same wall time.
 
-The job of issue 21: ResNet-50 (bf16 autocast, channels_last, SGD, batch 256) on generated
+The job of issues 21 and 22: ResNet-50 (bf16 autocast, channels_last, SGD, batch 256) on generated
 JPEGs of 400-600 x 300-450 px through torchvision's ImageNet training transforms
 (RandomResizedCrop 224, horizontal flip, ToTensor, Normalize). First both ceilings: the GPU
 step alone (the batch already on the GPU) and decoding (one process's time per image x the
 usable CPUs). Then each loader runs across epochs for ``--seconds``; images/s count from the
 4th step, with the loop's stall (``StallMonitor``), GPU utilisation sampled over the run,
-workers, and the wait for the first batch of the first epoch and of the later ones.
+workers, and the wait for the first batch of the first epoch and of the later ones. Then
+``autotune.ImageFolder`` in each placement (decoded by the workers, on the device, and where
+the factory's measurement puts it), and one batch of each placement compared.
 
-    python bench/gpu.py             # the GPU machine: ~5 minutes; writes bench/RESULTS-gpu.md
+    python bench/gpu.py             # the GPU machine: ~5.5 minutes; writes bench/RESULTS-gpu.md
     python bench/gpu.py --smoke     # anywhere: small images, a tiny model on the CPU, ~1 minute;
                                     # checks the script, writes nothing unless --out is given
 
@@ -275,6 +277,18 @@ def write_results(out: Path, rows: list[tuple[str, dict[str, Any]]], ceilings: d
         lines.append(f"- adapt=True over its last {setting['tail_s']:.0f} s / factory rules: "
                      f"**{adapt['tail_images_s'] / rules['images_s']:.2f}** (target >= 0.9); "
                      f"most workers: {setting['adapt_max_workers']} on {ceilings['cpus']} CPUs")
+    best = max((row["images_s"] for name, row in rows if name.startswith("ImageFolder")),
+               default=None)
+    measured = by_name.get("ImageFolder, measured placement")
+    if measured:
+        lines.append(f"- ImageFolder, measured placement / the GPU step: "
+                     f"**{measured['images_s'] / ceilings['gpu']:.2f}** (target >= 0.85); the "
+                     f"best ImageFolder row: {best:,.0f} images/s")
+    for name, why in setting.get("placements", {}).items():
+        lines.append(f"- {name}: {why}")
+    if setting.get("same_samples"):
+        lines.append(f"- device vs cpu placement, one batch, same seed: "
+                     f"{setting['same_samples']}")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="small and on the CPU: a check")
     parser.add_argument("--images", type=int, default=None, help="JPEGs (default 8000)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
-    parser.add_argument("--seconds", type=float, default=None, help="per loader (default 20)")
+    parser.add_argument("--seconds", type=float, default=None, help="per loader (default 15)")
     parser.add_argument("--adapt-seconds", type=float, default=None, help="default 45")
     parser.add_argument("--tune-budget-s", type=float, default=None,
                         help="the Autotuner's budget (default 60; 0 skips that row)")
@@ -294,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     smoke = args.smoke
     images = args.images or (96 if smoke else 8000)
     batch = args.batch or (8 if smoke else 256)
-    seconds = args.seconds or (4.0 if smoke else 20.0)
+    seconds = args.seconds or (4.0 if smoke else 15.0)
     adapt_s = args.adapt_seconds or (6.0 if smoke else 45.0)
     tune_s = args.tune_budget_s if args.tune_budget_s is not None else (0.0 if smoke else 60.0)
     size = 64 if smoke else 224
@@ -316,9 +330,10 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": seconds, "tail_s": min(30.0, adapt_s), "adapt_max_workers": None}
     with tempfile.TemporaryDirectory(prefix="autotune-gpu-") as tmp:
         root = Path(tmp)
-        (root / "jpeg").mkdir()
+        (root / "images" / "all").mkdir(parents=True)
         start = time.perf_counter()
-        dataset = JpegFolder(make_folder(root / "jpeg", images, small=smoke), transform)
+        dataset = JpegFolder(make_folder(root / "images" / "all", images, small=smoke),
+                             transform)
         print(f"{images} JPEGs written in {time.perf_counter() - start:.1f} s", flush=True)
         per_image, cpu_rate = cpu_ceiling(dataset, cpus, 1.0 if smoke else 3.0)
         ceilings = {"gpu": gpu_ceiling(step, batch, size, device, 2.0 if smoke else 10.0),
@@ -351,12 +366,26 @@ def main(argv: list[str] | None = None) -> None:
         measure("factory rules", lambda: factory.create_training_loader(dataset, batch))
         measure("factory rules, epochs with a stop", lambda: factory.create_training_loader(
             dataset, batch, prefetch_across_epochs=False))
+        # the training process's own CPU: the rules' count against one CPU left to the loop
+        measure("factory rules, CPUs - 1 workers", lambda: factory.create_training_loader(
+            dataset, batch, num_workers=max(1, cpus - 1)))
         if tune_s > 0:
             result = autotune.Autotuner(dataset, batch, train_step=step, budget_s=tune_s,
                                         progress=False).run()
             result.save(root / "profiles")
             measure(f"factory + Autotuner profile ({tune_s:.0f} s)",
                     lambda: factory.create_training_loader(dataset, batch))
+        placements = {}
+        for placement in ("cpu", "device", None):
+            folder = autotune.ImageFolder(root / "images", size=size, placement=placement)
+            name = f"ImageFolder, {placement or 'measured'} placement"
+            measure(name, lambda folder=folder: factory.create_training_loader(
+                folder, batch, device=device))
+            placements[name] = f"{folder.in_effect.where}: {folder.in_effect.reason}"
+            print(f"  {placements[name]}", flush=True)
+        setting["placements"] = placements
+        setting["same_samples"] = same_samples(root / "images", size, device)
+        print(f"  device vs cpu placement: {setting['same_samples']}", flush=True)
         adaptive: list[Any] = []
 
         def make_adaptive() -> Any:
@@ -374,6 +403,23 @@ def main(argv: list[str] | None = None) -> None:
                                           Path(__file__).with_name("RESULTS-gpu.md"))
     if out is not None:
         print(write_results(out, rows, ceilings, setting))
+
+
+def same_samples(root: Path, size: int, device: torch.device) -> str:
+    """One batch of 64 made by each placement from the same seed: shapes, dtypes, mean, std
+    and the mean absolute difference (resampling differences only)."""
+    folder = autotune.ImageFolder(root, size=size)
+    indices = list(range(min(64, len(folder))))
+    torch.manual_seed(0)
+    on_cpu = torch.stack([folder[i][0] for i in indices]).to(device)
+    encoded = autotune.ImageFolder(root, size=size, placement="device")
+    torch.manual_seed(0)
+    batch = encoded.collate([encoded[i] for i in indices])
+    on_device = encoded.device_transform(device)(batch)[0]
+    return (f"shape {tuple(on_device.shape)} / {tuple(on_cpu.shape)}, dtype {on_device.dtype} / "
+            f"{on_cpu.dtype}, mean {on_device.mean():.4f} / {on_cpu.mean():.4f}, std "
+            f"{on_device.std():.4f} / {on_cpu.std():.4f}, mean |difference| "
+            f"{(on_device - on_cpu).abs().mean():.4f}")
 
 
 def autotune_close(loader: Any) -> None:

@@ -368,3 +368,48 @@ def test_factory_wraps_its_loaders_for_a_device(tmp_path) -> None:
     assert isinstance(adaptive.loader, AdaptiveLoader)
     with pytest.raises(InvalidConfigError, match="device=7"):
         factory.create_training_loader(Indexed(16), 4, device=7)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cuda_transform_runs_on_each_batch_in_order_ahead_of_the_step(num_workers):
+    # the transform writes a new tensor on the side stream; the step's stream must see it done
+    source = DataLoader(Large(), batch_size=2, num_workers=num_workers, pin_memory=True)
+    feed = DeviceLoader(source, "cuda", transform=lambda batch: batch * 2 + 1)
+    checks = []
+    for step, batch in enumerate(feed):
+        expected = torch.arange(2 * step, 2 * step + 2, device="cuda",
+                                dtype=torch.float32)[:, None] * 2 + 1
+        checks.append((batch == expected).all())
+        torch.cuda._sleep(1_000_000)  # a slow step: the next transform is queued meanwhile
+        checks.append((batch == expected).all())
+        batch.zero_()
+        del batch
+    assert len(checks) == 24 and torch.stack(checks).all().item()
+
+
+@gpu
+@needs_cuda
+def test_cuda_image_folder_device_placement_makes_the_cpu_samples(tmp_path):
+    from PIL import Image
+
+    from autotune import ImageFolder
+    from autotune.sources._jpeg import decoder_for
+
+    if decoder_for(torch.device("cuda")) is None:
+        pytest.skip("no CUDA JPEG decoder installed (torchcodec or torchvision)")
+    (tmp_path / "a").mkdir()
+    y, x = np.mgrid[0:360, 0:480]
+    for i in range(8):
+        pixels = np.stack([(x + 20 * i) % 256, (y + 10 * i) % 256, (x + y) // 4 % 256], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "a" / f"{i}.jpg", quality=95)
+    cpu, device = ImageFolder(tmp_path), ImageFolder(tmp_path, placement="device")
+    torch.manual_seed(0)
+    on_cpu = torch.stack([cpu[i][0] for i in range(8)])
+    torch.manual_seed(0)
+    batch = device.collate([device[i] for i in range(8)])
+    feed = DeviceLoader([batch], "cuda", transform=device.device_transform("cuda"))
+    (images, _targets), = list(feed)
+    assert images.is_cuda and images.shape == on_cpu.shape and images.dtype == on_cpu.dtype
+    assert (images.cpu() - on_cpu).abs().mean().item() < 0.05  # decoders differ slightly

@@ -420,15 +420,16 @@ class DeviceDecode:
             out[batch.decoded.to(self.device)] = batch.ready.to(
                 self.device, non_blocking=True).float()
         files = [batch.file(i) for i in range(len(batch.encoded))]
-        for i, image in enumerate(self._decoded(files, batch)):
-            top, left, h, w = (int(v) for v in batch.boxes[i])
+        places, boxes, flips = (batch.encoded.tolist(), batch.boxes.tolist(),
+                                batch.flips.tolist())
+        for image, place, (top, left, h, w), flip in zip(self._decoded(files, batch), places,
+                                                         boxes, flips):
             crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
             resized = torch.nn.functional.interpolate(
                 crop, size=(self.size, self.size), mode="bilinear", antialias=True,
                 align_corners=False)[0]
-            if batch.flips[i]:
-                resized = resized.flip(-1)
-            out[int(batch.encoded[i])] = resized.clamp_(0, 255).round_()
+            # rounded to whole levels like the workers' uint8 images
+            out[place] = (resized.flip(-1) if flip else resized).clamp_(0, 255).round_()
         return normalise(out, self.mean, self.std)
 
     def _decoded(self, files: list[torch.Tensor], batch: EncodedImages) -> list[torch.Tensor]:
