@@ -418,3 +418,23 @@ def test_the_factorys_device_transform_runs_after_the_decoding(folder) -> None:
     assert [y.tolist() for _x, y in out] == order
     assert sum(order, []) == ImageFolder(folder).targets
     assert all(x.shape == (len(y),) for x, y in out)
+
+
+def test_splits_of_an_image_folder_keep_its_placement(folder) -> None:
+    ds = ImageFolder(folder, placement="device")
+    train, val, test = autotune.OptimalDataLoaderFactory(measure=False).create_dataloaders(
+        ds, 3, splits=(0.6, 0.2, 0.2), device="cpu", num_workers=0)
+    for loader in (train, val, test):
+        images, targets = next(iter(loader))
+        assert images.shape[1:] == (3, 224, 224) and images.dtype == torch.float32
+        assert "placement='device' asked for" in loader.autotune_config.explain()
+
+
+def test_adapt_reads_an_image_folder_in_the_device_placement(folder) -> None:
+    loader = autotune.OptimalDataLoaderFactory(measure=False).create_training_loader(
+        ImageFolder(folder, placement="device"), 4, device="cpu", adapt=True, num_workers=1,
+        adapt_every=1)
+    for _epoch in range(2):
+        shapes = {tuple(images.shape) for images, _targets in loader}
+        assert shapes == {(4, 3, 224, 224)}
+    loader.close()

@@ -204,12 +204,12 @@ class LoaderPipeline:
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
             size = len(overrides["sampler"])
-        placement = None
-        if isinstance(dataset, ImageFolder):  # before measuring: the placement sets the cost
-            placement = place_images(dataset, target, self.hardware_here().cpu_budget,
+        placement, images = None, _image_folder(dataset)
+        if images is not None:  # before measuring: the placement sets a sample's cost
+            placement = place_images(images, target, self.hardware_here().cpu_budget,
                                      collate_given="collate_fn" in overrides)
             if placement.where != "cpu":
-                overrides["collate_fn"] = dataset.collate
+                overrides["collate_fn"] = images.collate
         hints = self.hints(size, req.has_augmentation, req.has_standardization, req.batch_size,
                            req.training, stream=stream,
                            device=None if target is None else str(target))
@@ -249,8 +249,8 @@ class LoaderPipeline:
                                     entry)
         if target is None:
             return loader
-        steps = [dataset.device_transform(target)] if placement and placement.where != "cpu" \
-            else []
+        steps = [images.device_transform(target)] \
+            if images is not None and placement and placement.where != "cpu" else []
         steps += [req.device_transform] if req.device_transform is not None else []
         return DeviceLoader(loader, target, transform=_chained(steps))
 
@@ -349,6 +349,13 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warn_user(message)
+
+
+def _image_folder(dataset: Any) -> ImageFolder | None:
+    """The ``ImageFolder`` under ``dataset``'s ``Subset`` wrappers (splits), if it is one."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, ImageFolder) else None
 
 
 def _chained(steps: list[Callable[[Any], Any]]) -> Callable[[Any], Any] | None:
