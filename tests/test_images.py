@@ -21,7 +21,6 @@ from autotune.sources._jpeg import decode_with_pillow
 from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, crop_box
 
 DEVICE = Placement("device", 0.0, None, "test")
-CPU = Placement("cpu", 1.0, None, "test")
 
 
 def smooth(width: int, height: int, seed: int) -> np.ndarray:
@@ -182,8 +181,7 @@ def test_crop_and_flip_draws_match_random_resized_crop(tmp_path) -> None:
     root = tmp_path / "one" / "class"
     root.mkdir(parents=True)
     Image.new("RGB", (width, height), (90, 120, 150)).save(root / "a.jpg")
-    ds = ImageFolder(tmp_path / "one")
-    ds.place(DEVICE)
+    ds = ImageFolder(tmp_path / "one").placed(DEVICE)
     torch.manual_seed(0)
     batch = ds.collate([ds[0] for _ in range(10_000)])[0]
     boxes = batch.boxes.numpy().astype(float)
@@ -209,10 +207,9 @@ def test_a_crop_that_never_fits_falls_back_to_the_center() -> None:
 
 
 def device_batches(ds: ImageFolder, seed: int, indices) -> torch.Tensor:
-    ds.place(DEVICE)
+    encoded = ds.placed(DEVICE)
     torch.manual_seed(seed)
-    batch = ds.collate([ds[i] for i in indices])
-    ds.place(CPU)
+    batch = encoded.collate([encoded[i] for i in indices])
     return ds.device_transform("cpu", decoder=decode_with_pillow)(batch)[0]
 
 
@@ -252,8 +249,7 @@ def mixed(tmp_path) -> Path:
 
 
 def test_files_the_device_does_not_take_are_decoded_by_the_worker(mixed) -> None:
-    ds = ImageFolder(mixed, reduced_decode=False)
-    ds.place(DEVICE)
+    ds = ImageFolder(mixed, reduced_decode=False).placed(DEVICE)
     batch = ds.collate([ds[i] for i in range(len(ds))])[0]
     assert batch.encoded.tolist() == [0] and batch.decoded.tolist() == [1, 2, 3, 4]
     images = ds.device_transform("cpu", decoder=decode_with_pillow)(
@@ -262,8 +258,7 @@ def test_files_the_device_does_not_take_are_decoded_by_the_worker(mixed) -> None
 
 
 def test_a_split_sends_its_share_of_every_batch_to_the_workers(folder) -> None:
-    ds = ImageFolder(folder)
-    ds.place(Placement("split", 0.4, None, "test"))
+    ds = ImageFolder(folder).placed(Placement("split", 0.4, None, "test"))
     batch = ds.collate([ds[i % len(ds)] for i in range(200)])[0]
     assert len(batch.decoded) == pytest.approx(80, abs=4)
     out = ds.device_transform("cpu", decoder=decode_with_pillow)((batch, None))[0]
@@ -369,7 +364,6 @@ def test_every_bad_file_is_named(broken, placement) -> None:
 
 def test_a_file_the_device_decoder_refuses_is_decoded_with_pillow(folder) -> None:
     ds = ImageFolder(folder, placement="device")
-    ds.place(DEVICE)
     batch = ds.collate([ds[i] for i in range(4)])
     calls = []
 
@@ -425,7 +419,7 @@ def test_splits_of_an_image_folder_keep_its_placement(folder) -> None:
     train, val, test = autotune.OptimalDataLoaderFactory(measure=False).create_dataloaders(
         ds, 3, splits=(0.6, 0.2, 0.2), device="cpu", num_workers=0)
     for loader in (train, val, test):
-        images, targets = next(iter(loader))
+        images, _targets = next(iter(loader))
         assert images.shape[1:] == (3, 224, 224) and images.dtype == torch.float32
         assert "placement='device' asked for" in loader.autotune_config.explain()
 
@@ -438,3 +432,76 @@ def test_adapt_reads_an_image_folder_in_the_device_placement(folder) -> None:
         shapes = {tuple(images.shape) for images, _targets in loader}
         assert shapes == {(4, 3, 224, 224)}
     loader.close()
+
+
+def test_the_encoded_batch_stays_on_the_host_where_the_decoder_reads_it(folder) -> None:
+    ds = ImageFolder(folder, placement="device")
+    loader = torch.utils.data.DataLoader(ds, 4, collate_fn=ds.collate)
+    seen = []
+
+    def transform(batch):
+        encoded, targets = batch
+        seen.append((encoded.data.device.type, encoded.ready.device.type, targets.device.type))
+        return batch
+
+    list(DeviceLoader(loader, "meta", transform=transform))
+    assert seen and set(seen) == {("cpu", "cpu", "meta")}
+
+
+def test_loaders_of_one_folder_share_one_measured_placement(folder, monkeypatch) -> None:
+    from autotune.factory import placing
+
+    calls = []
+
+    def measured(dataset, device, cpus):
+        calls.append(str(device))
+        return Placement("split", 0.5, None, "measured (test)")
+
+    monkeypatch.setattr(placing, "_measured", measured)
+    ds = ImageFolder(folder)
+    meta = torch.device("meta")
+    first = place_images(ds, meta, 2, collate_given=False)
+    second = place_images(ds, meta, 2, collate_given=False)
+    assert first is second and calls == ["meta"]
+    assert ds.in_effect.where == "cpu"  # the folder itself is not changed: loaders get copies
+    view = ds.placed(first)
+    assert view.in_effect.where == "split" and view.samples is ds.samples
+
+
+def test_a_jpeg_with_a_long_trailer_is_decoded_not_refused(tmp_path) -> None:
+    root = tmp_path / "trailer"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(smooth(480, 360, 4)).save(root / "a" / "0.jpg")
+    with open(root / "a" / "0.jpg", "ab") as file:
+        file.write(b"\0" * 4096)  # a camera's trailer after the end marker
+    cpu = ImageFolder(root, reduced_decode=False)
+    device = ImageFolder(root, placement="device", reduced_decode=False)
+    torch.manual_seed(0)
+    expected = cpu[0][0]
+    torch.manual_seed(0)
+    batch = device.collate([device[0]])
+    assert batch[0].decoded.tolist() == [0]  # the worker decoded it
+    out = device.device_transform("cpu", decoder=decode_with_pillow)(batch)[0]
+    assert (out[0] - expected).abs().max().item() < 0.02  # uint8 rounding only
+
+
+def test_a_decoder_library_is_used_only_once_it_decodes(monkeypatch) -> None:
+    from autotune.sources import _jpeg
+
+    def other_api(source, *, mode):  # a decoder that takes a path and no device
+        raise TypeError("decode_jpeg() got an unexpected keyword argument 'device'")
+
+    def works(datas, mode, device):
+        return [torch.zeros(3, 8, 16, dtype=torch.uint8, device=device) for _ in datas]
+
+    monkeypatch.setattr(_jpeg, "_libraries", lambda: [("new", other_api), ("old", works)])
+    _jpeg._working.cache_clear()
+    try:
+        assert _jpeg.decoder_for(torch.device("cpu"))[0] == "old"
+        _jpeg._working.cache_clear()
+        monkeypatch.setattr(_jpeg, "_libraries", lambda: [("new", other_api)])
+        assert _jpeg.decoder_for(torch.device("cpu"))[0] == "pillow"
+        assert _jpeg.decoder_for(torch.device("cuda")) is None
+        assert _jpeg.decoder_for(torch.device("meta"))[0] == "pillow"
+    finally:
+        _jpeg._working.cache_clear()

@@ -191,7 +191,8 @@ class OptimalDataLoaderFactory:
                            **keywords: Any) -> tuple[TunedDataLoader | None, ...]:
         """(train, val, test) loaders over a reproducible split of one dataset.
 
-        The workload is measured once, on the whole dataset, and shared by the three.
+        The workload is measured once, on the whole dataset, and shared by the three (an
+        ``ImageFolder``'s placement is measured once; each loader measures its workload in it).
         A split of ``None`` or 0 gives ``None`` in its place.
 
         Args:

@@ -140,8 +140,8 @@ class LoaderPipeline:
         """The measurement the loaders for ``dataset`` would each take, taken once."""
         key = keywords.get("profile_key")
         entry = self.profile_entry(check_key(key) if key is not None else dataset_key(dataset))
-        if not self.needs_measuring(entry, keywords):
-            return None
+        if not self.needs_measuring(entry, keywords) or _image_folder(dataset) is not None:
+            return None  # an ImageFolder's cost depends on its placement: each loader measures
         return measure_workload(dataset, collate_fn=keywords.get("collate_fn"))
 
     def entry_reason(self, entry: ProfileEntry, key: str | None) -> str:
@@ -208,6 +208,8 @@ class LoaderPipeline:
         if images is not None:  # before measuring: the placement sets a sample's cost
             placement = place_images(images, target, self.hardware_here().cpu_budget,
                                      collate_given="collate_fn" in overrides)
+            images = images.placed(placement)  # this loader's own copy
+            dataset = _with_images(dataset, images)
             if placement.where != "cpu":
                 overrides["collate_fn"] = images.collate
         hints = self.hints(size, req.has_augmentation, req.has_standardization, req.batch_size,
@@ -356,6 +358,13 @@ def _image_folder(dataset: Any) -> ImageFolder | None:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return dataset if isinstance(dataset, ImageFolder) else None
+
+
+def _with_images(dataset: Any, images: ImageFolder) -> Any:
+    """``dataset`` with ``images`` in place of the ``ImageFolder`` under its ``Subset``s."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return torch.utils.data.Subset(_with_images(dataset.dataset, images), dataset.indices)
+    return images
 
 
 def _chained(steps: list[Callable[[Any], Any]]) -> Callable[[Any], Any] | None:

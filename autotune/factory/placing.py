@@ -26,7 +26,8 @@ DEVICE_BATCH = 64  # images in the batch timed on the device (a decoder is faste
 def place_images(dataset: ImageFolder, device: torch.device | None, cpus: int, *,
                  collate_given: bool) -> Placement:
     """The placement for ``dataset`` whose batches go to ``device`` (``None``: they stay
-    where the loader makes them), with the workers on ``cpus`` CPUs; applied to it."""
+    where the loader makes them), with the workers on ``cpus`` CPUs. Measured once per
+    folder and device: the loaders of its splits agree."""
     asked = dataset.placement
     if asked == "device" and device is None:
         raise InvalidConfigError("ImageFolder(placement='device') decodes on the device the "
@@ -45,9 +46,10 @@ def place_images(dataset: ImageFolder, device: torch.device | None, cpus: int, *
     elif collate_given:
         placement = Placement("cpu", 1.0, None, "decoded by the workers: a collate_fn was "
                               "given (the device placement packs batches itself)")
+    elif str(device) in dataset.measured:
+        placement = dataset.measured[str(device)]
     else:
-        placement = _measured(dataset, device, cpus)
-    dataset.place(placement)
+        placement = dataset.measured[str(device)] = _measured(dataset, device, cpus)
     log.info("ImageFolder %s: %s", placement.where, placement.reason)
     return placement
 
@@ -64,12 +66,8 @@ def _measured(dataset: ImageFolder, device: torch.device, cpus: int) -> Placemen
         for i in indices:
             dataset.decode_on_cpu(i)
         cpu_s = max(time.process_time() - start, 1e-6) / count
-        in_effect = dataset.in_effect
-        dataset.place(Placement("device", 0.0, None, "measuring"))
-        try:
-            samples = [dataset[i] for i in indices]
-        finally:
-            dataset.place(in_effect)
+        encoded = dataset.placed(Placement("device", 0.0, None, "measuring"))
+        samples = [encoded[i] for i in indices]
     batch = dataset.collate([samples[i % count] for i in range(DEVICE_BATCH)])
     transform(batch)  # the decoder's start-up (nvJPEG handles, kernels) is not its rate
     _synchronize(device)

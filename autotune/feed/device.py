@@ -37,8 +37,9 @@ _DEVICE_FIX = 'pass a torch.device or a string such as "cuda", "cuda:1", "cpu" o
 def move_to(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     """``batch`` with every tensor in it on ``device``, its structure and types kept: mappings
     (a ``dict`` if the type cannot be rebuilt), lists, tuples, namedtuples, dataclasses (frozen
-    and ``init=False`` fields too); other objects with a ``.to()`` (custom batch classes) move
-    themselves; anything else (``str``, numbers, numpy arrays, ``None``) comes back as it is.
+    and ``init=False`` fields too); other objects with a ``.to()`` (custom batch classes,
+    dataclasses too) move themselves; anything else (``str``, numbers, numpy arrays,
+    ``None``) comes back as it is.
     """
     return _move(batch, torch.device(device), non_blocking, None)
 
@@ -72,7 +73,8 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, made: list | None)
             return type(obj)(values)
         except (TypeError, ValueError):
             return tuple(values) if isinstance(obj, tuple) else values
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) \
+            and not callable(getattr(obj, "to", None)):  # one with its own .to() moves itself
         # a copy, not a new __init__: frozen classes, init=False fields and __post_init__ work
         new = copy.copy(obj)
         for field in dataclasses.fields(obj):

@@ -1,5 +1,7 @@
 """The one boundary to a batched JPEG decoder: TorchCodec's where installed, else torchvision's
-(deprecated there since 0.29 in favour of TorchCodec), else Pillow on the CPU.
+(deprecated there since 0.29 in favour of TorchCodec), else Pillow on the CPU. A library is
+used only after it decoded a small JPEG right on the device (their APIs change between
+versions).
 
 Each decoder takes a list of 1-D uint8 CPU tensors (a file's bytes) and returns a list of
 uint8 ``(3, H, W)`` RGB tensors on ``device``. Both libraries are optional and imported only
@@ -11,29 +13,33 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 Decoder = Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]]
 
 
-@functools.cache
-def _library() -> tuple[str, Any] | None:
-    """``(name, decode_jpeg)`` of the first decoder library that imports, else ``None``."""
+def _libraries() -> list[tuple[str, Any]]:
+    """``(name, decode_jpeg)`` of each decoder library that imports, preferred first."""
+    found = []
     try:
         from torchcodec.decoders import decode_jpeg  # type: ignore[import-not-found]
 
-        return "torchcodec", decode_jpeg
+        found.append(("torchcodec", decode_jpeg))
     except Exception:  # absent, or built for another torch
         pass
     try:
         from torchvision.io import decode_jpeg  # type: ignore[import-not-found]
 
-        return "torchvision", decode_jpeg
+        found.append(("torchvision", decode_jpeg))
     except Exception:  # absent, or built for another torch
-        return None
+        pass
+    return found
 
 
 def _with_library(decode: Any, datas: Sequence[torch.Tensor],
@@ -58,13 +64,40 @@ def decode_with_pillow(datas: Sequence[torch.Tensor], device: torch.device) -> l
     return images
 
 
-def decoder_for(device: torch.device) -> tuple[str, Decoder] | None:
-    """``(name, decoder)`` for ``device``: a library decoder (nvJPEG on CUDA), or Pillow for
-    the CPU when neither library imports; ``None`` for a device no installed library reaches."""
-    found = _library()
-    if found is not None:
-        name, decode = found
-        return name, functools.partial(_with_library, decode)
-    if device.type == "cpu":
-        return "pillow", decode_with_pillow
+def _probe_jpeg() -> torch.Tensor:
+    """A 16 x 8 baseline RGB JPEG's bytes, to try a decoder on."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 100, 50)).save(out, format="JPEG")
+    return torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
+
+
+@functools.cache
+def _working(device: torch.device) -> tuple[str, Decoder] | None:
+    """The first library decoder that decodes a small JPEG right on ``device`` (an API that
+    changed between versions fails here, once, not on every batch)."""
+    probe = _probe_jpeg()
+    for name, decode in _libraries():
+        decoder = functools.partial(_with_library, decode)
+        try:
+            images = decoder([probe, probe], device)
+            if len(images) == 2 and tuple(images[0].shape) == (3, 8, 16) \
+                    and images[0].device.type == device.type:
+                return name, decoder
+        except Exception as exc:  # another API or a broken install: try the next one
+            log.info("the %s JPEG decoder does not work on %s: %s", name, device, exc)
     return None
+
+
+def decoder_for(device: torch.device) -> tuple[str, Decoder] | None:
+    """``(name, decoder)`` for ``device``: a library decoder that works there (nvJPEG on
+    CUDA), else Pillow for the CPU and devices without one (decoded on the CPU, then moved);
+    ``None`` for CUDA without a working library."""
+    if device.type in ("cpu", "cuda"):
+        found = _working(device)
+        if found is not None:
+            return found
+    if device.type == "cuda":
+        return None
+    return "pillow", decode_with_pillow

@@ -23,7 +23,9 @@ Where the decoding runs is the placement (``policy.placement``):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -36,6 +38,8 @@ from .._check import check_bool, check_int
 from ..errors import DataFileError, InvalidConfigError
 from ..policy.placement import PLACEMENTS, Placement
 from ._jpeg import Decoder, decode_with_pillow, decoder_for
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,8 +88,8 @@ def center_box(width: int, height: int, size: int, resize: int) -> Box:
 @dataclasses.dataclass
 class EncodedImages:
     """A batch for the device placement: the JPEGs' bytes back to back, and the images the
-    workers decoded themselves. It has no ``.to()``: ``DeviceLoader`` leaves it on the host,
-    where the decoder reads it.
+    workers decoded themselves. Its ``.to()`` returns it as it is: ``DeviceLoader`` leaves it
+    on the host, where the decoder reads it.
 
     Attributes:
         data: every device-decoded file's bytes, one 1-D uint8 tensor.
@@ -110,6 +114,10 @@ class EncodedImages:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def to(self, *_args: Any, **_kwargs: Any) -> EncodedImages:
+        """Itself: the decoder reads the bytes from host memory (pinned by the loader)."""
+        return self
 
     def pin_memory(self) -> EncodedImages:
         """Pinned copies (the DataLoader's pin-memory thread calls this)."""
@@ -228,16 +236,19 @@ class ImageFolder(Dataset):
         where = placement or "cpu"
         self.in_effect = Placement(where, 1.0 if where == "cpu" else 0.0, None,
                                    "asked for" if placement else "not measured")
+        self.measured: dict[str, Placement] = {}  # by device: measured once, shared by copies
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def place(self, placement: Placement) -> None:
-        """Decode where ``placement`` says from now on (the factory calls this; workers
-        started before keep the placement they were started with)."""
+    def placed(self, placement: Placement) -> ImageFolder:
+        """A copy that decodes where ``placement`` says (the file list is shared): each loader
+        the factory makes gets its own, so two loaders of one folder never disagree."""
         if placement.where not in PLACEMENTS:
             raise InvalidConfigError(f"placement {placement.where!r}: one of {PLACEMENTS}")
-        self.in_effect = placement
+        view = copy.copy(self)
+        view.in_effect = placement
+        return view
 
     def _on_cpu(self, index: int) -> bool:
         where = self.in_effect.where
@@ -252,7 +263,9 @@ class ImageFolder(Dataset):
 
         def sample(image: Any, box: Box, flip: bool) -> _Encoded:
             if not self._on_cpu(index) and _device_decodable(image):
-                return _Encoded(path, _read(path), None, box, flip)
+                data = _read(path)
+                if data is not None:
+                    return _Encoded(path, data, None, box, flip)
             return _Encoded(path, None, self._pixels(image, box, flip), box, flip)
 
         return self._opened(path, sample), target
@@ -295,7 +308,9 @@ class ImageFolder(Dataset):
             image.draft("RGB", (math.ceil(width * self.size / short),
                                 math.ceil(height * self.size / short)))
             sx, sy = image.size[0] / width, image.size[1] / height
-            top, left, h, w = round(top * sy), round(left * sx), round(h * sy), round(w * sx)
+            top, left = round(top * sy), round(left * sx)
+            h = min(round(h * sy), image.size[1] - top)
+            w = min(round(w * sx), image.size[0] - left)
         rgb = image.convert("RGB")
         if self.train:  # crop, then resize: RandomResizedCrop's order
             out = rgb.crop((left, top, left + w, top + h)).resize(
@@ -323,13 +338,15 @@ class ImageFolder(Dataset):
         items = [item for item, _target in samples]
         targets = torch.tensor([target for _item, target in samples])
         if not items or isinstance(items[0], torch.Tensor):
-            return torch.stack(items) if items else torch.empty(0), targets
+            return (torch.stack(items) if items
+                    else torch.empty(0, 3, self.size, self.size)), targets
         return encoded_batch(items, self.size), targets
 
     def device_transform(self, device: torch.device | str,
                          decoder: Decoder | None = None) -> DeviceDecode:
         """The callable that finishes a batch on ``device`` (``DeviceLoader(transform=)``)."""
-        return DeviceDecode(torch.device(device), self.mean, self.std, self.size, decoder)
+        return DeviceDecode(torch.device(device), self.mean, self.std, self.size, decoder,
+                            resize=None if self.train else self.resize)
 
     def __repr__(self) -> str:
         return (f"ImageFolder({self.root!r}, {len(self.samples)} images, "
@@ -344,11 +361,13 @@ def _device_decodable(image: Any) -> bool:
             and not image.info.get("progressive") and not image.info.get("progression"))
 
 
-def _read(path: str) -> torch.Tensor:
+def _read(path: str) -> torch.Tensor | None:
+    """The file's bytes; ``None`` without an end-of-image marker near its end (truncated, or
+    a long trailer): Pillow in the worker decides, and names the file if it is truncated."""
     with open(path, "rb") as file:
         data = file.read()
-    if data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) < 0:  # no end-of-image marker
-        raise DataFileError(path, problem=f"{_BAD_IMAGE}: the JPEG has no end (truncated)")
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) < 0:
+        return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -391,9 +410,12 @@ class DeviceDecode:
     """
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float],
-                 size: int, decoder: Decoder | None = None) -> None:
+                 size: int, decoder: Decoder | None = None, *,
+                 resize: int | None = None) -> None:
         self.device = device
-        self.mean, self.std, self.size = tuple(mean), tuple(std), size
+        self.mean, self.std, self.size, self.resize = tuple(mean), tuple(std), size, resize
+        self._stream: Any = None  # the decoder's own CUDA stream (made on first use)
+        self._warned = False
         if decoder is None:
             found = decoder_for(device)
             if found is None:
@@ -422,26 +444,63 @@ class DeviceDecode:
         files = [batch.file(i) for i in range(len(batch.encoded))]
         places, boxes, flips = (batch.encoded.tolist(), batch.boxes.tolist(),
                                 batch.flips.tolist())
-        for image, place, (top, left, h, w), flip in zip(self._decoded(files, batch), places,
-                                                         boxes, flips):
-            crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
-            resized = torch.nn.functional.interpolate(
-                crop, size=(self.size, self.size), mode="bilinear", antialias=True,
-                align_corners=False)[0]
+        for image, place, box, flip in zip(self._decoded(files, batch), places, boxes, flips):
+            resized = self._resized(image, box)
             # rounded to whole levels like the workers' uint8 images
             out[place] = (resized.flip(-1) if flip else resized).clamp_(0, 255).round_()
         return normalise(out, self.mean, self.std)
+
+    def _resized(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+        """Training: the box resized to ``size``. Evaluation: the whole image resized as the
+        CPU placement does (shorter side to ``resize``), then the same center crop."""
+        def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            return torch.nn.functional.interpolate(
+                x.unsqueeze(0).float(), size=size, mode="bilinear", antialias=True,
+                align_corners=False)[0]
+
+        if self.resize is None:
+            top, left, h, w = box
+            return bilinear(image[:, top:top + h, left:left + w], (self.size, self.size))
+        height, width = image.shape[-2:]
+        long_new = int(self.resize * max(width, height) / min(width, height))
+        new_h, new_w = (long_new, self.resize) if width <= height else (self.resize, long_new)
+        whole = bilinear(image, (new_h, new_w))
+        y, x = round((new_h - self.size) / 2.0), round((new_w - self.size) / 2.0)
+        return whole[:, y:y + self.size, x:x + self.size]
+
+    def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The decoder's images. On CUDA it runs on a stream of its own that first waits for
+        the work queued on this one: nvJPEG writes on a private stream without waiting for the
+        stream its outputs are allocated on, so memory freed by queued kernels must not be
+        handed to it early; its outputs are then marked as used here."""
+        if self.device.type != "cuda":
+            return self.decoder(files, self.device)
+        here = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(here)
+        with torch.cuda.stream(self._stream):
+            images = self.decoder(files, self.device)
+        here.wait_stream(self._stream)
+        for image in images:
+            image.record_stream(here)
+        return images
 
     def _decoded(self, files: list[torch.Tensor], batch: EncodedImages) -> list[torch.Tensor]:
         if not files:
             return []
         try:
-            return self.decoder(files, self.device)
-        except Exception:  # find the file: one at a time, Pillow where the decoder fails
+            return self._decode(files)
+        except Exception as exc:  # find the file: one at a time, Pillow where the decoder fails
+            if not self._warned:
+                self._warned = True
+                log.warning("the %s JPEG decoder failed on a batch (%s: %s): decoding its "
+                            "files one at a time, with Pillow where it fails", self.decoder_name,
+                            type(exc).__name__, exc)
             images = []
             for i, data in enumerate(files):
                 try:
-                    images += self.decoder([data], self.device)
+                    images += self._decode([data])
                 except Exception:
                     images.append(_with_pillow(data, batch.paths[int(batch.encoded[i])],
                                                self.device))
