@@ -297,7 +297,8 @@ class ImageFolder(Dataset):
 
     def _pixels(self, image: Any, box: Box, flip: bool) -> torch.Tensor:
         """uint8 ``(3, size, size)``: the box of ``image`` resized, flipped if ``flip``; pixel
-        for pixel what torchvision's transforms make of the Pillow image."""
+        for pixel what torchvision's transforms make of the Pillow image, unless a reduced
+        decode applied (the same picture from fewer pixels)."""
         from PIL import Image
 
         top, left, h, w = box
