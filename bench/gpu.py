@@ -379,9 +379,14 @@ def main(argv: list[str] | None = None) -> None:
         for placement in ("cpu", "device", None):
             folder = autotune.ImageFolder(root / "images", size=size, placement=placement)
             name = f"ImageFolder, {placement or 'measured'} placement"
-            measure(name, lambda folder=folder: factory.create_training_loader(
-                folder, batch, device=device))
-            placements[name] = f"{folder.in_effect.where}: {folder.in_effect.reason}"
+            made: list[Any] = []
+
+            def make(folder: Any = folder, made: list[Any] = made) -> Any:
+                made.append(factory.create_training_loader(folder, batch, device=device))
+                return made[-1]
+
+            measure(name, make)
+            placements[name] = made[0].autotune_config.reasons.get("placement", "-")
             print(f"  {placements[name]}", flush=True)
         setting["placements"] = placements
         setting["same_samples"] = same_samples(root / "images", size, device)
