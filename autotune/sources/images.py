@@ -77,14 +77,6 @@ def crop_box(width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def center_box(width: int, height: int, size: int, resize: int) -> Box:
-    """The part of the file that a resize of the shorter side to ``resize`` and a center crop
-    of ``size`` show."""
-    side = min(width, height) * size / resize
-    h, w = min(height, round(side)), min(width, round(side))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 @dataclasses.dataclass
 class EncodedImages:
     """A batch for the device placement: the JPEGs' bytes back to back, and the images the
@@ -293,7 +285,7 @@ class ImageFolder(Dataset):
     def _box(self, width: int, height: int) -> Box:
         if self.train:
             return crop_box(width, height, self.scale, self.ratio)
-        return center_box(width, height, self.size, self.resize)
+        return 0, 0, height, width  # evaluation resizes the whole image, then crops its center
 
     def _pixels(self, image: Any, box: Box, flip: bool) -> torch.Tensor:
         """uint8 ``(3, size, size)``: the box of ``image`` resized, flipped if ``flip``; pixel
