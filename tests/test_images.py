@@ -505,3 +505,15 @@ def test_a_decoder_library_is_used_only_once_it_decodes(monkeypatch) -> None:
         assert _jpeg.decoder_for(torch.device("meta"))[0] == "pillow"
     finally:
         _jpeg._working.cache_clear()
+
+
+@pytest.mark.parametrize(("keywords", "named"), [
+    ({"scale": 5}, "scale=5"), ({"ratio": (1,)}, r"ratio=\(1,\)"), ({"flip": "x"}, "flip='x'"),
+    ({"mean": None}, "mean=None"), ({"std": (1, 0, 1)}, r"std=\(1, 0, 1\)"),
+    ({"scale": (0.5, 0.1)}, r"scale=\(0.5, 0.1\)"), ({"mean": (0, 0, float("nan"))}, "mean="),
+    ({"size": "a"}, "size='a'"), ({"placement": 3}, "placement=3"),
+    ({"train": "yes"}, "train='yes'"),
+])
+def test_bad_arguments_name_the_parameter(folder, keywords, named) -> None:
+    with pytest.raises(InvalidConfigError, match=named):
+        ImageFolder(folder, **keywords)

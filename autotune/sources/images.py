@@ -132,6 +132,18 @@ class _Encoded:
     flip: bool
 
 
+def _numbers(name: str, values: Any, count: int, fix: str,
+             shown: Any = None) -> tuple[float, ...]:
+    """``values`` as ``count`` floats, or an ``InvalidConfigError`` naming ``name``."""
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != count or not all(math.isfinite(n) for n in numbers):
+        raise InvalidConfigError(f"{name}={values if shown is None else shown!r}: pass {fix}")
+    return numbers
+
+
 def _classes(root: str) -> list[str]:
     try:
         names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
@@ -206,18 +218,19 @@ class ImageFolder(Dataset):
             raise InvalidConfigError(f"placement={placement!r}: pass 'cpu', 'device' or None "
                                      "(measured by the factory)")
         self.placement = placement
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise InvalidConfigError(f"mean={tuple(mean)!r}, std={tuple(std)!r}: pass three "
-                                     "values each (R, G, B), every std above 0")
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
-            raise InvalidConfigError(f"scale={scale!r}, ratio={ratio!r}: pass (low, high) "
-                                     "ranges with 0 < low <= high")
-        self.scale, self.ratio = (float(scale[0]), float(scale[1])), \
-            (float(ratio[0]), float(ratio[1]))
-        if not 0.0 <= flip <= 1.0:
+        self.mean = _numbers("mean", mean, 3, "three values (R, G, B)")
+        self.std = _numbers("std", std, 3, "three values (R, G, B), each above 0")
+        if any(s <= 0 for s in self.std):
+            raise InvalidConfigError(f"std={std!r}: pass three values (R, G, B), each above 0")
+        self.scale = _numbers("scale", scale, 2, "a (low, high) range, 0 < low <= high")
+        self.ratio = _numbers("ratio", ratio, 2, "a (low, high) range, 0 < low <= high")
+        for name, (low, high) in (("scale", self.scale), ("ratio", self.ratio)):
+            if not 0 < low <= high:
+                raise InvalidConfigError(f"{name}={(low, high)!r}: pass a (low, high) range "
+                                         "with 0 < low <= high")
+        (self.flip,) = _numbers("flip", (flip,), 1, "a probability in [0, 1]", shown=flip)
+        if not 0.0 <= self.flip <= 1.0:
             raise InvalidConfigError(f"flip={flip!r}: pass a probability in [0, 1]")
-        self.flip = float(flip)
         self.reduced_decode = check_bool("reduced_decode", reduced_decode)
         self.resize = round(self.size / EVAL_CROP)
         self.classes = _classes(self.root)
