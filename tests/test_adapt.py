@@ -64,6 +64,19 @@ def test_grows_mid_epoch_then_stops_stalling_and_every_sample_once(tmp_path, cap
     assert "adapt=True" in loader.autotune_config.reasons["num_workers"]
 
 
+def test_a_change_on_an_epochs_last_batch_keeps_the_next_epoch_whole(tmp_path) -> None:
+    """From 0 workers (batches drawn as they are asked for) a change on the epoch's last
+    batch: the new loader goes on with the next epoch, not into this one."""
+    dataset = SleepyIndexed(size=40, seconds=0.004)  # 5 batches of 8 an epoch
+    # the first window ends on step 1 + 4 = 5: the first epoch's last batch
+    loader = factory(tmp_path).create_training_loader(
+        dataset, batch_size=8, num_workers=0, adapt=True, adapt_every=4)
+    seen = train(loader, 3, 0.0)
+    loader.close()
+    assert loader.changes and loader.changes[0].step == 5, loader.changes
+    assert [sorted(ids) for ids in seen] == [list(range(40))] * 3
+
+
 def test_changes_keep_the_epoch_order(tmp_path) -> None:
     """With a change mid-epoch the epoch yields the order an unchanged loader would."""
     dataset = SleepyIndexed(size=160, seconds=0.004)
@@ -227,6 +240,7 @@ def test_create_dataloaders_adapts_the_training_loader_only(tmp_path) -> None:
     assert not isinstance(val, AdaptiveLoader) and not isinstance(test, AdaptiveLoader)
     assert sorted(x for b in train for x in b.flatten().tolist()) == sorted(
         i for i in train.dataset.indices)
+    train.close()  # its workers (it may have grown some) stop now, not at garbage collection
 
 
 # -- found in review ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 import autotune
 from autotune import DataFileError, DeviceLoader, ImageFolder, InvalidConfigError
 from autotune.factory.placing import _measured, place_images
-from autotune.policy.placement import Placement
+from autotune.policy.placement import Placement, choose_placement
 from autotune.sources._jpeg import decode_with_pillow
 from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, crop_box
 
@@ -432,6 +433,79 @@ def test_adapt_reads_an_image_folder_in_the_device_placement(folder) -> None:
         shapes = {tuple(images.shape) for images, _targets in loader}
         assert shapes == {(4, 3, 224, 224)}
     loader.close()
+
+
+def adapt_until_moved(ds: ImageFolder, step_s: float, epochs: int) -> tuple[object, list]:
+    """Trains with ``adapt=True`` on the CPU (Pillow as the device's decoder) until the
+    placement moves, then one more epoch; every epoch's targets as delivered."""
+    loader = autotune.OptimalDataLoaderFactory(measure=False, seed=0).create_training_loader(
+        ds, 3, device="cpu", adapt=True, adapt_every=2, num_workers=1)
+    seen = []
+    for epoch in range(1, epochs + 1):
+        targets = []
+        for images, y in loader:
+            assert images.shape == (len(y), 3, 224, 224) and images.dtype == torch.float32
+            targets += y.tolist()
+            time.sleep(step_s)
+        seen.append(sorted(targets))
+        if any(c.placement and c.epoch <= epoch for c in loader.changes):
+            break  # this epoch ran in the new placement (a move is made as an epoch starts)
+    loader.close()
+    return loader, seen
+
+
+def test_adapt_moves_decoding_to_the_cpus_when_they_keep_up_with_the_step(folder) -> None:
+    ds = ImageFolder(folder)
+    # as if measured on a device (the CPU stands in for it; Pillow is its decoder): the
+    # device decodes 50,000 images/s and the workers 600, the step unknown: the device
+    ds.measured["cpu"] = choose_placement(600, 50_000)
+    assert ds.measured["cpu"].where == "device"
+    loader, seen = adapt_until_moved(ds, 0.04, epochs=8)
+    moves = [c for c in loader.changes if c.placement]
+    assert moves, loader.changes
+    # a step of ~40 ms for 3 images (75 images/s): the CPUs' 600 images/s keep up with it
+    assert moves[0].placement == "cpu" and "keep up with the step" in moves[0].reason
+    assert "measured while training" in moves[0].reason
+    assert all(epoch == sorted(ds.targets) for epoch in seen)  # none lost, none repeated
+    assert "adapt=True" in loader.autotune_config.reasons["placement"]
+
+
+def test_adapt_moves_decoding_to_the_device_when_the_loop_waits_for_the_cpus(folder) -> None:
+    ds = ImageFolder(folder)
+    # measured: workers 5,000 images/s, a slow device decoder (400): the CPUs
+    ds.measured["cpu"] = choose_placement(5_000, 400)
+    assert ds.measured["cpu"].where == "cpu"
+    loader, seen = adapt_until_moved(ds, 0.0, epochs=10)
+    moves = [c for c in loader.changes if c.placement]
+    assert moves, loader.changes
+    # the loop waits on the CPUs, which deliver a few hundred images/s here, not 5,000
+    assert moves[0].placement in ("split", "device") and "waited" in moves[0].reason
+    assert all(epoch == sorted(ds.targets) for epoch in seen)
+
+
+def test_a_move_that_gave_nothing_is_taken_back_and_not_made_again(folder,
+                                                                    monkeypatch) -> None:
+    from autotune.sources import images as images_module
+
+    def slow(datas, device):  # a decoder far slower than it measured: 50 ms a batch
+        time.sleep(0.05)
+        return decode_with_pillow(datas, device)
+
+    monkeypatch.setattr(images_module, "decoder_for", lambda device: ("slow", slow))
+    ds = ImageFolder(folder)
+    ds.measured["cpu"] = choose_placement(5_000, 400)
+    loader = autotune.OptimalDataLoaderFactory(measure=False, seed=0).create_training_loader(
+        ds, 3, device="cpu", adapt=True, adapt_every=2, num_workers=1)
+    after = 0  # epochs run since the move was taken back
+    for _epoch in range(20):  # a busy machine keeps changing worker counts for a while
+        assert sorted(y for _x, ys in loader for y in ys.tolist()) == sorted(ds.targets)
+        after += sum(1 for c in loader.changes if c.placement) >= 2
+        if after > 2:
+            break
+    loader.close()
+    moves = [c for c in loader.changes if c.placement]
+    assert [c.placement for c in moves] == ["split", "cpu"], loader.changes
+    assert "gave no gain" in moves[1].reason and "back to 'cpu'" in moves[1].reason
 
 
 def test_the_encoded_batch_stays_on_the_host_where_the_decoder_reads_it(folder) -> None:

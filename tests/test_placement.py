@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autotune.policy.placement import best_split, choose_placement
+from autotune.policy.placement import (SHARE_STEP, Placement, best_split, choose_placement,
+                                       reconsider)
 
 # cpu_rate, device_rate, step_rate -> where, cpu_share (None: any), words in the reason
 TABLE = [
@@ -57,3 +58,54 @@ def test_the_split_is_where_both_sides_finish_together() -> None:
 def test_a_forced_or_unmeasured_placement_predicts_nothing_it_did_not_measure() -> None:
     assert choose_placement(3_000, None).images_per_s == 3_000
     assert choose_placement(3_000, None, 1_000).images_per_s == 1_000
+
+
+def measured(where: str, share: float, cpu: float, device: float) -> Placement:
+    return Placement(where, share, None, "measured (test)", cpu_rate=cpu, device_rate=device)
+
+
+# placement in effect, batch, step seconds, stall, loop images/s -> where (None: stays), words
+RECONSIDERED = [
+    # forced, or never measured: never moves
+    (Placement("device", 0.0, None, "asked for"), 256, 0.2, 0.5, 1_000, None, ""),
+    # the CPUs keep the loop fed: nothing to gain
+    (measured("cpu", 1.0, 3_000, 10_800), 256, 0.054, 0.01, 4_600, None, ""),
+    # the GPU issue's run: the loop waits 55% for CPUs delivering 2,100 images/s, a step
+    # of 54 ms (4,700 images/s): the device takes part of each batch
+    (measured("cpu", 1.0, 3_000, 10_800), 256, 0.054, 0.55, 2_100, "split",
+     "waited 55% with the cpu placement"),
+    # on the device, the step measured 78 ms: 24 ms of it the decoder's; the step's own
+    # 4,700 images/s are within the CPUs' reach: back to the CPUs
+    (measured("device", 0.0, 5_000, 10_800), 256, 0.078, 0.0, 3_280, "cpu",
+     "keep up with the step"),
+    # few CPUs, the step needs the device's decoding: it stays
+    (measured("device", 0.0, 400, 10_000), 256, 0.1, 0.0, 2_560, None, ""),
+    # the decoder's share ran beside the step (longer than the step measured): the step
+    # counts as free, and the CPUs take their share
+    (measured("device", 0.0, 3_000, 10_000), 256, 0.01, 0.3, 9_000, "split", "step"),
+]
+
+
+@pytest.mark.parametrize(("current", "batch", "step_s", "stall", "rate", "where", "words"),
+                         RECONSIDERED)
+def test_reconsidering_the_placement_with_the_step_measured(current, batch, step_s, stall,
+                                                            rate, where, words) -> None:
+    new = reconsider(current, images_per_step=batch, step_s=step_s, stall=stall,
+                     images_per_s=rate)
+    assert (new.where if new is not None else None) == where, new
+    if new is not None:
+        assert words in new.reason and "measured while training" in new.reason
+        assert new.cpu_rate is not None and new.device_rate == current.device_rate
+
+
+def test_a_split_moves_only_by_a_real_step() -> None:
+    cpu, device, step = 3_030, 10_800, 4_700
+    split = choose_placement(cpu, device, step)
+    batch = 256
+    step_s = batch / step + (1 - split.cpu_share) * batch / device  # as measured on the split
+    assert reconsider(split, images_per_step=batch, step_s=step_s, stall=0.0,
+                      images_per_s=4_000) is None
+    faster_step = batch / 9_000 + (1 - split.cpu_share) * batch / device
+    moved = reconsider(split, images_per_step=batch, step_s=faster_step, stall=0.3,
+                       images_per_s=3_000)
+    assert moved is not None and moved.cpu_share < split.cpu_share - SHARE_STEP

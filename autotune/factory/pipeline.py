@@ -33,11 +33,12 @@ from ..loading.safety import (check_stream_ranks, check_stream_sharding, check_w
                               copy_on_read_risks)
 from ..measure.workload import measure_workload
 from ..policy import joint, rules
+from ..policy.placement import Placement
 from ..policy.resolve import check_yields_a_batch, resolve
 from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
 from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
-from ..sources.images import ImageFolder
+from ..sources.images import image_folder_in, with_images
 from ..sources.samplers import EpochDistributedSampler, ShardSampler
 from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
@@ -140,7 +141,7 @@ class LoaderPipeline:
         """The measurement the loaders for ``dataset`` would each take, taken once."""
         key = keywords.get("profile_key")
         entry = self.profile_entry(check_key(key) if key is not None else dataset_key(dataset))
-        if not self.needs_measuring(entry, keywords) or _image_folder(dataset) is not None:
+        if not self.needs_measuring(entry, keywords) or image_folder_in(dataset) is not None:
             return None  # an ImageFolder's cost depends on its placement: each loader measures
         return measure_workload(dataset, collate_fn=keywords.get("collate_fn"))
 
@@ -204,13 +205,13 @@ class LoaderPipeline:
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
             size = len(overrides["sampler"])
-        placement, images = None, _image_folder(dataset)
+        placement, images = None, image_folder_in(dataset)
         if images is not None:  # before measuring: the placement sets a sample's cost
             placement = place_images(images, target, self.hardware_here().cpu_budget,
                                      collate_given="collate_fn" in overrides)
             images = images.placed(placement)  # this loader's own copy
-            dataset = _with_images(dataset, images)
-            if placement.where != "cpu":
+            dataset = with_images(dataset, images)
+            if _decodes_on_device(placement, adaptive=req.adapt_every is not None):
                 overrides["collate_fn"] = images.collate
         hints = self.hints(size, req.has_augmentation, req.has_standardization, req.batch_size,
                            req.training, stream=stream,
@@ -247,23 +248,23 @@ class LoaderPipeline:
             loader: Any = build_loader(dataset, req.batch_size, config, shuffle=req.training,
                                        extra=overrides)
         else:
-            loader = self._adaptive(req, config, hints, workload, explicit, overrides, key,
-                                    entry)
+            loader = self._adaptive(req, dataset, config, hints, workload, explicit,
+                                    overrides, key, entry)
         if target is None:
             return loader
-        steps = [images.device_transform(target)] \
-            if images is not None and placement and placement.where != "cpu" else []
+        steps = [images.device_transform(target)] if images is not None and placement \
+            and _decodes_on_device(placement, adaptive=req.adapt_every is not None) else []
         steps += [req.device_transform] if req.device_transform is not None else []
         return DeviceLoader(loader, target, transform=_chained(steps))
 
-    def _adaptive(self, req: LoaderRequest, config: LoaderConfig, hints: rules.DatasetHints,
-                  workload: WorkloadProfile | None, explicit: Mapping[str, Any],
-                  overrides: dict[str, Any], key: str,
+    def _adaptive(self, req: LoaderRequest, dataset: Any, config: LoaderConfig,
+                  hints: rules.DatasetHints, workload: WorkloadProfile | None,
+                  explicit: Mapping[str, Any], overrides: dict[str, Any], key: str,
                   entry: ProfileEntry | None) -> AdaptiveLoader:
-        """An ``AdaptiveLoader`` starting at ``config``; each count it moves to is resolved
-        as a count chosen while training runs (``policy.resolve``'s ``workers``)."""
+        """An ``AdaptiveLoader`` over ``dataset`` (an ``ImageFolder`` placed already)
+        starting at ``config``; each count it moves to is resolved as a count chosen while
+        training runs (``policy.resolve``'s ``workers``)."""
         hardware = self.hardware_here()
-        dataset = req.dataset
 
         def configure(workers: int) -> LoaderConfig:
             config = self.resolved(hints, workload, entry, key, explicit, workers=workers,
@@ -353,18 +354,12 @@ def warn_once(message: str) -> None:
         warn_user(message)
 
 
-def _image_folder(dataset: Any) -> ImageFolder | None:
-    """The ``ImageFolder`` under ``dataset``'s ``Subset`` wrappers (splits), if it is one."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset if isinstance(dataset, ImageFolder) else None
-
-
-def _with_images(dataset: Any, images: ImageFolder) -> Any:
-    """``dataset`` with ``images`` in place of the ``ImageFolder`` under its ``Subset``s."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        return torch.utils.data.Subset(_with_images(dataset.dataset, images), dataset.indices)
-    return images
+def _decodes_on_device(placement: Placement, *, adaptive: bool) -> bool:
+    """Whether the device may decode some of an ``ImageFolder``'s batches: the placement
+    says so, or a re-tuner may move it there (it was measured with a device decoder). Such
+    a loader packs its batches with ``ImageFolder.collate`` and finishes them on the device
+    (a batch the workers decoded passes through)."""
+    return placement.where != "cpu" or (adaptive and placement.device_rate is not None)
 
 
 def _chained(steps: list[Callable[[Any], Any]]) -> Callable[[Any], Any] | None:

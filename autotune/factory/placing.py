@@ -40,14 +40,14 @@ def place_images(dataset: ImageFolder, device: torch.device | None, cpus: int, *
     if asked is not None:
         placement = Placement(asked, 1.0 if asked == "cpu" else 0.0, None,
                               f"placement={asked!r} asked for")
-    elif device is None or device.type == "cpu":
-        placement = Placement("cpu", 1.0, None, "decoded by the workers: the batches stay on "
-                              "the CPU")
     elif collate_given:
         placement = Placement("cpu", 1.0, None, "decoded by the workers: a collate_fn was "
                               "given (the device placement packs batches itself)")
-    elif str(device) in dataset.measured:
+    elif device is not None and str(device) in dataset.measured:
         placement = dataset.measured[str(device)]
+    elif device is None or device.type == "cpu":
+        placement = Placement("cpu", 1.0, None, "decoded by the workers: the batches stay on "
+                              "the CPU")
     else:
         placement = dataset.measured[str(device)] = _measured(dataset, device, cpus)
     log.info("ImageFolder %s: %s", placement.where, placement.reason)

@@ -9,10 +9,16 @@ A change mid-epoch neither loses nor repeats a sample: the epoch's batches are d
 sampler once, at the epoch's start, batches arrive in that order (``in_order=True``), and the
 new loader continues from the first batch not yet delivered. A stream cannot be resumed
 mid-epoch, so its changes wait for the end of the epoch.
+
+An ``ImageFolder`` whose placement was measured may also move where it decodes, at an epoch
+boundary, when the last window says the other side would do better
+(``policy.placement.reconsider``); a move that did not make the loop faster is taken back at
+the next boundary and not made again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -25,14 +31,16 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from .._check import check_int, is_stream
 from .._lifecycle import Closeable
-from ..config import LoaderConfig
+from ..config import SETTINGS, LoaderConfig
 from ..errors import WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
 from ..loading.worker import BusyMeter
 from ..policy import adapt
+from ..policy.placement import Placement, reconsider
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
 from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
+from ..sources.images import image_folder_in, with_images
 from ..system.distributed import current_ranks
 from ..system.usage import children_cpu_seconds
 from .monitor import Epochs, StallMonitor, StallReport
@@ -53,6 +61,7 @@ class AdaptChange:
     from_workers: int
     to_workers: int
     reason: str
+    placement: str | None = None  # where an ImageFolder decodes from now on (None: unmoved)
 
 
 class AdaptiveLoader(Closeable):
@@ -148,6 +157,12 @@ class AdaptiveLoader(Closeable):
         self._last_rate = 0.0
         self._quiet_windows = 0
         self._pending: adapt.Change | None = None
+        self._last: adapt.Window | None = None  # the last window judged
+        self._images = image_folder_in(dataset)  # an ImageFolder's placement may move
+        self._moved: tuple[Placement, float] | None = None  # the last move, rate before it
+        self._back: Placement | None = None  # a move to take back at the next boundary
+        self._refused: set[str] = set()  # placements a move gave nothing with
+        self._workers_at: dict[str, int] = {}  # the worker count each placement had
         self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers),
                                     name=name or key)
 
@@ -214,6 +229,8 @@ class AdaptiveLoader(Closeable):
         self.epoch += 1
         if self._pending is not None:
             self._apply(self._pending)
+        if self._images is not None and self._order is not None:
+            self._place()
         if self._order is None:
             yield from self._stream_epoch()
             return
@@ -313,6 +330,9 @@ class AdaptiveLoader(Closeable):
         self._tried = None
         self._last_rate = window.rate
         self._quiet_windows = 0 if change is not None else self._quiet_windows + 1
+        self._last = window
+        if change is None and self._moved is not None:
+            self._judge_move(window)
         return change
 
     def _apply(self, change: adapt.Change) -> bool:
@@ -343,9 +363,64 @@ class AdaptiveLoader(Closeable):
             self._loader.close()
             self._loader = None
         self._inner = None
-        self._config = config
+        self._config = _with_notes(config, self._config)
         self._window = None
         return True
+
+    # -- where an ImageFolder decodes ----------------------------------------------------------
+
+    def _place(self) -> None:
+        """At an epoch boundary: move the placement if the last window says so (or take
+        back a move that gave nothing)."""
+        assert self._images is not None
+        current = self._images.in_effect
+        if self._back is not None:
+            new, self._back = self._back, None
+        elif self._last is None or self._quiet_windows < 1 or self._moved is not None:
+            return  # nothing measured, the worker count still moving, or a move being judged
+        else:
+            window = self._last
+            found = reconsider(current, images_per_step=self.batch_size, step_s=window.step,
+                               stall=window.stall, images_per_s=window.rate * self.batch_size)
+            if found is None or found.where in self._refused:
+                return
+            new = found
+            self._moved = (current, window.rate)
+        self._workers_at[current.where] = self.num_workers
+        self.changes.append(AdaptChange(epoch=self.epoch, step=self.steps,
+                                        from_workers=self.num_workers,
+                                        to_workers=self.num_workers, reason=new.reason,
+                                        placement=new.where))
+        log.info("autotune adapt %s: decoding moved from %s to %s (epoch %d, step %d): %s",
+                 self.key, current.where, new.where, self.epoch, self.steps, new.reason)
+        self._images = self._images.placed(new)
+        self.dataset = with_images(self.dataset, self._images)
+        self._config = self._config.noted(placement=f"{new.where}: adapt=True: {new.reason}")
+        if self._loader is not None:  # what it drew ahead was decoded the other way
+            self._loader.close()
+            self._loader = None
+        self._inner = None
+        self._window = self._last = None
+        self._tried, self._ceiling, self._stalled_at = None, None, -1  # counts of the old one
+        self._quiet_windows = 0
+        workers = self._workers_at.get(new.where)
+        if workers is not None and workers != self.num_workers:
+            self._apply(adapt.Change(workers=workers, reason=(
+                f"the count decoding on {new.where!r} ran with before")))
+            self._tried = None  # known for this placement: not a growth to judge
+
+    def _judge_move(self, window: adapt.Window) -> None:
+        """The first window with a steady worker count after a move: take it back at the
+        next boundary unless the loop got faster by more than ``adapt.NO_GAIN``."""
+        assert self._moved is not None and self._images is not None
+        before, rate_before = self._moved
+        self._moved = None
+        if window.rate >= rate_before * (1 + adapt.NO_GAIN):
+            return
+        self._refused.add(self._images.in_effect.where)
+        self._back = dataclasses.replace(before, reason=(
+            f"decoding on {self._images.in_effect.where!r} gave no gain: {window.rate:.1f} "
+            f"steps/s against {rate_before:.1f}; back to {before.where!r}"))
 
 
 @dataclass(frozen=True)
@@ -411,8 +486,27 @@ class _EpochOrder:
         return True
 
     def epoch_done(self) -> bool:
-        end = self.epochs[0][1] if self.epochs else None
+        """Every batch of the consumer's epoch was delivered. When all that was drawn was
+        delivered and the epoch's end is not known yet (a loader without workers draws as it
+        is asked), the next batch is drawn now to learn it: a loader started after this
+        must begin the next epoch, not add to this one."""
+        if not self.epochs:
+            return False
+        if self.epochs[0][1] is None and self._draw is not None \
+                and self.delivered >= self.offset + len(self.drawn):
+            self._draw_one()
+        end = self.epochs[0][1]
         return end is not None and self.delivered >= end
+
+    def _draw_one(self) -> None:
+        """The next batch of the epoch being drawn, or its end."""
+        assert self._draw is not None
+        batch = next(self._draw, None)
+        if batch is None:
+            self.epochs[-1][1] = self.offset + len(self.drawn)
+            self._draw = None
+        else:
+            self.drawn.append(list(batch))
 
     def _begin(self) -> None:
         sampler = getattr(self.source, "sampler", None)
@@ -436,13 +530,15 @@ class _EpochOrder:
                 if not (self.ahead and len(self.epochs) == 1 and self.epochs[0][1] is not None):
                     return
                 self._begin()  # the next epoch, drawn ahead
-            assert self._draw is not None
-            batch = next(self._draw, None)
-            if batch is None:
-                self.epochs[-1][1] = self.offset + len(self.drawn)
-                self._draw = None
-                continue
-            self.drawn.append(list(batch))
+            self._draw_one()
+
+
+def _with_notes(config: LoaderConfig, before: LoaderConfig) -> LoaderConfig:
+    """``config`` with the notes of ``before`` it lacks (the sampler, the placement): the
+    settings are resolved anew for a count, how the data is read stays."""
+    kept = {name: reason for name, reason in before.reasons.items()
+            if name not in SETTINGS and name not in config.reasons}
+    return config.noted(**kept) if kept else config
 
 
 def _own(generator: torch.Generator | None) -> torch.Generator | None:

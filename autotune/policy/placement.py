@@ -14,6 +14,11 @@ with the model unless the GPU has hardware JPEG engines), so one image costs the
 the loop runs at ``min(cpu_rate / f, 1 / ((1 - f) / device_rate + 1 / step_rate))``, best
 where the two meet. The CPU placement is kept unless another one is predicted faster by more
 than ``MARGIN``: it needs no device memory and is the placement every loader is measured on.
+
+While a training run adapts (``adapt=True``), ``reconsider`` asks again at an epoch boundary
+with what the run measured: the step's time (which holds the device's decoding of its share
+of the batch: the step's own rate is what remains) and, when the CPUs decode everything and
+the loop waits for them, the rate they really delivered.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .stall import MODERATE
+
 MARGIN = 0.10  # a placement must be predicted this much faster than decoding on the CPUs
+SHARE_STEP = 0.15  # a split's share moves only by this much or more
 PLACEMENTS = ("cpu", "device", "split")
 
 
@@ -36,12 +44,16 @@ class Placement:
             ``"device"``).
         images_per_s: the rate the decision predicts (``None`` when a rate was not measured).
         reason: why, with the measured rates.
+        cpu_rate, device_rate: the measured rates it was decided from (``None``: forced,
+            or not measured); a placement without both is never reconsidered.
     """
 
     where: str
     cpu_share: float
     images_per_s: float | None
     reason: str
+    cpu_rate: float | None = None
+    device_rate: float | None = None
 
 
 def _predicted(cpu_share: float, cpu_rate: float, device_rate: float,
@@ -63,6 +75,40 @@ def best_split(cpu_rate: float, device_rate: float, step_rate: float | None) -> 
 def choose_placement(cpu_rate: float, device_rate: float | None,
                      step_rate: float | None = None) -> Placement:
     """Where to decode, from the measured rates (images/s; see the module docstring)."""
+    placement = _chosen(cpu_rate, device_rate, step_rate)
+    return dataclasses.replace(placement, cpu_rate=cpu_rate, device_rate=device_rate)
+
+
+def reconsider(current: Placement, *, images_per_step: int, step_s: float, stall: float,
+               images_per_s: float) -> Placement | None:
+    """Where to decode from now on, from what a training run measured; ``None``: stay.
+
+    Args:
+        current: the placement in effect (its measured ``cpu_rate`` and ``device_rate``).
+        images_per_step: images in a batch.
+        step_s: seconds a step took (the device's time when longer than the host's).
+        stall: the share of the loop's time spent waiting for batches.
+        images_per_s: the rate the loop ran at.
+    """
+    if current.cpu_rate is None or current.device_rate is None or images_per_step < 1 \
+            or step_s <= 0:
+        return None  # forced, or never measured
+    if current.where == "cpu" and stall < MODERATE:
+        return None  # the CPUs keep the loop fed
+    decoding_s = (1.0 - current.cpu_share) * images_per_step / current.device_rate
+    own_s = step_s - decoding_s
+    step_rate = images_per_step / own_s if own_s > 0 else None
+    cpu_rate = images_per_s if current.where == "cpu" else current.cpu_rate
+    new = choose_placement(cpu_rate, current.device_rate, step_rate)
+    if new.where == current.where and abs(new.cpu_share - current.cpu_share) < SHARE_STEP:
+        return None
+    return dataclasses.replace(new, reason=(
+        f"measured while training: a step takes {step_s * 1e3:.3g} ms and the loop waited "
+        f"{stall:.0%} with the {current.where} placement; {new.reason}"))
+
+
+def _chosen(cpu_rate: float, device_rate: float | None,
+            step_rate: float | None) -> Placement:
     rates = f"CPUs {cpu_rate:,.0f} images/s"
     if device_rate is None or device_rate <= 0:
         return Placement("cpu", 1.0, min(cpu_rate, step_rate or math.inf),

@@ -360,6 +360,20 @@ class ImageFolder(Dataset):
                 f"placement={self.in_effect.where!r})")
 
 
+def image_folder_in(dataset: Any) -> ImageFolder | None:
+    """The ``ImageFolder`` under ``dataset``'s ``Subset`` wrappers (splits), if it is one."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, ImageFolder) else None
+
+
+def with_images(dataset: Any, images: ImageFolder) -> Any:
+    """``dataset`` with ``images`` in place of the ``ImageFolder`` under its ``Subset``s."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return torch.utils.data.Subset(with_images(dataset.dataset, images), dataset.indices)
+    return images
+
+
 def _device_decodable(image: Any) -> bool:
     """A baseline colour JPEG: what every device decoder takes (not progressive, not CMYK,
     not grayscale)."""
