@@ -19,7 +19,7 @@ from autotune import DataFileError, DeviceLoader, ImageFolder, InvalidConfigErro
 from autotune.factory.placing import _measured, place_images
 from autotune.policy.placement import Placement, choose_placement
 from autotune.sources._jpeg import decode_with_pillow
-from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, crop_box
+from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, EncodedImages, crop_box
 
 DEVICE = Placement("device", 0.0, None, "test")
 
@@ -506,6 +506,14 @@ def test_a_move_that_gave_nothing_is_taken_back_and_not_made_again(folder,
     moves = [c for c in loader.changes if c.placement]
     assert [c.placement for c in moves] == ["split", "cpu"], loader.changes
     assert "gave no gain" in moves[1].reason and "back to 'cpu'" in moves[1].reason
+
+
+def test_the_autotuner_times_the_workers_part_of_a_device_placement(folder) -> None:
+    ds = ImageFolder(folder, placement="device")
+    seen = set()
+    result = autotune.Autotuner(ds, 4, budget_s=3, max_workers=1, progress=False,
+                                train_step=lambda batch: seen.add(type(batch[0]))).run()
+    assert result.best_samples_per_s > 0 and seen == {EncodedImages}
 
 
 def test_the_encoded_batch_stays_on_the_host_where_the_decoder_reads_it(folder) -> None:

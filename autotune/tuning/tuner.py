@@ -30,6 +30,7 @@ from ..policy.resolve import resolve
 from ..policy.search import Search, SearchSpace
 from ..profiles import check_key, dataset_key
 from ..records import HardwareInfo, Trial, WorkloadProfile
+from ..sources.images import image_folder_in
 from ..system.distributed import current_ranks
 from ..system.hardware import probe_hardware
 from ._progress import Progress
@@ -53,7 +54,10 @@ class Autotuner:
             stream's own epochs).
         batch_size: samples per batch, as training will use it.
         budget_s: seconds to spend; the run stops starting trials before it would pass.
-        collate_fn: the ``collate_fn`` training will use, if not torch's default.
+        collate_fn: the ``collate_fn`` training will use, if not torch's default (an
+            ``ImageFolder`` forced to ``placement="device"`` packs its batches with its own
+            ``collate``: trials time the workers' part, and ``train_step`` gets its
+            ``EncodedImages`` batches, for ``dataset.device_transform(device)`` to finish).
         step_time_s: simulate a training step of this many seconds per batch: choose the
             cheapest setting that keeps up instead of the fastest.
         train_step: a callable run on each batch instead (the real step).
@@ -86,6 +90,9 @@ class Autotuner:
         self.size = dataset_size(dataset, who="the autotuner")
         self.batch_size = batch_size
         self.budget_s = float(budget_s)
+        images = image_folder_in(dataset)
+        if collate_fn is None and images is not None and images.in_effect.where != "cpu":
+            collate_fn = images.collate  # its samples are bytes and crop boxes
         self.collate_fn = collate_fn
         self.hardware = hardware or probe_hardware()
         self.max_workers = max_workers
