@@ -284,8 +284,15 @@ def write_results(out: Path, rows: list[tuple[str, dict[str, Any]]], ceilings: d
         lines.append(f"- ImageFolder, measured placement / the GPU step: "
                      f"**{measured['images_s'] / ceilings['gpu']:.2f}** (target >= 0.85); the "
                      f"best ImageFolder row: {best:,.0f} images/s")
+    moving = by_name.get("ImageFolder, measured placement, adapt=True")
+    if moving and moving["tail_images_s"]:
+        lines.append(f"- ImageFolder, measured placement, adapt=True, over its last "
+                     f"{setting['tail_s']:.0f} s / the GPU step: "
+                     f"**{moving['tail_images_s'] / ceilings['gpu']:.2f}** (target >= 0.85)")
     for name, why in setting.get("placements", {}).items():
         lines.append(f"- {name}: {why}")
+    for move in setting.get("placement_moves", []):
+        lines.append(f"- adapt=True moved the placement: {move}")
     if setting.get("same_samples"):
         lines.append(f"- device vs cpu placement, one batch, same seed: "
                      f"{setting['same_samples']}")
@@ -404,6 +411,22 @@ def main(argv: list[str] | None = None) -> None:
         for change in changes:
             print(f"  adapt: {change.from_workers} -> {change.to_workers} at step "
                   f"{change.step}: {change.reason}", flush=True)
+        # the measured placement, moved while training when the measured step says so
+        moving: list[Any] = []
+
+        def make_moving() -> Any:
+            folder = autotune.ImageFolder(root / "images", size=size)
+            moving.append(factory.create_training_loader(folder, batch, device=device,
+                                                         adapt=True))
+            return moving[-1]
+
+        measure("ImageFolder, measured placement, adapt=True", make_moving, adapt_s,
+                tail_s=setting["tail_s"])
+        setting["placement_moves"] = [
+            f"epoch {c.epoch}: {c.placement}: {c.reason}"
+            for c in moving[0].changes if c.placement] or ["none"]
+        for move in setting["placement_moves"]:
+            print(f"  placement moved: {move}", flush=True)
     out = Path(args.out) if args.out else (None if smoke else
                                           Path(__file__).with_name("RESULTS-gpu.md"))
     if out is not None:
