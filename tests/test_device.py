@@ -413,3 +413,37 @@ def test_cuda_image_folder_device_placement_makes_the_cpu_samples(tmp_path):
     (images, _targets), = list(feed)
     assert images.is_cuda and images.shape == on_cpu.shape and images.dtype == on_cpu.dtype
     assert (images.cpu() - on_cpu).abs().mean().item() < 0.05  # decoders differ slightly
+
+
+@gpu
+@needs_cuda
+def test_cuda_image_folder_measured_and_moved_while_training_keeps_every_sample(tmp_path):
+    from PIL import Image
+
+    from autotune import ImageFolder, OptimalDataLoaderFactory
+    from autotune.sources._jpeg import decoder_for
+
+    if decoder_for(torch.device("cuda")) is None:
+        pytest.skip("no CUDA JPEG decoder installed (torchcodec or torchvision)")
+    y, x = np.mgrid[0:240, 0:320]
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(12):
+            pixels = np.stack([(x + 20 * i) % 256, (y + 10 * c) % 256, (x + y) // 4 % 256], -1)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / f"c{c}" / f"{i}.jpg")
+    folder = ImageFolder(tmp_path, size=64)
+    loader = OptimalDataLoaderFactory(measure=False, seed=0).create_training_loader(
+        folder, 4, device="cuda", adapt=True, adapt_every=2, num_workers=1)
+    assert "device decoder" in loader.autotune_config.reasons["placement"]  # it was measured
+    for _epoch in range(5):
+        targets = []
+        for images, labels in loader:
+            assert images.is_cuda and images.dtype == torch.float32
+            assert images.shape == (4, 3, 64, 64)
+            torch.cuda._sleep(2_000_000)  # a GPU step of a few ms
+            targets += labels.tolist()
+        assert sorted(targets) == sorted(folder.targets)
+    loader.close()
+    moves = [c for c in loader.loader.changes if c.placement]
+    assert all("measured while training" in c.reason or "gave no gain" in c.reason
+               for c in moves)
