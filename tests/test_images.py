@@ -361,6 +361,7 @@ def test_every_bad_file_is_named(broken, placement) -> None:
         ds, 7, device="cpu", num_workers=2)
     with pytest.raises(DataFileError, match=r"5_truncated\.jpg"):
         list(loader)
+    loader.close()  # its workers stop now, not whenever the failed iterator is collected
 
 
 def test_a_file_the_device_decoder_refuses_is_decoded_with_pillow(folder) -> None:
@@ -454,33 +455,31 @@ def adapt_until_moved(ds: ImageFolder, step_s: float, epochs: int) -> tuple[obje
     return loader, seen
 
 
-def test_adapt_moves_decoding_to_the_cpus_when_they_keep_up_with_the_step(folder) -> None:
+# measured rates (as if on a device: the CPU stands in for it, Pillow is its decoder), the
+# placement they give with the step unknown, the step, where the loop moves, why
+MOVES = [
+    # the device decodes 50,000 images/s and the workers 600: the device; then a step of
+    # ~40 ms for 3 images (75 images/s): the CPUs' 600 images/s keep up with it
+    (600, 50_000, "device", 0.04, ("cpu",), "keep up with the step"),
+    # workers 5,000 images/s, a slow device decoder (400): the CPUs; then the loop waits on
+    # them (no step), and they deliver a few hundred images/s here, not 5,000
+    (5_000, 400, "cpu", 0.0, ("split", "device"), "waited"),
+]
+
+
+@pytest.mark.parametrize(("cpu", "device", "first", "step_s", "moved", "words"), MOVES)
+def test_adapt_moves_decoding_where_the_measured_step_says(folder, cpu, device, first,
+                                                          step_s, moved, words) -> None:
     ds = ImageFolder(folder)
-    # as if measured on a device (the CPU stands in for it; Pillow is its decoder): the
-    # device decodes 50,000 images/s and the workers 600, the step unknown: the device
-    ds.measured["cpu"] = choose_placement(600, 50_000)
-    assert ds.measured["cpu"].where == "device"
-    loader, seen = adapt_until_moved(ds, 0.04, epochs=8)
+    ds.measured["cpu"] = choose_placement(cpu, device)
+    assert ds.measured["cpu"].where == first
+    loader, seen = adapt_until_moved(ds, step_s, epochs=10)
     moves = [c for c in loader.changes if c.placement]
     assert moves, loader.changes
-    # a step of ~40 ms for 3 images (75 images/s): the CPUs' 600 images/s keep up with it
-    assert moves[0].placement == "cpu" and "keep up with the step" in moves[0].reason
+    assert moves[0].placement in moved and words in moves[0].reason
     assert "measured while training" in moves[0].reason
     assert all(epoch == sorted(ds.targets) for epoch in seen)  # none lost, none repeated
     assert "adapt=True" in loader.autotune_config.reasons["placement"]
-
-
-def test_adapt_moves_decoding_to_the_device_when_the_loop_waits_for_the_cpus(folder) -> None:
-    ds = ImageFolder(folder)
-    # measured: workers 5,000 images/s, a slow device decoder (400): the CPUs
-    ds.measured["cpu"] = choose_placement(5_000, 400)
-    assert ds.measured["cpu"].where == "cpu"
-    loader, seen = adapt_until_moved(ds, 0.0, epochs=10)
-    moves = [c for c in loader.changes if c.placement]
-    assert moves, loader.changes
-    # the loop waits on the CPUs, which deliver a few hundred images/s here, not 5,000
-    assert moves[0].placement in ("split", "device") and "waited" in moves[0].reason
-    assert all(epoch == sorted(ds.targets) for epoch in seen)
 
 
 def test_a_move_that_gave_nothing_is_taken_back_and_not_made_again(folder,
