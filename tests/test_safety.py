@@ -93,10 +93,11 @@ def test_without_the_check_spawn_fails_obscurely_with_the_check_clearly():
 
 def _epochs(dataset, *, seed: int, workers: int, context: str | None = None, epochs: int = 2):
     factory = OptimalDataLoaderFactory(measure=False, seed=seed)
-    loader = factory.create_training_loader(dataset, batch_size=4, num_workers=workers,
-                                            persistent_workers=True,
-                                            multiprocessing_context=context)
-    return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
+    with factory.create_training_loader(dataset, batch_size=4, num_workers=workers,
+                                        persistent_workers=True,
+                                        multiprocessing_context=context) as loader:
+        # closed here: 8 persistent workers are not left to the garbage collector
+        return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
 
 
 def _noise_by_sample(epoch: torch.Tensor) -> torch.Tensor:
