@@ -9,7 +9,8 @@ import time
 import psutil
 import pytest
 
-from autotune import AutotuneError, LoaderConfig, OptimalDataLoaderFactory, TunedDataLoader
+from autotune import (AutotuneError, LoaderConfig, MultiLoader, OptimalDataLoaderFactory,
+                      TunedDataLoader)
 from autotune.loading.builder import build_loader
 from autotune.tuning.trial import run_trial
 
@@ -85,6 +86,22 @@ def test_without_close_the_workers_outlive_the_loop(no_gc):
     for loader in kept:
         loader.close()
     assert workers_alive() == []
+
+
+def test_wrappers_dropped_without_close_stop_their_workers_at_once(no_gc):
+    # an AdaptiveLoader or a MultiLoader, left mid-epoch and dropped: no cycle keeps it
+    factory = OptimalDataLoaderFactory(measure=False)
+    adaptive = factory.create_training_loader(Indexed(64), batch_size=4, num_workers=2,
+                                              adapt=True)
+    multi = MultiLoader({"a": factory.create_training_loader(Indexed(64), batch_size=4,
+                                                             num_workers=1)})
+    for wrapper in (adaptive, multi):
+        for i, _batch in enumerate(wrapper):
+            if i == 2:
+                break
+    assert len(workers_alive()) == 3
+    del adaptive, multi, wrapper, _batch
+    assert wait_for_no_workers() == []
 
 
 def test_a_trial_releases_its_workers_even_when_the_dataset_fails(no_gc):

@@ -163,8 +163,7 @@ class AdaptiveLoader(Closeable):
         self._back: Placement | None = None  # a move to take back at the next boundary
         self._refused: set[str] = set()  # placements a move gave nothing with
         self._workers_at: dict[str, int] = {}  # the worker count each placement had
-        self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers),
-                                    name=name or key)
+        self.monitor = StallMonitor(Epochs(self), name=name or key)
 
     # -- what users call ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -329,19 +329,23 @@ class StallMonitor(Closeable):
 
 
 class Epochs:
-    """An iterable whose every ``iter()`` is one call of ``epoch()``, telling its
-    ``num_workers`` through ``workers()``: what a wrapper that makes its own epochs
-    (``AdaptiveLoader``, ``MultiLoader``) hands its monitor."""
+    """An iterable whose every ``iter()`` is one call of its owner's ``_epoch()``, telling
+    the owner's ``num_workers``: what a wrapper that makes its own epochs
+    (``AdaptiveLoader``, ``MultiLoader``) hands its monitor. It holds the owner weakly: a
+    wrapper dropped without ``close()`` is freed at once, and its workers stop with it, not
+    at some later garbage collection."""
 
-    def __init__(self, epoch: Callable[[], Iterator[Any]], workers: Callable[[], int]) -> None:
-        self.epoch, self.workers = epoch, workers
+    def __init__(self, owner: Any) -> None:
+        self._owner = weakref.ref(owner)
 
     def __iter__(self) -> Iterator[Any]:
-        return self.epoch()
+        owner = self._owner()
+        return owner._epoch() if owner is not None else iter(())
 
     @property
     def num_workers(self) -> int:
-        return self.workers()
+        owner = self._owner()
+        return owner.num_workers if owner is not None else 0
 
 
 class _Timed:

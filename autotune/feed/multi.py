@@ -75,7 +75,7 @@ class MultiLoader(Closeable):
         self._passes = [0] * len(self.names)
         self._batches = [0] * len(self.names)
         self._wait_s = [0.0] * len(self.names)
-        self.monitor = StallMonitor(Epochs(self._epoch, lambda: self.num_workers), name="multi")
+        self.monitor = StallMonitor(Epochs(self), name="multi")
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return iter(self.monitor)
