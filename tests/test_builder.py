@@ -100,8 +100,11 @@ def test_wrappers_dropped_without_close_stop_their_workers_at_once(no_gc):
             if i == 2:
                 break
     assert len(workers_alive()) == 3
+    monitor = adaptive.monitor
     del adaptive, multi, wrapper, _batch
     assert wait_for_no_workers() == []
+    with pytest.raises(AutotuneError, match="keep the loader and iterate it"):
+        iter(monitor)
 
 
 def test_a_trial_releases_its_workers_even_when_the_dataset_fails(no_gc):

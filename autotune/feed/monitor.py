@@ -21,7 +21,7 @@ from typing import Any
 
 from .._check import check_seconds
 from .._lifecycle import Closeable, close_if_closable
-from ..errors import InvalidConfigError
+from ..errors import AutotuneError, InvalidConfigError
 from ..policy import stall
 from ..system import usage
 
@@ -340,7 +340,10 @@ class Epochs:
 
     def __iter__(self) -> Iterator[Any]:
         owner = self._owner()
-        return owner._epoch() if owner is not None else iter(())
+        if owner is None:
+            raise AutotuneError("the loader this monitor watched was dropped (its workers "
+                                "stopped with it): keep the loader and iterate it")
+        return owner._epoch()
 
     @property
     def num_workers(self) -> int:
