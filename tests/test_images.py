@@ -4,6 +4,7 @@ placement run on the CPU through Pillow as its decoder; bad files named."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -17,9 +18,13 @@ from PIL import Image
 import autotune
 from autotune import DataFileError, DeviceLoader, ImageFolder, InvalidConfigError
 from autotune.factory.placing import _measured, place_images
+from autotune.measure.workload import measure_workload
+from autotune.policy import rules
+from autotune.tuning.trial import batch_length
 from autotune.policy.placement import Placement, choose_placement
 from autotune.sources._jpeg import decode_with_pillow
-from autotune.sources.images import IMAGENET_MEAN, IMAGENET_STD, EncodedImages, crop_box
+from autotune.sources.images import (IMAGENET_MEAN, IMAGENET_STD, EncodedImages, crop_box,
+                                     image_folder_in, with_images)
 
 DEVICE = Placement("device", 0.0, None, "test")
 
@@ -426,6 +431,16 @@ def test_splits_of_an_image_folder_keep_its_placement(folder) -> None:
         assert "placement='device' asked for" in loader.autotune_config.explain()
 
 
+def test_a_subset_subclass_keeps_its_class_around_a_placed_copy(folder) -> None:
+    class Mine(torch.utils.data.Subset):
+        pass
+
+    ds = ImageFolder(folder)
+    view = with_images(Mine(ds, [0, 2]), ds.placed(DEVICE))
+    assert type(view) is Mine and view.indices == [0, 2]
+    assert image_folder_in(view).in_effect.where == "device"
+
+
 def test_adapt_reads_an_image_folder_in_the_device_placement(folder) -> None:
     loader = autotune.OptimalDataLoaderFactory(measure=False).create_training_loader(
         ImageFolder(folder, placement="device"), 4, device="cpu", adapt=True, num_workers=1,
@@ -482,6 +497,27 @@ def test_adapt_moves_decoding_where_the_measured_step_says(folder, cpu, device, 
     assert "adapt=True" in loader.autotune_config.reasons["placement"]
 
 
+def test_a_loader_that_may_move_to_the_cpus_sizes_its_batches_for_them(folder) -> None:
+    from fakes import fake_hardware
+
+    # 16 CPUs and 8 MiB of /dev/shm: room for many batches of bytes, few of decoded images
+    hardware = fake_hardware(cpus=16, shm_free_bytes=8 << 20)
+    ds = ImageFolder(folder)
+    ds.measured["cpu"] = choose_placement(600, 50_000)  # the device placement
+    hints = rules.DatasetHints(dataset_size=len(ds), batch_size=4, training=True)
+    as_bytes = measure_workload(ds.placed(ds.measured["cpu"]), collate_fn=ds.collate)
+    decoded = dataclasses.replace(as_bytes, sample_bytes=ds.decoded_bytes)
+    assert as_bytes.sample_bytes > os.path.getsize(ds.samples[0][0]) // 2  # bytes counted
+    assert rules.max_workers(hardware, hints, decoded) < rules.max_workers(hardware, hints,
+                                                                           as_bytes)
+    loader = autotune.OptimalDataLoaderFactory(hardware=hardware, seed=0).create_training_loader(
+        ds, 4, device="cpu", adapt=True)
+    # the re-tuner's ceiling (private): what batches of 4 decoded images leave room for
+    assert loader.loader._cap <= max(rules.max_workers(hardware, hints, decoded),
+                                     loader.num_workers)
+    loader.close()
+
+
 def test_a_move_that_gave_nothing_is_taken_back_and_not_made_again(folder,
                                                                     monkeypatch) -> None:
     from autotune.sources import images as images_module
@@ -513,6 +549,7 @@ def test_the_autotuner_times_the_workers_part_of_a_device_placement(folder) -> N
     result = autotune.Autotuner(ds, 4, budget_s=3, max_workers=1, progress=False,
                                 train_step=lambda batch: seen.add(type(batch[0]))).run()
     assert result.best_samples_per_s > 0 and seen == {EncodedImages}
+    assert batch_length(ds.collate([ds[i] for i in range(4)])) == 4  # samples, not batches
 
 
 def test_the_encoded_batch_stays_on_the_host_where_the_decoder_reads_it(folder) -> None:

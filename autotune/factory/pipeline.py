@@ -224,6 +224,11 @@ class LoaderPipeline:
         if workload is None and (self.needs_measuring(entry, explicit)
                                  or (adaptive and self.measure and not stream)):
             workload = measure_workload(dataset, collate_fn=overrides.get("collate_fn"))
+        if workload is not None and images is not None and placement is not None \
+                and adaptive and _decodes_on_device(placement, adaptive=True):
+            # a move to the CPUs brings decoded samples: batches in flight sized for them
+            workload = dataclasses.replace(workload, sample_bytes=max(
+                workload.sample_bytes, images.decoded_bytes))
         config = self.resolved(hints, workload, entry, key, explicit, share=req.share,
                                adaptive=adaptive)
         config = fit_chunks(dataset, config, self.hardware_here())

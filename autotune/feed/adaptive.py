@@ -13,7 +13,7 @@ mid-epoch, so its changes wait for the end of the epoch.
 An ``ImageFolder`` whose placement was measured may also move where it decodes, at an epoch
 boundary, when the last window says the other side would do better
 (``policy.placement.reconsider``); a move that did not make the loop faster is taken back at
-the next boundary and not made again.
+the next boundary and not made again (a split: not with a share within ``SHARE_STEP`` of it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from ..errors import WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
 from ..loading.worker import BusyMeter
 from ..policy import adapt
-from ..policy.placement import Placement, reconsider
+from ..policy.stall import MODERATE
+from ..policy.placement import SHARE_STEP, Placement, reconsider
 from ..profiles import ProfileEntry, check_key, profile_path, save_entry
 from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
@@ -159,9 +160,10 @@ class AdaptiveLoader(Closeable):
         self._pending: adapt.Change | None = None
         self._last: adapt.Window | None = None  # the last window judged
         self._images = image_folder_in(dataset)  # an ImageFolder's placement may move
-        self._moved: tuple[Placement, float] | None = None  # the last move, rate before it
+        # the last move: the placement, the loop's rate and a step's seconds before it
+        self._moved: tuple[Placement, float, float] | None = None
         self._back: Placement | None = None  # a move to take back at the next boundary
-        self._refused: set[str] = set()  # placements a move gave nothing with
+        self._refused: list[Placement] = []  # placements a move gave nothing with
         self._workers_at: dict[str, int] = {}  # the worker count each placement had
         self.monitor = StallMonitor(Epochs(self), name=name or key)
 
@@ -381,10 +383,10 @@ class AdaptiveLoader(Closeable):
             window = self._last
             found = reconsider(current, images_per_step=self.batch_size, step_s=window.step,
                                stall=window.stall, images_per_s=window.rate * self.batch_size)
-            if found is None or found.where in self._refused:
+            if found is None or any(_alike(found, no) for no in self._refused):
                 return
             new = found
-            self._moved = (current, window.rate)
+            self._moved = (current, window.rate, window.step)
         self._workers_at[current.where] = self.num_workers
         self.changes.append(AdaptChange(epoch=self.epoch, step=self.steps,
                                         from_workers=self.num_workers,
@@ -410,16 +412,28 @@ class AdaptiveLoader(Closeable):
 
     def _judge_move(self, window: adapt.Window) -> None:
         """The first window with a steady worker count after a move: take it back at the
-        next boundary unless the loop got faster by more than ``adapt.NO_GAIN``."""
+        next boundary unless the loop got faster by more than ``adapt.NO_GAIN``. What the
+        window showed corrects the rates the placement taken back carries: the loop waited
+        for the workers (their real rate), the step grew by more than the device's decoding
+        was measured to cost (its real rate)."""
         assert self._moved is not None and self._images is not None
-        before, rate_before = self._moved
+        before, rate_before, step_before = self._moved
         self._moved = None
         if window.rate >= rate_before * (1 + adapt.NO_GAIN):
             return
-        self._refused.add(self._images.in_effect.where)
-        self._back = dataclasses.replace(before, reason=(
-            f"decoding on {self._images.in_effect.where!r} gave no gain: {window.rate:.1f} "
-            f"steps/s against {rate_before:.1f}; back to {before.where!r}"))
+        moved = self._images.in_effect
+        self._refused.append(moved)
+        cpu_rate, device_rate = before.cpu_rate, before.device_rate
+        if window.stall >= MODERATE and moved.cpu_share > 0:
+            cpu_rate = window.rate * self.batch_size * moved.cpu_share
+        if moved.cpu_share < 1 and before.device_rate:
+            own_s = step_before - (1 - before.cpu_share) * self.batch_size / before.device_rate
+            if window.step > own_s:
+                device_rate = (1 - moved.cpu_share) * self.batch_size / (window.step - own_s)
+        self._back = dataclasses.replace(before, cpu_rate=cpu_rate, device_rate=device_rate,
+                                         reason=(
+            f"decoding on {moved.where!r} gave no gain: {window.rate:.1f} steps/s against "
+            f"{rate_before:.1f}; back to {before.where!r}"))
 
 
 @dataclass(frozen=True)
@@ -530,6 +544,11 @@ class _EpochOrder:
                     return
                 self._begin()  # the next epoch, drawn ahead
             self._draw_one()
+
+
+def _alike(a: Placement, b: Placement) -> bool:
+    """The same placement, or splits whose shares differ by less than a move would."""
+    return a.where == b.where and abs(a.cpu_share - b.cpu_share) < SHARE_STEP
 
 
 def _with_notes(config: LoaderConfig, before: LoaderConfig) -> LoaderConfig:

@@ -9,6 +9,7 @@ sample that never returns is abandoned after ``sample_timeout_s`` with an error 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import threading
@@ -411,6 +412,8 @@ def sample_nbytes(sample: Any) -> int:
         return sum(sample_nbytes(v) for v in sample.values())
     if isinstance(sample, (list, tuple)):
         return sum(sample_nbytes(v) for v in sample)
+    if dataclasses.is_dataclass(sample) and not isinstance(sample, type):
+        return sum(sample_nbytes(getattr(sample, f.name)) for f in dataclasses.fields(sample))
     if hasattr(sample, "getbands") and hasattr(sample, "size"):  # a PIL image
         width, height = sample.size
         return width * height * len(sample.getbands())

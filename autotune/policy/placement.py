@@ -17,8 +17,8 @@ than ``MARGIN``: it needs no device memory and is the placement every loader is 
 
 While a training run adapts (``adapt=True``), ``reconsider`` asks again at an epoch boundary
 with what the run measured: the step's time (which holds the device's decoding of its share
-of the batch: the step's own rate is what remains) and, when the CPUs decode everything and
-the loop waits for them, the rate they really delivered.
+of the batch: the step's own rate is what remains) and, when the loop waits for the workers,
+the rate the CPUs really delivered (the loop's rate times their share of each batch).
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def reconsider(current: Placement, *, images_per_step: int, step_s: float, stall
     decoding_s = (1.0 - current.cpu_share) * images_per_step / current.device_rate
     own_s = step_s - decoding_s
     step_rate = images_per_step / own_s if own_s > 0 else None
-    cpu_rate = images_per_s if current.where == "cpu" else current.cpu_rate
+    cpu_rate = current.cpu_rate
+    if stall >= MODERATE and current.cpu_share > 0:  # the loop waited for the workers' share:
+        cpu_rate = images_per_s * current.cpu_share  # what the CPUs really deliver
     new = choose_placement(cpu_rate, current.device_rate, step_rate)
     if new.where == current.where and abs(new.cpu_share - current.cpu_share) < SHARE_STEP:
         return None

@@ -246,6 +246,12 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of one sample as the CPU placement makes it (a float32 image and a target):
+        the most a sample of any placement carries."""
+        return 3 * self.size * self.size * 4 + 8
+
     def placed(self, placement: Placement) -> ImageFolder:
         """A copy that decodes where ``placement`` says (the file list is shared): each loader
         the factory makes gets its own, so two loaders of one folder never disagree."""
@@ -370,7 +376,9 @@ def image_folder_in(dataset: Any) -> ImageFolder | None:
 def with_images(dataset: Any, images: ImageFolder) -> Any:
     """``dataset`` with ``images`` in place of the ``ImageFolder`` under its ``Subset``s."""
     if isinstance(dataset, torch.utils.data.Subset):
-        return torch.utils.data.Subset(with_images(dataset.dataset, images), dataset.indices)
+        view = copy.copy(dataset)  # a Subset subclass keeps its own methods
+        view.dataset = with_images(dataset.dataset, images)
+        return view
     return images
 
 

@@ -255,13 +255,18 @@ def _next(iterator: Any, loader: Any, stop: threading.Event) -> tuple[Any, Any, 
 
 
 def batch_length(batch: Any) -> int:
-    """Samples in a collated batch: the first dimension of its first tensor."""
+    """Samples in a collated batch: the first dimension of its first tensor (or the length
+    of a batch object that has one)."""
     while isinstance(batch, (list, tuple)) and batch:
         batch = batch[0]
     if isinstance(batch, dict) and batch:
         return batch_length(next(iter(batch.values())))
     shape = getattr(batch, "shape", None)
-    return int(shape[0]) if shape else 1
+    if shape:
+        return int(shape[0])
+    if hasattr(batch, "__len__") and not isinstance(batch, (str, bytes, dict)):
+        return len(batch)  # a batch object that counts its samples (EncodedImages)
+    return 1
 
 
 def _one_line(exc: BaseException) -> str:
