@@ -205,6 +205,12 @@ class LoaderPipeline:
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
             size = len(overrides["sampler"])
+        elif self.seed is not None and not stream and not ordered \
+                and "generator" not in overrides and overrides.get("shuffle", req.training):
+            # each epoch's order from (seed, epoch), whatever drew from a generator before
+            overrides.pop("shuffle", None)
+            overrides["sampler"] = EpochDistributedSampler(
+                dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
         placement, images = None, image_folder_in(dataset)
         if images is not None:  # before measuring: the placement sets a sample's cost
             placement = place_images(images, target, self.hardware_here().cpu_budget,
@@ -249,9 +255,18 @@ class LoaderPipeline:
         if self.seed is not None and "generator" not in overrides:
             # worker seeds differ across ranks; a DistributedSampler orders by its own seed
             overrides["generator"] = torch.Generator().manual_seed(self.seed + ranks.rank)
+        if isinstance(overrides.get("sampler"), EpochDistributedSampler) \
+                and overrides["sampler"].num_replicas == 1:
+            config = config.noted(sampler=(
+                f"seed={self.seed}: each epoch's order drawn from (seed, epoch), as torch's "
+                "DistributedSampler(num_replicas=1) with set_epoch(epoch)"))
+        if self.seed is not None and not stream:
+            config = config.noted(seeding=(
+                f"seed={self.seed}: each sample's torch, random and numpy draws seeded from "
+                "(seed, epoch, index): the same batches for any worker count"))
         if req.adapt_every is None:
             loader: Any = build_loader(dataset, req.batch_size, config, shuffle=req.training,
-                                       extra=overrides)
+                                       extra=overrides, seed=self.seed)
         else:
             loader = self._adaptive(req, dataset, config, hints, workload, explicit,
                                     overrides, key, entry)

@@ -5,6 +5,7 @@ crash naming) and every loader has a lifecycle (``close()``, ``with``).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +19,12 @@ from ..errors import InvalidConfigError
 from ..policy.rules import across_epochs_needs
 from .chunked import WorkerCache, chunk_sampler, reads_chunks
 from .crash import CrashNamingIterator
-from .epochs import AcrossEpochs, why_not_ahead
+from ..policy.epochs import changed
+from .epochs import EpochRun, Indices, why_not_ahead
+from .inputs import dataset_summary
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
+
+log = logging.getLogger("autotune.loading")
 
 
 class TunedDataLoader(Closeable, DataLoader):
@@ -67,51 +72,119 @@ class TunedDataLoader(Closeable, DataLoader):
         # a sampler) keeps it; set first: DataLoader.__init__ already checks worker counts
         self.autotune_config = autotune_config
         super().__init__(dataset, *args, **kwargs)
-        self.__dict__["_autotune_across"] = self._across_epochs()
+        epochs = self.__dict__["_autotune_epochs"] = self._epoch_run()
+        self.__dict__["_autotune_indices"] = Indices(epochs) if epochs is not None else None
 
     def __iter__(self) -> Any:
         """One epoch's batches; a worker that dies raises ``WorkerCrashError`` with the likely
         fix instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
-        across = self.__dict__.get("_autotune_across")
-        if across is not None:
-            return across.epoch(self._torch_iter)
+        self._restart_if_changed()
+        epochs = self.__dict__.get("_autotune_epochs")
+        if epochs is not None:
+            return epochs.epoch(self._torch_iter)
         return self._torch_iter()
 
     def _torch_iter(self) -> Any:
         """torch's iterator (a persistent one is reset: what it had in flight is dropped)."""
+        fresh = self._iterator is None
         iterator = super().__iter__()
         if self.num_workers == 0:
             return iterator
+        if fresh and self.persistent_workers:  # what the workers copied, to compare later
+            self.__dict__["_autotune_copied"] = dataset_summary(self._user_dataset())
         named = CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
         self._started().add(named)
         return named
 
     @property
     def _index_sampler(self) -> Any:
-        """What torch's iterator draws batches of indices from: epoch after epoch when the
-        loader prefetches across epochs."""
-        across = self.__dict__.get("_autotune_across")
-        return across.endless if across is not None else super()._index_sampler
+        """What torch's iterator draws batches of indices from: this loader's epochs
+        (``loading.epochs``), epoch after epoch when it prefetches across them."""
+        indices = self.__dict__.get("_autotune_indices")
+        return indices if indices is not None else super()._index_sampler
 
-    def _across_epochs(self) -> AcrossEpochs | None:
-        """The run across epochs, if the settings ask for it and this loader allows it."""
-        config = self.autotune_config
-        if config is None or not config.prefetch_across_epochs:
+    def _epoch_run(self) -> EpochRun | None:
+        """The epochs of a map-style loader with a batch sampler, drawn ahead if the settings
+        ask for it and this loader allows it."""
+        config, ahead = self.autotune_config, False
+        if is_stream(self.dataset) or self.batch_sampler is None:
+            if config is not None and config.prefetch_across_epochs:
+                self.autotune_config = config.replace(prefetch_across_epochs=False, reason=(
+                    "off: a stream keeps its own epochs" if is_stream(self.dataset)
+                    else why_not_ahead(self)))
             return None
-        missing = ("off: a stream keeps its own epochs" if is_stream(self.dataset) else
-                   across_epochs_needs(config) or why_not_ahead(self))
-        if missing is not None:
-            self.autotune_config = config.replace(prefetch_across_epochs=False, reason=missing)
-            return None
-        return AcrossEpochs(self.batch_sampler)
+        if config is not None and config.prefetch_across_epochs:
+            missing = across_epochs_needs(config) or why_not_ahead(self)
+            if missing is not None:
+                self.autotune_config = config.replace(prefetch_across_epochs=False,
+                                                      reason=missing)
+            ahead = missing is None
+        return EpochRun(self.batch_sampler, self._user_dataset(), ahead=ahead)
+
+    def _user_dataset(self) -> Any:
+        dataset = self.dataset
+        return dataset.dataset if isinstance(dataset, (NamedErrors, NamedStreamErrors)) \
+            else dataset
+
+    def _restart_if_changed(self) -> None:
+        """Persistent workers hold the dataset as it was when they started: if it changed
+        since (``policy.epochs.changed``), stop them, so the epoch starts new ones that copy
+        it as it is now, as torch's default loader does at every epoch."""
+        copied = self.__dict__.get("_autotune_copied")
+        if copied is None or self._iterator is None:
+            return
+        now = dataset_summary(self._user_dataset())
+        names = changed(copied, now)
+        if not names:
+            return
+        epochs = self.__dict__.get("_autotune_epochs")
+        epoch = epochs.number + 1 if epochs is not None else None
+        what = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        restarts = self.__dict__.get("_autotune_restarts", 0) + 1
+        self.__dict__["_autotune_restarts"] = restarts
+        log.info("autotune: the dataset changed (%s) since the workers started: restarting "
+                 "them before epoch %s", what, epoch)
+        if self.autotune_config is not None:
+            self.autotune_config = self.autotune_config.noted(workers_restarted=(
+                f"{restarts} time(s) for a dataset change, last before epoch {epoch} "
+                f"({what} changed): persistent workers hold a copy of the dataset"))
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer stands, as plain data (torchdata's ``StatefulDataLoader``
+        protocol): the epoch, the batches of it received, what decides its order. No sample
+        data; ``torch.save`` and YAML can hold it."""
+        epochs = self.__dict__.get("_autotune_epochs")
+        if epochs is None:
+            raise InvalidConfigError(
+                "state_dict() needs batches drawn by a batch sampler over a map-style "
+                f"dataset; this loader's dataset is {type(self._user_dataset()).__name__} "
+                f"with batch_size={self.batch_size}")
+        return epochs.state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``'s ``state``: the next ``iter()`` yields the rest of
+        the saved epoch (the delivered indices are skipped, not loaded), then whole epochs.
+        A state from another dataset length, batch size or sampler is an
+        ``InvalidConfigError`` naming both."""
+        epochs = self.__dict__.get("_autotune_epochs")
+        if epochs is None:
+            self.state_dict()  # raises, naming why
+        if not isinstance(state, Mapping):
+            raise InvalidConfigError(f"state={state!r} is not a state_dict(): pass the dict "
+                                     "that state_dict() returned")
+        epochs.load(state)
 
     def close(self) -> None:
         """Stop this loader's worker processes now (idempotent). An epoch still running in
         this thread then raises instead of ending early; do not close a loader that another
-        thread is iterating (torch's iterator would wait for workers that are gone)."""
-        across = self.__dict__.get("_autotune_across")
-        if across is not None:
-            across.stop()
+        thread is iterating (torch's iterator would wait for workers that are gone).
+        Between epochs it is also how to make persistent workers copy the dataset again
+        after a change autotune cannot see (a file rewritten on disk)."""
+        epochs = self.__dict__.get("_autotune_epochs")
+        if epochs is not None:
+            epochs.stop()
+        self.__dict__.pop("_autotune_copied", None)
         for iterator in list(self._started()):
             iterator.close()
         persistent = getattr(self, "_iterator", None)
@@ -137,7 +210,7 @@ class TunedDataLoader(Closeable, DataLoader):
 
 def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle: bool,
                  extra: Mapping[str, Any] | None = None,
-                 meter: BusyMeter | None = None) -> TunedDataLoader:
+                 meter: BusyMeter | None = None, seed: int | None = None) -> TunedDataLoader:
     """A ``TunedDataLoader`` over ``dataset`` with ``config``'s settings.
 
     ``extra`` holds DataLoader keywords that are not settings (``collate_fn``, ``sampler``,
@@ -146,6 +219,8 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
     An ``IterableDataset`` decides its own order: ``shuffle`` does not apply to it. A chunked
     ``HDF5Dataset`` is shuffled by a ``ChunkShuffleSampler`` (``loading.chunked``).
     A ``meter`` adds up the seconds the workers spend making and collating batches.
+    A ``seed`` seeds each sample of a map-style dataset from (seed, epoch, index)
+    (``loading.seeding``): the same samples whatever the worker count.
     """
     extra = dict(extra or {})
     stream = is_stream(dataset)
@@ -173,7 +248,8 @@ def build_loader(dataset: Any, batch_size: int, config: LoaderConfig, *, shuffle
     if meter is not None and kwargs.get("batch_size", 1) is not None:  # batches are collated
         extra["collate_fn"] = TimedCollate(extra.get("collate_fn") or default_collate, meter)
     try:
-        wrapped = (NamedStreamErrors if stream else NamedErrors)(dataset, meter)
+        wrapped = NamedStreamErrors(dataset, meter) if stream else \
+            NamedErrors(dataset, meter, seed=seed)
         loader = TunedDataLoader(wrapped, autotune_config=config, **kwargs, **extra)
     except (TypeError, ValueError) as exc:  # torch's own checks of the keywords it was given
         raise InvalidConfigError(f"DataLoader refused these keywords: {exc}") from exc

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .seeding import TaggedBatch, seeded_items
+
 
 class BusyMeter:
     """Seconds each worker spent making samples, in shared memory the main process reads:
@@ -51,9 +53,11 @@ class NamedErrors:
     time spent inside the dataset is added to it.
     """
 
-    def __init__(self, dataset: Any, meter: BusyMeter | None = None) -> None:
+    def __init__(self, dataset: Any, meter: BusyMeter | None = None, *,
+                 seed: int | None = None) -> None:
         self.dataset = dataset
         self.meter = meter
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -74,10 +78,13 @@ class NamedErrors:
 
     def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
         """A batch at once where the dataset can (``Subset``, Hugging Face), else one by one;
-        defined here so that such a batch is named and timed too (once per batch)."""
+        defined here so that such a batch is named and timed too (once per batch). With a
+        seed, one by one, each sample from its own seed (``loading.seeding``)."""
         start = time.perf_counter()
         getitems = getattr(self.dataset, "__getitems__", None)
-        if not getitems:
+        if self.seed is not None and isinstance(indices, TaggedBatch):
+            items = seeded_items(self._get, indices, self.seed, indices.epoch)
+        elif not getitems:
             items = [self._get(index) for index in indices]
         else:
             try:
@@ -91,7 +98,7 @@ class NamedErrors:
         return items
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "meter"):  # not yet set (during unpickling)
+        if name in ("dataset", "meter", "seed"):  # not yet set (during unpickling)
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

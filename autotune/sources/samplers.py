@@ -3,7 +3,9 @@
 - ``EpochDistributedSampler``: torch's ``DistributedSampler`` (each rank a disjoint share,
   padded so every rank gets as many) that moves to the next epoch by itself each time an
   epoch starts. With torch's, a user who forgets ``set_epoch`` trains every epoch in the
-  same order. A ``set_epoch(n)`` call still wins: the next epoch is ``n``.
+  same order. A ``set_epoch(n)`` call still wins: the next epoch is ``n``. Its length
+  follows the dataset's (torch's is fixed when it is made). With one replica it is the
+  seeded factory's order for a single process.
 - ``ShardSampler``: rank r gets samples r, r + world, r + 2 x world, ... in order, with no
   padding, so evaluation counts every sample exactly once (ranks may get one sample more
   or less than each other; torch's sampler pads with duplicates instead). A
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +38,22 @@ class EpochDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        self._fit_length()
         return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fit_length()
+        return self.num_samples
+
+    def _fit_length(self) -> None:
+        """The share of the dataset as long as it is now (torch's counts it once, at
+        ``__init__``: a dataset that grew would be cut, one that shrank padded)."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.drop_last and size % self.num_replicas:
+            self.num_samples = math.ceil((size - self.num_replicas) / self.num_replicas)
+        else:
+            self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
 
 
 class ShardSampler(DistributedSampler):
