@@ -300,7 +300,7 @@ class LoaderPipeline:
                               shuffle=overrides.pop("shuffle", True), key=key,
                               check_workers=check, every=req.adapt_every or 1,
                               profile_dir=self.profile_dir, device=hints.device,
-                              workload=workload)
+                              workload=workload, seed=self.seed)
 
     def check_workers(self, dataset: Any, config: LoaderConfig, extra: Mapping[str, Any],
                       workload: WorkloadProfile | None, hints: rules.DatasetHints) -> None:

@@ -32,8 +32,11 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from .._check import check_int, is_stream
 from .._lifecycle import Closeable
 from ..config import SETTINGS, LoaderConfig
-from ..errors import WorkerSafetyError
+from ..errors import InvalidConfigError, WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
+from ..loading.epochs import STATE_VERSION
+from ..loading.inputs import length_of
+from ..loading.seeding import TaggedBatch
 from ..loading.worker import BusyMeter
 from ..policy import adapt
 from ..policy.stall import MODERATE
@@ -107,6 +110,12 @@ class AdaptiveLoader(Closeable):
         workload: the measurement of a few samples the settings came from: its share of
             time spent computing tells a CPU-bound batch even when other processes make
             the workers' own CPU readings look like waiting. None: the readings alone.
+        seed: seeds each sample from (seed, epoch, index) (``loading.seeding``): the same
+            batches before and after a worker-count change. None: torch's worker seeds.
+
+    ``state_dict()`` / ``load_state_dict()`` resume mid-epoch (a map-style dataset): the
+    epoch, the batches of it received and the worker count, nested as
+    ``{"order": ..., "workers": n}``.
 
     Example::
 
@@ -124,7 +133,7 @@ class AdaptiveLoader(Closeable):
                  check_workers: Callable[[LoaderConfig], None] | None = None,
                  every: int = DEFAULT_EVERY, name: str | None = None,
                  profile_dir: Any = None, device: Any = None,
-                 workload: WorkloadProfile | None = None) -> None:
+                 workload: WorkloadProfile | None = None, seed: int | None = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.every = check_int("adapt_every", every, minimum=1)
@@ -135,6 +144,8 @@ class AdaptiveLoader(Closeable):
         self.epoch = 0
         self.steps = 0  # batches delivered since the loader was created
         self._config = config
+        self._seed = seed
+        self._resume: dict[str, Any] | None = None
         self._configure = configure
         self._cap = max(cap, config.num_workers)
         self._check_workers = check_workers
@@ -213,6 +224,43 @@ class AdaptiveLoader(Closeable):
         return save_entry(self.hardware, key, ProfileEntry(settings=self._config.tuned_settings(),
                                                            measured=measured), profile_dir)
 
+    def state_dict(self, *, unreceived: int = 0) -> dict[str, Any]:
+        """Where the consumer stands (plain data): ``{"version", "order", "workers"}``.
+        ``unreceived``: batches a wrapper holds ahead (``DeviceLoader``)."""
+        if self._order is None:
+            raise InvalidConfigError("state_dict() of an adapting loader needs a map-style "
+                                     f"dataset; this one is {type(self.dataset).__name__}")
+        if self._resume is not None:
+            return {"version": STATE_VERSION, "order": dict(self._resume["order"]),
+                    "workers": self._resume["workers"]}
+        return {"version": STATE_VERSION, "order": self._order.state(self.epoch, unreceived),
+                "workers": self.num_workers}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Resume from ``state_dict()``'s ``state`` at the next ``iter()``: the rest of the
+        saved epoch (its delivered batches skipped, not loaded), then whole epochs."""
+        if self._order is None:
+            self.state_dict()  # raises, naming why
+        try:
+            order, workers = dict(state["order"]), int(state["workers"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"state is not an AdaptiveLoader's state_dict(): {exc!r} "
+                                     "(pass what state_dict() returned)") from None
+        assert self._order is not None
+        self._order.check(order)
+        self._resume = {"order": order, "workers": workers}
+
+    def _start_from(self, state: dict[str, Any]) -> None:
+        """The epoch order starts again at the saved place, with fresh workers."""
+        self._resume = None
+        assert self._order is not None
+        self.epoch = self._order.restart(state["order"])
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self._inner = None
+        self._window = None
+
     def close(self) -> None:
         """Stop the workers now (iterating again starts new ones)."""
         if self._loader is not None:
@@ -228,6 +276,11 @@ class AdaptiveLoader(Closeable):
 
     def _epoch(self) -> Iterator[Any]:
         self.epoch += 1
+        resumed = self._resume is not None
+        if self._resume is not None:
+            self._start_from(self._resume)
+        elif self._loader is not None and self._loader.restart_if_changed():
+            self._inner = None  # the dataset changed: new workers copy it
         if self._pending is not None:
             self._apply(self._pending)
         if self._images is not None and self._order is not None:
@@ -236,7 +289,9 @@ class AdaptiveLoader(Closeable):
             yield from self._stream_epoch()
             return
         order = self._order
-        if not order.new_epoch(self._config.num_workers):
+        if resumed:
+            order.workers = self._config.num_workers
+        elif not order.new_epoch(self._config.num_workers):
             self._inner = None  # the last epoch was left early: what was drawn ahead is gone
         restarted = False
         while not order.epoch_done():
@@ -279,7 +334,8 @@ class AdaptiveLoader(Closeable):
             workers = self._config.num_workers
             self._meter = BusyMeter(workers) if workers else None
             self._loader = build_loader(self.dataset, self.batch_size, self._config,
-                                        shuffle=False, extra=self._extra, meter=self._meter)
+                                        shuffle=False, extra=self._extra, meter=self._meter,
+                                        seed=self._seed)
         return self._loader
 
     # -- watching and changing -----------------------------------------------------------------
@@ -474,9 +530,11 @@ class _EpochOrder:
         self.offset = 0  # ... the first of them is at this position
         self.start = 0  # where the loader being built begins
         self.delivered = 0
-        self.epochs: list[list[int | None]] = []  # [first, end] of the consumer's epoch and
+        self.epochs: list[list[Any]] = []  # [first, end, tag] of the consumer's epoch and
         self._draw: Iterator[Any] | None = None  # the one drawn ahead; the one being drawn
         self.workers = 0  # the workers the epochs are striped for (a ChunkShuffleSampler)
+        self.begun = 0  # epochs begun drawing
+        self.dataset = dataset
 
     def new_epoch(self, workers: int) -> bool:
         """The loop starts its next epoch. False when the last one was left before its end:
@@ -515,18 +573,78 @@ class _EpochOrder:
         """The next batch of the epoch being drawn, or its end."""
         assert self._draw is not None
         batch = next(self._draw, None)
+        if self.epochs[-1][2] is None:  # the sampler's iter() has run: its epoch is set
+            sampler_epoch = getattr(getattr(self.source, "sampler", self.source), "epoch", None)
+            self.epochs[-1][2] = sampler_epoch if isinstance(sampler_epoch, int) \
+                else self.begun - 1
         if batch is None:
             self.epochs[-1][1] = self.offset + len(self.drawn)
             self._draw = None
         else:
-            self.drawn.append(list(batch))
+            self.drawn.append(TaggedBatch(batch, self.epochs[-1][2]))
 
     def _begin(self) -> None:
         sampler = getattr(self.source, "sampler", None)
         if isinstance(sampler, ChunkShuffleSampler):  # each worker its own chunks again
             sampler.num_workers = self.workers
-        self.epochs.append([self.offset + len(self.drawn), None])
+        self.epochs.append([self.offset + len(self.drawn), None, None])
+        self.begun += 1
         self._draw = iter(self.source)
+
+    def state(self, epoch: int, unreceived: int = 0) -> dict[str, Any]:
+        """The consumer's epoch (``epoch``: the loader's count, from 1), the batches of it
+        delivered, and the sampler's epoch it was drawn with."""
+        first, end, tag = self.epochs[0] if self.epochs else (self.delivered, None, None)
+        handed = self.delivered - first - unreceived
+        sampler = getattr(self.source, "sampler", self.source)
+        if epoch == 0 or (end is not None and self.delivered - unreceived >= end) \
+                or handed >= len(self.source):
+            number, handed = epoch, 0  # the next epoch, whole
+            tag = tag + 1 if isinstance(tag, int) and epoch > 0 else None
+        else:
+            number = epoch - 1
+        return {"epoch": number, "batches_delivered": handed,
+                "sampler": type(sampler).__name__,
+                "sampler_epoch": tag if hasattr(sampler, "_next_epoch") else None,
+                "lengths": [length_of(self.dataset), length_of(self.source)]}
+
+    def check(self, state: dict[str, Any]) -> None:
+        """A clear error for a state of another dataset, batch count or sampler."""
+        sampler = getattr(self.source, "sampler", self.source)
+        here = [length_of(self.dataset), length_of(self.source)]
+        try:
+            lengths = [int(x) for x in state["lengths"]]
+            int(state["epoch"]), int(state["batches_delivered"])
+            kind = str(state["sampler"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"state is not an AdaptiveLoader's state_dict(): "
+                                     f"{exc!r}") from None
+        if lengths != here:
+            raise InvalidConfigError(
+                f"the state was saved from a loader of {lengths[0]} samples ({lengths[1]} "
+                f"batches) and this loader has {here[0]} samples ({here[1]} batches): load it "
+                "into a loader over the same dataset, sampler and batch size")
+        if kind != type(sampler).__name__:
+            raise InvalidConfigError(f"the state was saved from a loader ordered by {kind} and "
+                                     f"this one is ordered by {type(sampler).__name__}")
+
+    def restart(self, state: dict[str, Any]) -> int:
+        """Draw the saved epoch again and skip its delivered batches (not loaded); returns
+        the loader's epoch count (from 1) to go on with."""
+        sampler = getattr(self.source, "sampler", self.source)
+        if isinstance(state["sampler_epoch"], int) and hasattr(sampler, "_next_epoch"):
+            sampler.epoch = sampler._next_epoch = state["sampler_epoch"]
+        self.epochs.clear()
+        self._draw = None
+        self.drawn, self.offset = [], self.delivered
+        self.begun = int(state["epoch"])
+        self._begin()
+        for _ in range(int(state["batches_delivered"])):
+            self._draw_one()
+            if self._draw is None:
+                break
+        self.delivered = self.start = self.offset + len(self.drawn)
+        return int(state["epoch"]) + 1
 
     def batches_from(self, start: int) -> Iterator[list[Any]]:
         position = start

@@ -165,6 +165,7 @@ class DeviceLoader(Closeable):
         self.transform = transform
         self._passes: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
         self._closed = False
+        self._held = 0  # batches the loader gave that the consumer has not received yet
 
     def __iter__(self) -> Iterator[Any]:
         if self.device.type == "cpu":
@@ -206,7 +207,9 @@ class DeviceLoader(Closeable):
                 ahead = self._copy(batches, side, device)  # batch n+1 copies during step n
             except Exception as exc:  # deliver batch n first, then what fetching n+1 raised
                 ahead, error = None, exc
+            self._held = 1 if ahead is not None else 0
             yield moved
+        self._held = 0
         if error is not None:
             raise error
 
@@ -224,6 +227,27 @@ class DeviceLoader(Closeable):
                 moved = self.transform(moved)
                 made += [t for t in _tensors(moved) if t.is_cuda]
         return batch, moved, made
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's state as the consumer stands (the batch copying ahead is not counted
+        as received): ``{"version": 1, "loader": loader.state_dict()}``."""
+        state = getattr(self.loader, "state_dict", None)
+        if state is None:
+            raise InvalidConfigError(f"state_dict(): the loader {type(self.loader).__name__} "
+                                     "has none to resume from")
+        inner = state(unreceived=self._held) if self._held else state()
+        return {"version": 1, "loader": inner}
+
+    def load_state_dict(self, state: Any) -> None:
+        """The loader resumes from ``state["loader"]`` at the next ``iter()``."""
+        if not isinstance(state, Mapping) or "loader" not in state:
+            raise InvalidConfigError(f"state={state!r:.80} is not a DeviceLoader.state_dict(): "
+                                     "pass the dict that state_dict() returned")
+        load = getattr(self.loader, "load_state_dict", None)
+        if load is None:
+            raise InvalidConfigError(f"load_state_dict(): the loader "
+                                     f"{type(self.loader).__name__} cannot resume")
+        load(state["loader"])
 
     def close(self) -> None:
         """End every pass in progress (dropping the batch held ahead), then call the loader's

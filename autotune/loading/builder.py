@@ -78,7 +78,7 @@ class TunedDataLoader(Closeable, DataLoader):
     def __iter__(self) -> Any:
         """One epoch's batches; a worker that dies raises ``WorkerCrashError`` with the likely
         fix instead of torch's bare "killed by signal: Killed" (``loading.crash``)."""
-        self._restart_if_changed()
+        self.restart_if_changed()
         epochs = self.__dict__.get("_autotune_epochs")
         if epochs is not None:
             return epochs.epoch(self._torch_iter)
@@ -126,17 +126,17 @@ class TunedDataLoader(Closeable, DataLoader):
         return dataset.dataset if isinstance(dataset, (NamedErrors, NamedStreamErrors)) \
             else dataset
 
-    def _restart_if_changed(self) -> None:
+    def restart_if_changed(self) -> bool:
         """Persistent workers hold the dataset as it was when they started: if it changed
         since (``policy.epochs.changed``), stop them, so the epoch starts new ones that copy
-        it as it is now, as torch's default loader does at every epoch."""
+        it as it is now, as torch's default loader does at every epoch. True: stopped."""
         copied = self.__dict__.get("_autotune_copied")
         if copied is None or self._iterator is None:
-            return
+            return False
         now = dataset_summary(self._user_dataset())
         names = changed(copied, now)
         if not names:
-            return
+            return False
         epochs = self.__dict__.get("_autotune_epochs")
         epoch = epochs.number + 1 if epochs is not None else None
         what = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -149,18 +149,20 @@ class TunedDataLoader(Closeable, DataLoader):
                 f"{restarts} time(s) for a dataset change, last before epoch {epoch} "
                 f"({what} changed): persistent workers hold a copy of the dataset"))
         self.close()
+        return True
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, unreceived: int = 0) -> dict[str, Any]:
         """Where the consumer stands, as plain data (torchdata's ``StatefulDataLoader``
         protocol): the epoch, the batches of it received, what decides its order. No sample
-        data; ``torch.save`` and YAML can hold it."""
+        data; ``torch.save`` and YAML can hold it. ``unreceived``: batches handed to a
+        wrapper that holds them ahead (``DeviceLoader``), not received yet."""
         epochs = self.__dict__.get("_autotune_epochs")
         if epochs is None:
             raise InvalidConfigError(
                 "state_dict() needs batches drawn by a batch sampler over a map-style "
                 f"dataset; this loader's dataset is {type(self._user_dataset()).__name__} "
                 f"with batch_size={self.batch_size}")
-        return epochs.state()
+        return epochs.state(unreceived)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()``'s ``state``: the next ``iter()`` yields the rest of

@@ -97,13 +97,14 @@ class IndexStream:
     ``drawn[k]``: how epoch ``k`` was drawn. The first epoch starts ``skip`` batches in.
     """
 
-    def __init__(self, run: EpochRun, first: int, skip: int) -> None:
-        # not the run itself: a cycle would keep the workers until a garbage collection
+    def __init__(self, run: EpochRun, first: int) -> None:
+        # the run weakly: a cycle would keep the workers until a garbage collection
+        self._run = weakref.ref(run)
         self.ahead, self.dataset = run.ahead, run.dataset
         self.batches, self.order = run.batches, run.order
         self.source = run.source
-        self.first, self.skip = first, skip
-        self._redraw = run.take_redraw()
+        self.first, self.skip = first, 0
+        self._redraw: bytes | None = None
         self.count = 0
         self.ends: list[int] = []
         self.drawn: list[_Drawn] = []
@@ -145,6 +146,9 @@ class IndexStream:
         the loop's generator takes its state when the epoch is served (``adopt``). A draw
         from torch's global generator is hidden: the global state is put back after it."""
         k = len(self.drawn)
+        run = self._run()
+        if k == 0 and run is not None and run.stream is self:  # torch made it to read: a
+            self.skip, self._redraw = run.take_resume()  # resume starts here
         source, own = self.source, None
         start_from = self._internal if k > 0 else self._redraw
         hide = source is not None and source.is_global and (k > 0 or start_from is not None)
@@ -241,15 +245,16 @@ class EpochRun:
 
     # -- what torch's iterator reads ---------------------------------------------------------
 
-    def take_redraw(self) -> bytes | None:
-        """The global generator's state to draw a resumed epoch from (once)."""
-        state, self._redraw_from = self._redraw_from, None
-        return state
+    def take_resume(self) -> tuple[int, bytes | None]:
+        """The batches a resumed epoch skips and the global generator's state to draw it
+        from, once (torch makes a stream at each reset, and reads the last one made)."""
+        skip, state = self._skip, self._redraw_from
+        self._skip, self._redraw_from = 0, None
+        return skip, state
 
     def new_stream(self) -> IndexStream:
         """What torch's iterator reads from its (re)start on."""
-        skip, self._skip = self._skip, 0
-        self.stream = IndexStream(self, self.number if self.number >= 0 else 0, skip)
+        self.stream = IndexStream(self, self.number if self.number >= 0 else 0)
         return self.stream
 
     def __len__(self) -> int:
@@ -319,18 +324,20 @@ class EpochRun:
 
     # -- where the consumer stands -------------------------------------------------------------
 
-    def delivered(self) -> tuple[int, bool]:
+    def delivered(self, unreceived: int = 0) -> tuple[int, bool]:
         """Batches of the served epoch the consumer received, and whether it ended."""
         if self._served < 0:
             return 0, False
-        length = length_of(self.batches)
-        return self.received, self._clean or (length is not None and self.received >= length)
+        received, length = self.received - unreceived, length_of(self.batches)
+        if unreceived:
+            return received, False
+        return received, self._clean or (length is not None and received >= length)
 
-    def state(self) -> dict[str, Any]:
+    def state(self, unreceived: int = 0) -> dict[str, Any]:
         """Plain data: the epoch the next batch belongs to and what decides its order."""
         if self._resume is not None:
             return dict(self._resume)  # loaded and not started yet: the same place
-        stream, (handed, ended) = self.stream, self.delivered()
+        stream, (handed, ended) = self.stream, self.delivered(unreceived)
         number, random, sampler_epoch = max(self.number, 0), None, None
         if stream is not None and self._served >= 0 and len(stream.drawn) > self._served:
             drawn = stream.drawn[self._served]
