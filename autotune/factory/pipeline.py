@@ -205,7 +205,7 @@ class LoaderPipeline:
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
             size = len(overrides["sampler"])
-        elif self.seed is not None and not stream and not ordered \
+        elif self.seed is not None and not stream and not ordered and not chunked \
                 and "generator" not in overrides and overrides.get("shuffle", req.training):
             # each epoch's order from (seed, epoch), whatever drew from a generator before
             overrides.pop("shuffle", None)
@@ -255,7 +255,7 @@ class LoaderPipeline:
         if self.seed is not None and "generator" not in overrides:
             # worker seeds differ across ranks; a DistributedSampler orders by its own seed
             overrides["generator"] = torch.Generator().manual_seed(self.seed + ranks.rank)
-        if isinstance(overrides.get("sampler"), EpochDistributedSampler) \
+        if type(overrides.get("sampler")) is EpochDistributedSampler \
                 and overrides["sampler"].num_replicas == 1:
             config = config.noted(sampler=(
                 f"seed={self.seed}: each epoch's order drawn from (seed, epoch), as torch's "

@@ -18,6 +18,7 @@ the next boundary and not made again (a split: not with a share within ``SHARE_S
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 import logging
@@ -27,15 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
 
 from .._check import check_int, is_stream
 from .._lifecycle import Closeable
 from ..config import SETTINGS, LoaderConfig
 from ..errors import InvalidConfigError, WorkerSafetyError
 from ..loading.builder import TunedDataLoader, build_loader
-from ..loading.epochs import STATE_VERSION
-from ..loading.inputs import length_of
+from ..loading.draws import EpochDraws
+from ..loading.epochs import STATE_VERSION, check_state
+from ..loading.inputs import epoch_inputs, random_source
 from ..loading.seeding import TaggedBatch
 from ..loading.worker import BusyMeter
 from ..policy import adapt
@@ -233,7 +235,7 @@ class AdaptiveLoader(Closeable):
         if self._resume is not None:
             return {"version": STATE_VERSION, "order": dict(self._resume["order"]),
                     "workers": self._resume["workers"]}
-        return {"version": STATE_VERSION, "order": self._order.state(self.epoch, unreceived),
+        return {"version": STATE_VERSION, "order": self._order.state(unreceived),
                 "workers": self.num_workers}
 
     def load_state_dict(self, state: Any) -> None:
@@ -247,8 +249,7 @@ class AdaptiveLoader(Closeable):
             raise InvalidConfigError(f"state is not an AdaptiveLoader's state_dict(): {exc!r} "
                                      "(pass what state_dict() returned)") from None
         assert self._order is not None
-        self._order.check(order)
-        self._resume = {"order": order, "workers": workers}
+        self._resume = {"order": self._order.check(order), "workers": workers}
 
     def _start_from(self, state: dict[str, Any]) -> None:
         """The epoch order starts again at the saved place, with fresh workers."""
@@ -511,9 +512,11 @@ class _EpochOrder:
     """The batches of epoch after epoch as drawn from the caller's sampler or batch sampler
     (or a random or sequential one), kept from the first not yet delivered on: a new loader
     continues the same order. Each epoch is drawn once, as the loaders ask (an endless
-    sampler works). With ``ahead`` the next epoch's draw begins where this one's ends, so the
-    workers go on into it while the loop takes this epoch's last batches (one epoch ahead
-    at most). Positions count batches over all epochs."""
+    sampler works), by ``loading.draws``. With ``ahead`` the next epoch's draw begins where
+    this one's ends, so the workers go on into it while the loop takes this epoch's last
+    batches (one epoch ahead at most); at the loop's next epoch it is checked against what
+    torch would draw then, and drawn again if it differs. Positions count batches over all
+    epochs; ``epochs`` holds [first, end, drawn] of the consumer's epoch and the one ahead."""
 
     def __init__(self, dataset: Any, batch_size: int, config: LoaderConfig,
                  extra: dict[str, Any], shuffle: bool) -> None:
@@ -525,35 +528,42 @@ class _EpochOrder:
                            if shuffle else SequentialSampler(dataset))
             batches = BatchSampler(sampler, batch_size, config.drop_last)
         self.source = batches
+        self.dataset = dataset
         self.ahead = config.prefetch_across_epochs
         self.drawn: list[list[Any]] = []  # batches drawn and not yet delivered ...
         self.offset = 0  # ... the first of them is at this position
         self.start = 0  # where the loader being built begins
         self.delivered = 0
-        self.epochs: list[list[Any]] = []  # [first, end, tag] of the consumer's epoch and
-        self._draw: Iterator[Any] | None = None  # the one drawn ahead; the one being drawn
+        self.epochs: list[list[Any]] = []
+        self.draws = EpochDraws(batches, dataset)
+        self.number = -1  # the consumer's epoch (from 0)
+        self.stale: str | None = None  # why the last epoch drawn ahead was drawn again
         self.workers = 0  # the workers the epochs are striped for (a ChunkShuffleSampler)
-        self.begun = 0  # epochs begun drawing
-        self.dataset = dataset
+        self._first: Any = None  # the first batch of the epoch just begun
 
     def new_epoch(self, workers: int) -> bool:
-        """The loop starts its next epoch. False when the last one was left before its end:
-        what was drawn after it is dropped (as torch drops an epoch left early), and the
-        loader must start again from here."""
+        """The loop starts its next epoch. False when the loader must start again from here:
+        the last epoch was left before its end (what was drawn after it is dropped, as torch
+        drops an epoch left early), or the epoch drawn ahead is not the one torch would draw
+        now (``loading.draws``)."""
         self.workers = workers
+        self.number += 1
+        self.stale = None
         if self.epochs:
             end = self.epochs[0][1]
             if end is not None and self.delivered == end:
                 self.epochs.pop(0)
-                if self.epochs:
-                    return True  # drawn ahead
-            else:
-                self.epochs.clear()
-                self._draw = None
-                self.drawn, self.offset, self.start = [], self.delivered, self.delivered
-                self._begin()
-                return False
-        self._begin()
+                if not self.epochs:
+                    self._begin(ahead=False)
+                    return True
+                self.stale = self.draws.check(len(self.draws.drawn) - 1)
+                if self.stale is None:
+                    return True  # drawn ahead, as torch would draw it now
+                log.debug("autotune adapt: the epoch drawn ahead is drawn again: %s", self.stale)
+            self._drop_ahead(self.epochs[-1][2] if self.epochs else None)
+            self._begin(ahead=False)
+            return False
+        self._begin(ahead=False)
         return True
 
     def epoch_done(self) -> bool:
@@ -563,70 +573,74 @@ class _EpochOrder:
         must begin the next epoch, not add to this one."""
         if not self.epochs:
             return False
-        if self.epochs[0][1] is None and self._draw is not None \
+        if self.epochs[0][1] is None and self._drawing() \
                 and self.delivered >= self.offset + len(self.drawn):
             self._draw_one()
         end = self.epochs[0][1]
         return end is not None and self.delivered >= end
 
+    def _drawing(self) -> bool:
+        return self._first is not None or self.draws.drawing
+
     def _draw_one(self) -> None:
         """The next batch of the epoch being drawn, or its end."""
-        assert self._draw is not None
-        batch = next(self._draw, None)
-        if self.epochs[-1][2] is None:  # the sampler's iter() has run: its epoch is set
-            sampler_epoch = getattr(getattr(self.source, "sampler", self.source), "epoch", None)
-            self.epochs[-1][2] = sampler_epoch if isinstance(sampler_epoch, int) \
-                else self.begun - 1
+        batch, self._first = (self._first, None) if self._first is not None \
+            else (self.draws.next(), None)
         if batch is None:
             self.epochs[-1][1] = self.offset + len(self.drawn)
-            self._draw = None
         else:
-            self.drawn.append(TaggedBatch(batch, self.epochs[-1][2]))
+            self.drawn.append(TaggedBatch(batch, self.epochs[-1][2].number))
 
-    def _begin(self) -> None:
+    def _begin(self, *, ahead: bool) -> None:
         sampler = getattr(self.source, "sampler", None)
         if isinstance(sampler, ChunkShuffleSampler):  # each worker its own chunks again
             sampler.num_workers = self.workers
-        self.epochs.append([self.offset + len(self.drawn), None, None])
-        self.begun += 1
-        self._draw = iter(self.source)
+        self._first = self.draws.begin(ahead=ahead, number=self.number + int(ahead))
+        self.epochs.append([self.offset + len(self.drawn), None, self.draws.drawn[-1]])
+        if self._first is None:
+            self.epochs[-1][1] = self.epochs[-1][0]  # an empty epoch
 
-    def state(self, epoch: int, unreceived: int = 0) -> dict[str, Any]:
-        """The consumer's epoch (``epoch``: the loader's count, from 1), the batches of it
-        delivered, and the sampler's epoch it was drawn with."""
-        first, end, tag = self.epochs[0] if self.epochs else (self.delivered, None, None)
+    def _drop_ahead(self, unserved: Any) -> None:
+        """Forget what was drawn after the delivered batches; the sampler goes back to
+        ``unserved``, the epoch drawn ahead and not served (None: none)."""
+        for k, drawn in enumerate(self.draws.drawn):
+            if drawn is unserved:
+                self.draws.give_back(k)
+        self.epochs.clear()
+        self._first = None
+        self.draws = EpochDraws(self.source, self.dataset)
+        self.drawn, self.offset, self.start = [], self.delivered, self.delivered
+
+    def state(self, unreceived: int = 0) -> dict[str, Any]:
+        """The consumer's epoch, the batches of it delivered (``unreceived``: of those, the
+        ones a wrapper holds ahead) and what decides its order (``loading.epochs``'s form)."""
+        sampler = getattr(self.source, "sampler", self.source)
+        first, end, drawn = self.epochs[0] if self.epochs else (self.delivered, None, None)
         handed = self.delivered - first - unreceived
-        sampler = getattr(self.source, "sampler", self.source)
-        if epoch == 0 or (end is not None and self.delivered - unreceived >= end) \
-                or handed >= len(self.source):
-            number, handed = epoch, 0  # the next epoch, whole
-            tag = tag + 1 if isinstance(tag, int) and epoch > 0 else None
-        else:
-            number = epoch - 1
-        return {"epoch": number, "batches_delivered": handed,
-                "sampler": type(sampler).__name__,
-                "sampler_epoch": tag if hasattr(sampler, "_next_epoch") else None,
-                "lengths": [length_of(self.dataset), length_of(self.source)]}
+        random, sampler_epoch, number = None, None, max(self.number, 0)
+        ended = drawn is None or (end is not None and self.delivered - unreceived >= end) \
+            or handed >= len(self.source)
+        if drawn is not None and ended:
+            if self.epochs[0][1] is None and len(self.epochs) == 1:
+                self.epoch_done()  # draws to its end: that decides the next epoch
+            number, handed, random = self.number + 1, 0, drawn.end
+            if hasattr(sampler, "_next_epoch") and isinstance(drawn.sampler_epoch, int):
+                sampler_epoch = drawn.sampler_epoch + 1
+        elif drawn is not None:
+            random, sampler_epoch = drawn.inputs.random, drawn.sampler_epoch
+        return {"version": STATE_VERSION, "epoch": number, "batches_delivered": max(handed, 0),
+                "sampler": type(sampler).__name__, "sampler_epoch": sampler_epoch,
+                "random_state": base64.b64encode(random).decode() if random else None,
+                "lengths": list(epoch_inputs(self.source, sampler, self.dataset,
+                                             None).lengths)}
 
-    def check(self, state: dict[str, Any]) -> None:
-        """A clear error for a state of another dataset, batch count or sampler."""
+    def check(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` checked against this order (a clear error for another dataset, batch
+        count or sampler), as ``loading.epochs`` checks a loader's."""
         sampler = getattr(self.source, "sampler", self.source)
-        here = [length_of(self.dataset), length_of(self.source)]
-        try:
-            lengths = [int(x) for x in state["lengths"]]
-            int(state["epoch"]), int(state["batches_delivered"])
-            kind = str(state["sampler"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidConfigError(f"state is not an AdaptiveLoader's state_dict(): "
-                                     f"{exc!r}") from None
-        if lengths != here:
-            raise InvalidConfigError(
-                f"the state was saved from a loader of {lengths[0]} samples ({lengths[1]} "
-                f"batches) and this loader has {here[0]} samples ({here[1]} batches): load it "
-                "into a loader over the same dataset, sampler and batch size")
-        if kind != type(sampler).__name__:
-            raise InvalidConfigError(f"the state was saved from a loader ordered by {kind} and "
-                                     f"this one is ordered by {type(sampler).__name__}")
+        here = list(epoch_inputs(self.source, sampler, self.dataset, None).lengths)
+        return check_state(state, here, type(sampler).__name__,
+                           random_source(sampler) is not None)
 
     def restart(self, state: dict[str, Any]) -> int:
         """Draw the saved epoch again and skip its delivered batches (not loaded); returns
@@ -634,17 +648,27 @@ class _EpochOrder:
         sampler = getattr(self.source, "sampler", self.source)
         if isinstance(state["sampler_epoch"], int) and hasattr(sampler, "_next_epoch"):
             sampler.epoch = sampler._next_epoch = state["sampler_epoch"]
+        elif isinstance(state["sampler_epoch"], int) and isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(state["sampler_epoch"])
         self.epochs.clear()
-        self._draw = None
+        self._first = None
+        self.draws = EpochDraws(self.source, self.dataset)
+        random = state["random_state"]
+        if random is not None and self.draws.source is not None:
+            raw = base64.b64decode(random)
+            if self.draws.source.is_global:
+                self.draws._redraw = raw
+            else:
+                self.draws.source.set(raw)
         self.drawn, self.offset = [], self.delivered
-        self.begun = int(state["epoch"])
-        self._begin()
+        self.number = int(state["epoch"])
+        self._begin(ahead=False)
         for _ in range(int(state["batches_delivered"])):
             self._draw_one()
-            if self._draw is None:
+            if self.epochs[-1][1] is not None:
                 break
         self.delivered = self.start = self.offset + len(self.drawn)
-        return int(state["epoch"]) + 1
+        return self.number + 1
 
     def batches_from(self, start: int) -> Iterator[list[Any]]:
         position = start
@@ -657,10 +681,11 @@ class _EpochOrder:
                 yield self.drawn[position - self.offset]
                 position += 1
                 continue
-            if self._draw is None:
+            if not self._drawing():
                 if not (self.ahead and len(self.epochs) == 1 and self.epochs[0][1] is not None):
                     return
-                self._begin()  # the next epoch, drawn ahead
+                self._begin(ahead=True)  # the next epoch, drawn ahead
+                continue
             self._draw_one()
 
 

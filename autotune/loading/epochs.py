@@ -9,11 +9,8 @@ epochs: each ``iter(loader)`` yields exactly one epoch's batches.
 
 - Every epoch's samples once: an epoch ends where its sampler iterator ended, counted as
   the indices are drawn, and batches arrive in the order drawn (``in_order=True``).
-- An epoch drawn ahead is the epoch torch would draw at ``iter()``, or it is drawn again:
-  what decides it (lengths, the sampler's parameters and epoch, its random source) is read
-  when it is drawn and again at ``iter()`` (``policy.epochs.why_stale``). A draw ahead from
-  torch's global generator is hidden: the loop sees the global state it would see with
-  torch, and the draw counts only if the loop drew nothing from it before ``iter()``.
+- An epoch drawn ahead is the epoch torch would draw at ``iter()``, or it is drawn again
+  (``loading.draws``, which also keeps draws ahead out of the generators the loop sees).
 - ``break`` out of an epoch: the next ``iter()`` starts afresh, as torch's does; the epochs
   drawn ahead and not started are given back to the sampler.
 - Each batch of indices is a ``TaggedBatch`` with its epoch (per-sample seeding).
@@ -26,15 +23,14 @@ from __future__ import annotations
 import base64
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import (BatchSampler, DistributedSampler, RandomSampler, SequentialSampler,
                               SubsetRandomSampler, WeightedRandomSampler)
 
 from ..errors import InvalidConfigError
-from ..policy.epochs import EpochInputs, why_stale
-from .inputs import RandomSource, draws_as_it_runs, epoch_inputs, length_of, random_source
+from .draws import EpochDraws, advances_itself
+from .inputs import draws_as_it_runs, epoch_inputs, length_of, random_source
 from .seeding import TaggedBatch
 
 STATE_VERSION = 1
@@ -59,7 +55,7 @@ def why_not_ahead(loader: Any) -> str | None:
         return (f"off: the batch sampler {type(batches).__name__} may not start a new epoch "
                 "at every iter()")
     order = order_of(loader)
-    if not isinstance(order, _KNOWN) and not _advances_itself(order):
+    if not isinstance(order, _KNOWN) and not advances_itself(order):
         return (f"off: the sampler {type(order).__name__} may not start a new "
                 "epoch at every iter()")
     if draws_as_it_runs(order):
@@ -68,157 +64,76 @@ def why_not_ahead(loader: Any) -> str | None:
     return None
 
 
-def _advances_itself(sampler: Any) -> bool:
-    """The factory's samplers: each ``iter()`` starts epoch ``_next_epoch``."""
-    return hasattr(sampler, "_next_epoch") and hasattr(sampler, "epoch")
-
-
-def _epoch_state(sampler: Any) -> tuple[Any, Any]:
-    return getattr(sampler, "epoch", None), getattr(sampler, "_next_epoch", None)
-
-
-@dataclass
-class _Drawn:
-    """One epoch of a stream as it was drawn."""
-
-    inputs: EpochInputs  # read just before its draw (``random``: the state drawn from)
-    after: bytes | None  # the random source's state right after its draw
-    sampler_epoch: Any  # the sampler's epoch once its iter() ran (None: it has none)
-    number: int  # the loader's epoch number, the tag of its batches
-    end: bytes | None = None  # an own generator's state when its last index was drawn
-    generator: Any = None  # the copy of the sampler's own generator it was drawn with
-    adopted: bytes | None = None  # the state the sampler's generator was given when served
-
-
 class IndexStream:
-    """The index batches that torch's iterator reads: one epoch, or epoch after epoch.
+    """The index batches that torch's iterator reads: one epoch, or epoch after epoch
+    (``ahead``), each drawn by ``loading.draws``.
 
-    ``ends[k]``: how many batches were drawn when the stream's epoch ``k`` ended;
-    ``drawn[k]``: how epoch ``k`` was drawn. The first epoch starts ``skip`` batches in.
+    ``ends[k]``: how many batches were read when the stream's epoch ``k`` ended;
+    ``draws.drawn[k]``: how it was drawn. The first epoch starts ``skip`` batches in.
     """
 
     def __init__(self, run: EpochRun, first: int) -> None:
         # the run weakly: a cycle would keep the workers until a garbage collection
         self._run = weakref.ref(run)
-        self.ahead, self.dataset = run.ahead, run.dataset
-        self.batches, self.order = run.batches, run.order
-        self.source = run.source
-        self.first, self.skip = first, 0
-        self._redraw: bytes | None = None
+        self.ahead = run.ahead
+        self.draws = EpochDraws(run.batches, run.dataset, first=first)
+        self.skip = 0
         self.count = 0
         self.ends: list[int] = []
-        self.drawn: list[_Drawn] = []
-        self.state_after: tuple[Any, Any] = _epoch_state(self.order)
-        self._next_base: bytes | None = None  # where an own generator's next epoch draws from
-        self._internal: bytes | None = None  # a global source's state, draws ahead included
-        self._current: Iterator[Any] | None = None
         self._pending: Any = None
+        self._started = 0
         self._done = False
 
     def __iter__(self) -> IndexStream:
         return self
 
     def __next__(self) -> Any:
+        draws = self.draws
         while not self._done:
-            if self._current is None:
-                if self.drawn and not self.ahead:
+            if not draws.drawing and self._pending is None:
+                if draws.drawn and not self.ahead:
                     break  # one epoch per iter()
                 self._start()
                 continue
             if self._pending is not None:
                 batch, self._pending = self._pending, None
             else:
-                batch = next(self._current, None)
+                batch = draws.next()
             if batch is None:
                 self._end()
                 continue
             self.count += 1
             if isinstance(batch, (list, tuple)) and not isinstance(batch, TaggedBatch):
-                return TaggedBatch(batch, self.drawn[-1].number)
+                return TaggedBatch(batch, draws.drawn[-1].number)
             return batch
         raise StopIteration
 
     def _start(self) -> None:
-        """Draw the next epoch's first batch, recording what decided it.
-
-        A sampler's own generator is left alone while epochs are drawn ahead: each epoch
-        draws from a copy (``_Drawn.generator``) that starts where the last one ended, and
-        the loop's generator takes its state when the epoch is served (``adopt``). A draw
-        from torch's global generator is hidden: the global state is put back after it."""
-        k = len(self.drawn)
+        """Draw the next epoch's first batch (a resume: skip the delivered ones, unloaded)."""
+        k = len(self.draws.drawn)
         run = self._run()
         if k == 0 and run is not None and run.stream is self:  # torch made it to read: a
-            self.skip, self._redraw = run.take_resume()  # resume starts here
-        source, own = self.source, None
-        start_from = self._internal if k > 0 else self._redraw
-        hide = source is not None and source.is_global and (k > 0 or start_from is not None)
-        if hide:
-            assert source is not None
-            seen = source.get()  # the loop goes on from this state
-            if start_from is not None:
-                source.set(start_from)  # where the draws ahead (or a saved state) left it
-        base = source.get() if source is not None else None
-        if source is not None and not source.is_global:
-            base = self._next_base if k > 0 else base
-            own = RandomSource.copy_of(base)  # type: ignore[arg-type]
-            self.order.generator = own
-        inputs = epoch_inputs(self.batches, self.order, self.dataset, base,
-                              with_epoch=not _advances_itself(self.order))
-        try:
-            self._current = iter(self.batches)
-            started = self.count
-            self._pending = next(self._current, None)  # the sampler's iter() runs here
-        finally:
-            if own is not None:
-                assert source is not None
-                self.order.generator = source.generator
-        after = source.get() if source is not None and own is None else None
-        if hide:
-            assert source is not None
-            self._internal = after
-            source.set(seen)
-        sampler_epoch = _epoch_state(self.order)[0]
-        self.state_after = _epoch_state(self.order)
-        number = sampler_epoch if isinstance(sampler_epoch, int) else self.first + k
-        self.drawn.append(_Drawn(inputs, after, sampler_epoch, number, generator=own))
+            self.skip, self.draws._redraw = run.take_resume()  # resume starts here
+        self._started = self.count
+        self._pending = self.draws.begin(ahead=k > 0)
         if k == 0:
-            self.adopt(0)  # drawn at iter(), as torch draws it
-        if k == 0 and self.skip:  # a resume: the delivered batches, skipped unloaded
             for _ in range(self.skip):
                 if self._pending is None:
                     break
-                self._pending = next(self._current, None)
-        self._started = started
-        if self._pending is None:  # an empty epoch
+                self._pending = self.draws.next()
+        if self._pending is None:  # empty, or all of it delivered before a resume
             self._end()
 
-    def adopt(self, k: int) -> None:
-        """Epoch ``k`` is served: a sampler's own generator goes where its draw left the copy
-        (as if drawn now), and follows it to the epoch's end."""
-        drawn = self.drawn[k]
-        if drawn.generator is not None and self.source is not None:
-            drawn.adopted = drawn.end or drawn.generator.get_state().numpy().tobytes()
-            self.source.set(drawn.adopted)
-
     def finish_epoch(self) -> None:
-        """Draw to the end of the epoch whose batches were all drawn (the sampler's last
+        """Draw to the end of the epoch whose batches were all read (the sampler's last
         step, e.g. a ``RandomSampler``'s, runs as torch's next fetch would run it)."""
-        if self._current is not None and self._pending is None:
-            batch = next(self._current, None)
-            if batch is None:
+        if self.draws.drawing and self._pending is None:
+            self._pending = self.draws.next()
+            if self._pending is None:
                 self._end()
-            else:  # more than its length said: kept for the next read
-                self._pending = batch
 
     def _end(self) -> None:
-        self._current = None
         self.ends.append(self.count)
-        drawn = self.drawn[-1]
-        if drawn.generator is not None and self.source is not None:
-            drawn.end = self._next_base = drawn.generator.get_state().numpy().tobytes()
-            if drawn.adopted is not None and self.source.get() == drawn.adopted:
-                drawn.adopted = drawn.end  # served and untouched: it follows the epoch's end
-                self.source.set(drawn.end)
         if self.count == self._started:
             self._done = True  # an empty epoch: stop there
 
@@ -230,7 +145,7 @@ class EpochRun:
     def __init__(self, batches: Any, dataset: Any, *, ahead: bool) -> None:
         self.batches, self.dataset, self.ahead = batches, dataset, ahead
         self.order = batches.sampler if isinstance(batches, BatchSampler) else batches
-        self.source: RandomSource | None = random_source(self.order)
+        self.source = random_source(self.order)
         self.stream: IndexStream | None = None
         self.number = -1  # the loader's epoch being served
         self._batches: Iterator[Any] | None = None
@@ -275,7 +190,8 @@ class EpochRun:
             stream = None
         if not self.ahead or self._batches is None or stream is None or not self._clean \
                 or not self._follows_on(stream):
-            self._give_back(stream)
+            if stream is not None:
+                stream.draws.give_back(self._served + 1)
             self._batches = restart()
             self._served, self._handed = -1, 0
         self._served += 1
@@ -290,37 +206,10 @@ class EpochRun:
     def _follows_on(self, stream: IndexStream) -> bool:
         """The epoch drawn ahead is the one ``iter()`` would draw now."""
         k = self._served + 1
-        if len(stream.drawn) <= k:
+        if len(stream.draws.drawn) <= k:
             return len(stream.ends) == k  # not started drawing it: nothing stale
-        drawn, order = stream.drawn[k], stream.order
-        if _advances_itself(order) and _epoch_state(order) != stream.state_after:
-            if order._next_epoch != drawn.sampler_epoch:  # a set_epoch(n) to another epoch
-                self.stale = "set_epoch() chose another epoch"
-                return False
-            order.epoch, order._next_epoch = stream.state_after  # served from what was drawn
-        source = self.source
-        now = epoch_inputs(self.batches, order, self.dataset,
-                           source.get() if source is not None else None,
-                           with_epoch=not _advances_itself(order))
-        self.stale = why_stale(drawn.inputs, now, expected=drawn.inputs.random)
-        if self.stale is not None:
-            return False
-        if source is not None and source.is_global and drawn.after is not None:
-            source.set(drawn.after)  # as torch's draw at iter() would leave it
-        stream.adopt(k)
-        return True
-
-    def _give_back(self, stream: IndexStream | None) -> None:
-        """Before a restart: the sampler goes back to the first epoch drawn ahead and not
-        started, unless the caller chose one (``set_epoch``, a reseed) since."""
-        if stream is None:
-            return
-        k = self._served + 1
-        if len(stream.drawn) <= k:
-            return
-        drawn = stream.drawn[k]
-        if _advances_itself(stream.order) and _epoch_state(stream.order) == stream.state_after:
-            stream.order._next_epoch = drawn.sampler_epoch
+        self.stale = stream.draws.check(k)
+        return self.stale is None
 
     # -- where the consumer stands -------------------------------------------------------------
 
@@ -339,14 +228,15 @@ class EpochRun:
             return dict(self._resume)  # loaded and not started yet: the same place
         stream, (handed, ended) = self.stream, self.delivered(unreceived)
         number, random, sampler_epoch = max(self.number, 0), None, None
-        if stream is not None and self._served >= 0 and len(stream.drawn) > self._served:
-            drawn = stream.drawn[self._served]
-            if ended and drawn.end is None and len(stream.drawn) == self._served + 1:
+        if stream is not None and self._served >= 0 \
+                and len(stream.draws.drawn) > self._served:
+            drawn = stream.draws.drawn[self._served]
+            if ended and drawn.end is None and len(stream.draws.drawn) == self._served + 1:
                 stream.finish_epoch()  # its end decides the next epoch's draw
             if ended:
                 number, handed = self.number + 1, 0
                 random = drawn.end  # an own generator's state after this epoch's draws
-                if _advances_itself(self.order) and isinstance(drawn.sampler_epoch, int):
+                if advances_itself(self.order) and isinstance(drawn.sampler_epoch, int):
                     sampler_epoch = drawn.sampler_epoch + 1
             else:
                 number, random, sampler_epoch = self.number, drawn.inputs.random, \
@@ -359,31 +249,10 @@ class EpochRun:
 
     def load(self, state: Any) -> None:
         """Check ``state`` against this loader now; the next ``epoch()`` starts there."""
-        try:
-            number, handed = int(state["epoch"]), int(state["batches_delivered"])
-            lengths, sampler = list(state["lengths"]), str(state["sampler"])
-            sampler_epoch, random = state["sampler_epoch"], state["random_state"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidConfigError(f"state is not a loader's state_dict(): {exc!r} "
-                                     "(pass what state_dict() returned)") from None
         here = list(epoch_inputs(self.batches, self.order, self.dataset, None).lengths)
-        if lengths != here:
-            raise InvalidConfigError(
-                f"the state was saved from a loader of {lengths[0]} samples ({lengths[2]} "
-                f"batches) and this loader has {here[0]} samples ({here[2]} batches): load it "
-                "into a loader over the same dataset, sampler and batch size")
-        if sampler != type(self.order).__name__:
-            raise InvalidConfigError(
-                f"the state was saved from a loader ordered by {sampler} and this one is "
-                f"ordered by {type(self.order).__name__}: load it into a loader built alike")
-        if random is not None and self.source is None:
-            raise InvalidConfigError("the state carries a random order and this loader's "
-                                     f"{sampler} has none: load it into a loader built alike")
-        self._resume = {"version": STATE_VERSION, "epoch": number,
-                        "batches_delivered": handed, "sampler": sampler,
-                        "sampler_epoch": sampler_epoch, "random_state": random,
-                        "lengths": lengths}
-        self.number = number - 1
+        self._resume = check_state(state, here, type(self.order).__name__,
+                                   self.source is not None)
+        self.number = self._resume["epoch"] - 1
         self.stop()
 
     def _apply(self, state: dict[str, Any]) -> int:
@@ -392,7 +261,7 @@ class EpochRun:
         self._resume = None
         order, sampler_epoch = self.order, state["sampler_epoch"]
         if isinstance(sampler_epoch, int):
-            if _advances_itself(order):
+            if advances_itself(order):
                 order.epoch = order._next_epoch = sampler_epoch
             elif isinstance(order, DistributedSampler):
                 order.set_epoch(sampler_epoch)
@@ -406,6 +275,43 @@ class EpochRun:
         self._skip = state["batches_delivered"]
         self.stream = None
         return self._skip
+
+
+def check_state(state: Any, lengths: list[int | None], sampler: str,
+                random: bool) -> dict[str, Any]:
+    """``state`` (a ``state()``) as plain values, or a clear error when it is not one, or
+    is from a loader of other ``lengths`` (dataset, sampler, batches) or ``sampler`` type, or
+    carries a random order where this loader has none (``random``)."""
+    try:
+        saved = {"version": int(state["version"]), "epoch": int(state["epoch"]),
+                 "batches_delivered": int(state["batches_delivered"]),
+                 "sampler": str(state["sampler"]), "sampler_epoch": state["sampler_epoch"],
+                 "random_state": state["random_state"],
+                 "lengths": [None if x is None else int(x) for x in state["lengths"]]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidConfigError(f"state is not a loader's state_dict(): missing or wrong "
+                                 f"{exc!r} (pass what state_dict() returned)") from None
+    if saved["version"] > STATE_VERSION:
+        raise InvalidConfigError(f"state version {saved['version']} is newer than this "
+                                 f"autotune's ({STATE_VERSION}): upgrade autotune")
+    theirs = saved["lengths"]
+    if len(theirs) != len(lengths) or theirs != lengths:
+        raise InvalidConfigError(
+            f"the state was saved from a loader of {theirs[0] if theirs else None} samples "
+            f"({theirs[-1] if theirs else None} batches) and this loader has {lengths[0]} "
+            f"samples ({lengths[-1]} batches): load it into a loader over the same dataset, "
+            "sampler and batch size")
+    if saved["sampler"] != sampler:
+        raise InvalidConfigError(
+            f"the state was saved from a loader ordered by {saved['sampler']} and this one "
+            f"is ordered by {sampler}: load it into a loader built alike")
+    if saved["random_state"] is not None and not random:
+        raise InvalidConfigError(f"the state carries a random order and this loader's "
+                                 f"{sampler} has none: load it into a loader built alike")
+    if saved["sampler_epoch"] is not None and not isinstance(saved["sampler_epoch"], int):
+        raise InvalidConfigError(f"state: sampler_epoch={saved['sampler_epoch']!r} must be an "
+                                 "int or None")
+    return saved
 
 
 class Indices:

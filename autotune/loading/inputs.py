@@ -79,7 +79,7 @@ def epoch_inputs(batches: Any, order: Any, dataset: Any, random: bytes | None, *
     the sampler's ``epoch`` in (False where the loader follows the epoch itself)."""
     params: list[tuple[str, Any]] = []
     if isinstance(batches, BatchSampler):
-        params += [("batch_size", batches.batch_size), ("drop_last", batches.drop_last)]
+        params += [("batch_size", batches.batch_size), ("batch drop_last", batches.drop_last)]
     if isinstance(order, RandomSampler):
         params += [("replacement", order.replacement), ("num_samples", order.num_samples)]
     elif isinstance(order, SubsetRandomSampler):
