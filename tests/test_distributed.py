@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from test_resume import assert_same_batches
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,3 +95,48 @@ def test_loaders_sized_together_split_each_dataset_by_rank(ranks):
     for name, size in (("a", 40), ("b", 24)):
         zero, one = ranks[0]["multi"][name], ranks[1]["multi"][name]
         assert not set(zero) & set(one) and sorted(zero + one) == list(range(size))
+
+
+# -- mid-epoch resume, each rank from its own state ----------------------------------------------
+
+
+def torchrun(script: str, *arguments: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(HERE / script), *arguments],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_each_rank_resumes_mid_epoch_from_its_own_state_in_new_processes(tmp_path):
+    """``resume_ranks_script.py``: run A trains 2 epochs uninterrupted; run B stops each rank
+    after 4 of its 6 batches of epoch 0 and saves ``loader.state_dict()``; run C (new
+    processes) loads each rank's state and finishes. Per rank, B + C is A bit for bit (random
+    augmentations included), and the ranks' shares are disjoint and cover each epoch."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir()
+    parts.mkdir()
+    torchrun("resume_ranks_script.py", "whole", str(whole))
+    torchrun("resume_ranks_script.py", "stop", str(parts), "4")
+    torchrun("resume_ranks_script.py", "resume", str(parts))
+    wanted = []
+    for rank in (0, 1):
+        want = torch.load(whole / f"whole_rank{rank}.pt", weights_only=True)
+        before = torch.load(parts / f"before_rank{rank}.pt", weights_only=True)
+        after = torch.load(parts / f"after_rank{rank}.pt", weights_only=True)
+        assert (whole / f"sampler_rank{rank}.txt").read_text() == "EpochDistributedSampler"
+        assert len(want) == 12 and len(before) == 4 and len(after) == 8, \
+            (len(want), len(before), len(after))
+        assert_same_batches(before + after, want,
+                            [f"rank {rank}: epoch {i // 6} batch {i % 6}" for i in range(12)])
+        wanted.append(want)
+    for epoch in range(2):
+        zero, one = (torch.cat(w[6 * epoch:6 * epoch + 6])[:, 0].tolist() for w in wanted)
+        assert len(zero) == len(one) == 24
+        assert not set(zero) & set(one), f"epoch {epoch}: both ranks drew {set(zero) & set(one)}"
+        assert sorted(zero + one) == [float(i) for i in range(48)]
+    for w in wanted:  # each rank: a new order every epoch, and fresh draws
+        assert torch.cat(w[:6])[:, 0].tolist() != torch.cat(w[6:])[:, 0].tolist()
+    first = {row[0].item(): row[1:] for row in torch.cat(wanted[0][:6] + wanted[1][:6])}
+    second = {row[0].item(): row[1:] for row in torch.cat(wanted[0][6:] + wanted[1][6:])}
+    assert all(not torch.equal(first[i], second[i]) for i in first)

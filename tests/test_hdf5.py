@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, get_worker_info
 import autotune
 from autotune import ChunkShuffleSampler, DataFileError, HDF5Dataset, InvalidConfigError
 from autotune.loading.builder import build_loader
+from autotune.sources.samplers import EpochDistributedSampler
 from autotune.measure.workload import measure_workload
 from autotune.policy import chunks
 from fakes import GIB, fake_hardware
@@ -329,7 +330,8 @@ def test_the_factory_keeps_a_users_cache_and_shuffles_preloaded_data_plainly(fil
     assert "set explicitly" in loader.autotune_config.reasons["cache_bytes"]
     loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
     loader = factory.create_training_loader(loaded, batch_size=16, num_workers=0)
-    assert isinstance(loader.sampler, RandomSampler)
+    # a plain shuffle: a seeded factory's orders each epoch from (seed, epoch)
+    assert type(loader.sampler) is EpochDistributedSampler and loader.sampler.num_replicas == 1
     assert "preloaded: set explicitly" in loader.autotune_config.explain()
 
 

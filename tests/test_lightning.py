@@ -10,14 +10,18 @@ import pickle
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import torch
 from datasets import Indexed
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ddp_script import SIZE, SPLITS, Recorder
+from test_resume import Noisy, assert_same_batches
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import autotune.factory.pipeline
@@ -259,3 +263,112 @@ def test_adapt_reaches_the_training_loader_only():
     assert isinstance(trainer.val_dataloaders, TunedDataLoader)
     assert [sorted(epoch) for epoch in model.train_epochs] == [sorted(train.indices)] * 2
     data.teardown("fit")
+
+
+# -- mid-epoch resume: Trainer.fit(ckpt_path=) -----------------------------------------------------
+
+# Lightning (>= 2.1) saves ``state_dict()`` of every training loader that has state_dict and
+# load_state_dict into the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and, on
+# ``fit(ckpt_path=)``, calls ``load_state_dict`` on the new loader before its first iter().
+
+NOISY_SIZE, NOISY_BATCH, NOISY_EPOCHS = 40, 4, 3  # 10 batches an epoch (drop_last), 30 in all
+EVERY_N_STEPS, CRASH_STEP = 7, 16  # checkpoints after steps 7 (epoch 0) and 14 (epoch 1)
+
+
+class SimulatedCrashError(Exception):
+    """What ``NoisyRecorder`` raises at its crash step: the run stops as a killed job would."""
+
+
+class NoisyRecorder(pl.LightningModule):
+    """Records every batch ``training_step`` gets (a copy) with Lightning's (epoch, batch_idx);
+    raises ``SimulatedCrashError`` when the global step reaches ``crash_at``."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+        self.crash_at = crash_at
+        self.batches: list[torch.Tensor] = []
+        self.where: list[tuple[int, int]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.crash_at is not None and self.global_step == self.crash_at:
+            raise SimulatedCrashError(f"step {self.global_step}")
+        self.batches.append(batch.detach().clone())
+        self.where.append((self.current_epoch, batch_idx))
+        return self.linear(batch[:, 1:].float()).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def noisy_data(how: str, num_workers: int) -> dict:
+    """``fit``'s data keyword: the seeded factory's training loader over ``Noisy``, given as
+    ``train_dataloaders=`` or through ``AutotuneDataModule(train=..., factory=...)``."""
+    factory = OptimalDataLoaderFactory(measure=False, seed=0)
+    if how == "loader":
+        return {"train_dataloaders": factory.create_training_loader(
+            Noisy(NOISY_SIZE), NOISY_BATCH, num_workers=num_workers)}
+    return {"datamodule": AutotuneDataModule(train=Noisy(NOISY_SIZE), batch_size=NOISY_BATCH,
+                                             factory=factory, num_workers=num_workers)}
+
+
+def fit_noisy(model: NoisyRecorder, how: str, num_workers: int, *, callbacks: tuple = (),
+              ckpt_path: Path | None = None) -> list[str]:
+    """``Trainer.fit`` for ``NOISY_EPOCHS``; returns the warnings it gave."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=NOISY_EPOCHS, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, enable_checkpointing=bool(callbacks),
+                         callbacks=list(callbacks))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(model, **noisy_data(how, num_workers), ckpt_path=ckpt_path)
+        finally:
+            data = trainer.datamodule
+            if data is not None:
+                data.teardown("fit")
+            elif trainer.train_dataloader is not None:
+                trainer.train_dataloader.close()
+    return [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module")
+def noisy_reference(tmp_path_factory) -> NoisyRecorder:
+    """The uninterrupted run: every batch of 3 epochs, 2 workers, train_dataloaders=."""
+    with pytest.MonkeyPatch.context() as patch:  # conftest's isolation is per test
+        patch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path_factory.mktemp("profiles")))
+        model = NoisyRecorder()
+        fit_noisy(model, "loader", 2)
+    assert model.where == [(e, i) for e in range(NOISY_EPOCHS) for i in range(10)]
+    epochs = [torch.cat(model.batches[10 * e:10 * e + 10]) for e in range(NOISY_EPOCHS)]
+    assert len({tuple(e[:, 0].tolist()) for e in epochs}) == NOISY_EPOCHS  # reshuffled
+    assert len(set(epochs[0][:, 1:].flatten().tolist())) > 40  # random draws, not constants
+    return model
+
+
+@pytest.mark.parametrize("how, num_workers", [("loader", 2), ("loader", 0), ("datamodule", 2)],
+                         ids=["loader-2w", "loader-0w", "datamodule-2w"])
+def test_fit_from_a_mid_epoch_checkpoint_goes_on_with_the_next_batch(how, num_workers, tmp_path,
+                                                                     noisy_reference):
+    """A run checkpoints every 7 steps (``ModelCheckpoint(every_n_train_steps=7)``) and dies at
+    step 16; a new Trainer and a new loader ``fit(ckpt_path=)`` from the step-7 checkpoint (epoch
+    0, batch 7) and from the step-14 one (epoch 1, batch 4) each get exactly the uninterrupted
+    run's batches from there on: none replayed, none skipped, augmentations bit for bit."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=EVERY_N_STEPS,
+                                  save_top_k=-1)
+    crashed = NoisyRecorder(crash_at=CRASH_STEP)
+    with pytest.raises(SimulatedCrashError):
+        fit_noisy(crashed, how, num_workers, callbacks=(checkpoints,))
+    assert_same_batches(crashed.batches, noisy_reference.batches[:CRASH_STEP])
+    for step in (EVERY_N_STEPS, 2 * EVERY_N_STEPS):
+        (path,) = tmp_path.glob(f"*step={step}.ckpt")
+        saved = torch.load(path, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+        assert len(saved.get("combined_loader", [])) == 1, saved  # the loader's state_dict()
+        assert "version" in saved["combined_loader"][0], saved
+        resumed = NoisyRecorder()
+        caught = fit_noisy(resumed, how, num_workers, ckpt_path=path)
+        assert not [w for w in caught if "not resumable" in w], caught
+        want = noisy_reference.where[step:]
+        assert resumed.where == want, f"resumed from step {step}: Lightning's (epoch, batch)"
+        assert_same_batches(resumed.batches, noisy_reference.batches[step:],
+                            [f"resumed from step {step}: epoch {e} batch {i}" for e, i in want])

@@ -449,8 +449,6 @@ def test_a_new_process_resumes_from_a_file(tmp_path, training_reference):
 # cannot know the epoch is over, so streams stop mid-epoch or after the epoch's end.
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet (issue 29): an IterableDataset's "
-                   "state_dict() raises InvalidConfigError; remove this mark when it resumes")
 @pytest.mark.parametrize("stop", [(0, 0), (0, 3), (1, 6), (1, "end")],
                          ids=lambda stop: f"epoch{stop[0]}-{stop[1]}")
 def test_a_stream_with_its_own_state_is_resumed_through_it(stop):
@@ -472,8 +470,6 @@ def test_a_stream_with_its_own_state_is_resumed_through_it(stop):
     assert resumer.loaded == [saver.given[-1]]
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet (issue 29): an IterableDataset's "
-                   "state_dict() raises InvalidConfigError; remove this mark when it resumes")
 @pytest.mark.parametrize("num_workers, stop", [
     (0, (0, 3)), (0, (1, 5)), (0, (0, "end")), (2, (0, 3)), (2, (1, 5)), (2, (1, "end")),
 ], ids=["0w-epoch0-3", "0w-epoch1-5", "0w-epoch0-end", "2w-epoch0-3", "2w-epoch1-5",

@@ -261,6 +261,11 @@ class AdaptiveLoader(Closeable):
             self._loader = None
         self._inner = None
         self._window = None
+        workers = min(state["workers"], self._cap)
+        if workers != self.num_workers:  # the count the saved run had settled on
+            self._apply(adapt.Change(workers=workers, reason=(
+                "the count the run that saved the state had")))
+            self._tried = None
 
     def close(self) -> None:
         """Stop the workers now (iterating again starts new ones)."""
@@ -282,6 +287,9 @@ class AdaptiveLoader(Closeable):
             self._start_from(self._resume)
         elif self._loader is not None and self._loader.restart_if_changed():
             self._inner = None  # the dataset changed: new workers copy it
+            note = self._loader.autotune_config.reasons.get("workers_restarted")
+            if note is not None:
+                self._config = self._config.noted(workers_restarted=note)
         if self._pending is not None:
             self._apply(self._pending)
         if self._images is not None and self._order is not None:

@@ -20,7 +20,7 @@ from ..policy.rules import across_epochs_needs
 from .chunked import WorkerCache, chunk_sampler, reads_chunks
 from .crash import CrashNamingIterator
 from ..policy.epochs import changed
-from .epochs import EpochRun, Indices, why_not_ahead
+from .epochs import EpochRun, Indices, StreamRun, why_not_ahead
 from .inputs import dataset_summary
 from .worker import BusyMeter, NamedErrors, NamedStreamErrors, TimedCollate
 
@@ -73,6 +73,8 @@ class TunedDataLoader(Closeable, DataLoader):
         self.autotune_config = autotune_config
         super().__init__(dataset, *args, **kwargs)
         epochs = self.__dict__["_autotune_epochs"] = self._epoch_run()
+        self.__dict__["_autotune_stream"] = StreamRun(self._user_dataset(), self.num_workers) \
+            if is_stream(self.dataset) else None
         self.__dict__["_autotune_indices"] = Indices(epochs) if epochs is not None else None
 
     def __iter__(self) -> Any:
@@ -82,16 +84,19 @@ class TunedDataLoader(Closeable, DataLoader):
         epochs = self.__dict__.get("_autotune_epochs")
         if epochs is not None:
             return epochs.epoch(self._torch_iter)
+        if self.__dict__.get("_autotune_stream") is not None:
+            return self.__dict__["_autotune_stream"].epoch(self._torch_iter)
         return self._torch_iter()
 
     def _torch_iter(self) -> Any:
         """torch's iterator (a persistent one is reset: what it had in flight is dropped)."""
-        fresh = self._iterator is None
+        if self.num_workers > 0 and self.persistent_workers and self._iterator is None:
+            # what the workers will copy, read before they fork: after it, reading the
+            # dataset here would copy the memory pages they share with this process
+            self.__dict__["_autotune_copied"] = dataset_summary(self._user_dataset())
         iterator = super().__iter__()
         if self.num_workers == 0:
             return iterator
-        if fresh and self.persistent_workers:  # what the workers copied, to compare later
-            self.__dict__["_autotune_copied"] = dataset_summary(self._user_dataset())
         named = CrashNamingIterator(iterator, self.num_workers, self.prefetch_factor)
         self._started().add(named)
         return named
@@ -156,26 +161,25 @@ class TunedDataLoader(Closeable, DataLoader):
         protocol): the epoch, the batches of it received, what decides its order. No sample
         data; ``torch.save`` and YAML can hold it. ``unreceived``: batches handed to a
         wrapper that holds them ahead (``DeviceLoader``), not received yet."""
-        epochs = self.__dict__.get("_autotune_epochs")
-        if epochs is None:
+        run = self.__dict__.get("_autotune_epochs") or self.__dict__.get("_autotune_stream")
+        if run is None:
             raise InvalidConfigError(
-                "state_dict() needs batches drawn by a batch sampler over a map-style "
-                f"dataset; this loader's dataset is {type(self._user_dataset()).__name__} "
-                f"with batch_size={self.batch_size}")
-        return epochs.state(unreceived)
+                "state_dict() needs batches drawn by a batch sampler (or a stream); this "
+                f"loader has batch_size={self.batch_size} and no batch_sampler")
+        return run.state(unreceived)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()``'s ``state``: the next ``iter()`` yields the rest of
         the saved epoch (the delivered indices are skipped, not loaded), then whole epochs.
         A state from another dataset length, batch size or sampler is an
         ``InvalidConfigError`` naming both."""
-        epochs = self.__dict__.get("_autotune_epochs")
-        if epochs is None:
+        run = self.__dict__.get("_autotune_epochs") or self.__dict__.get("_autotune_stream")
+        if run is None:
             self.state_dict()  # raises, naming why
         if not isinstance(state, Mapping):
-            raise InvalidConfigError(f"state={state!r} is not a state_dict(): pass the dict "
-                                     "that state_dict() returned")
-        epochs.load(state)
+            raise InvalidConfigError(f"state={state!r:.80} is not a state_dict(): pass the "
+                                     "dict that state_dict() returned")
+        run.load(state)
 
     def close(self) -> None:
         """Stop this loader's worker processes now (idempotent). An epoch still running in

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch.utils.data import (BatchSampler, DistributedSampler, RandomSampler, SequentialSampler,
@@ -282,6 +282,10 @@ def check_state(state: Any, lengths: list[int | None], sampler: str,
     """``state`` (a ``state()``) as plain values, or a clear error when it is not one, or
     is from a loader of other ``lengths`` (dataset, sampler, batches) or ``sampler`` type, or
     carries a random order where this loader has none (``random``)."""
+    if isinstance(state, Mapping) and state.get("kind") == "stream":
+        raise InvalidConfigError(f"the state was saved from a loader of the stream "
+                                 f"{state.get('stream')} and this one reads a map-style "
+                                 "dataset: load it into a loader built alike")
     try:
         saved = {"version": int(state["version"]), "epoch": int(state["epoch"]),
                  "batches_delivered": int(state["batches_delivered"]),
@@ -370,5 +374,100 @@ class Epoch:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_Epoch") or name in ("_run", "_k", "_batches"):
+            raise AttributeError(name)
+        return getattr(self._batches, name)
+
+
+class StreamRun:
+    """A stream's epochs as the consumer receives them, counted for ``state()``.
+
+    A resume hands the dataset its own state where it has one (``state_dict`` and
+    ``load_state_dict``) and no workers run it (then its state is what was delivered);
+    otherwise the batches already delivered are made again and skipped: a stream without its
+    own state must repeat its order on a fresh ``iter()`` (as torch's would, seeded).
+    """
+
+    def __init__(self, dataset: Any, workers: int) -> None:
+        self.dataset = dataset
+        self.own = workers == 0 and callable(getattr(dataset, "state_dict", None)) \
+            and callable(getattr(dataset, "load_state_dict", None))
+        self.number = -1
+        self.received = 0
+        self.ended = False
+        self._resume: dict[str, Any] | None = None
+
+    def epoch(self, restart: Callable[[], Iterator[Any]]) -> Counted:
+        self.number += 1
+        self.received, self.ended, skip = 0, False, 0
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self.number = resume["epoch"]
+            if self.own and resume.get("dataset") is not None:
+                self.dataset.load_state_dict(resume["dataset"])
+            else:
+                skip = resume["batches_delivered"]
+        return Counted(self, restart(), skip)
+
+    def state(self, unreceived: int = 0) -> dict[str, Any]:
+        if self._resume is not None:
+            return dict(self._resume)
+        number, received = max(self.number, 0), self.received - unreceived
+        if self.ended:
+            number, received = self.number + 1, 0
+        state = {"version": STATE_VERSION, "kind": "stream",
+                 "stream": type(self.dataset).__name__, "epoch": number,
+                 "batches_delivered": received, "dataset": None}
+        if self.own:
+            state["dataset"] = self.dataset.state_dict()
+        return state
+
+    def load(self, state: Any) -> None:
+        try:
+            saved = {"version": int(state["version"]), "kind": str(state["kind"]),
+                     "stream": str(state["stream"]), "epoch": int(state["epoch"]),
+                     "batches_delivered": int(state["batches_delivered"]),
+                     "dataset": state["dataset"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"state is not a stream loader's state_dict(): missing or "
+                                     f"wrong {exc!r} (pass what state_dict() returned)") from None
+        if saved["kind"] != "stream" or saved["stream"] != type(self.dataset).__name__:
+            raise InvalidConfigError(
+                f"the state was saved from a loader of {saved['stream']} and this one reads "
+                f"{type(self.dataset).__name__}: load it into a loader built alike")
+        if saved["version"] > STATE_VERSION:
+            raise InvalidConfigError(f"state version {saved['version']} is newer than this "
+                                     f"autotune's ({STATE_VERSION}): upgrade autotune")
+        self._resume = saved
+
+
+class Counted:
+    """A stream's epoch through torch's iterator, counting what the consumer received (the
+    first ``skip`` batches are made and dropped); attributes pass through."""
+
+    def __init__(self, run: StreamRun, batches: Iterator[Any], skip: int) -> None:
+        self._run, self._batches, self._skip = run, batches, skip
+
+    def __iter__(self) -> Counted:
+        return self
+
+    def __next__(self) -> Any:
+        run = self._run
+        try:
+            while self._skip:
+                next(self._batches)
+                self._skip -= 1
+                run.received += 1
+            batch = next(self._batches)
+        except StopIteration:
+            run.ended = True
+            raise
+        run.received += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._batches)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_run", "_batches", "_skip"):
             raise AttributeError(name)
         return getattr(self._batches, name)

@@ -7,8 +7,11 @@ judges them).
 - ``dataset_summary``: the dataset's attributes and those of the objects it holds one level
   down (lists, tuples and dicts do not count as a level), each as a comparable summary.
   Tensors by identity, shape and in-place version; numpy arrays up to 1 MiB by content;
-  long lists by a hash of their items. Not seen: a change inside an object two levels down,
-  inside a C extension, in a big numpy array written in place, or in a file on disk.
+  containers of more than 32 items by identity, length and their first and last items:
+  reading every item would write to each one's reference count, and the memory pages the
+  workers share with this process would be copied. Not seen: an item in the middle of a
+  long container replaced in place, a change inside an object two levels down or inside a C
+  extension, a numpy array over 1 MiB written in place, a file rewritten on disk.
 
 Each read runs once per epoch, never per batch.
 """
@@ -27,7 +30,8 @@ from ..policy.epochs import EpochInputs
 
 _RANDOM = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 _SCALARS = (type(None), bool, int, complex, str, bytes, range)
-_MANY = 32  # a container longer than this is summarised by a hash of its items
+_MANY = 32  # a container longer than this is summarised by its identity, length and ends
+_ENDS = 4  # items read at each end of a long container
 _ARRAY_BYTES = 1 << 20  # numpy arrays up to this size are summarised by their content
 
 
@@ -122,27 +126,21 @@ def _summary(value: Any, depth: int, seen: set[int]) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) <= _MANY:
             return (type(value).__name__, tuple(_summary(v, depth, seen) for v in value))
-        return (type(value).__name__, len(value), _items_hash(value, value))
+        ends = [*value[:_ENDS], *value[-_ENDS:]]
+        return (type(value).__name__, id(value), len(value),
+                tuple(_summary(v, depth, seen) for v in ends))
     if isinstance(value, dict):
         if len(value) <= _MANY:
             return ("dict", tuple((repr(k), _summary(v, depth, seen))
                                   for k, v in list(value.items())))
-        return ("dict", len(value), _items_hash(value, list(value.items())))
+        return ("dict", id(value), len(value))
     if isinstance(value, (set, frozenset)):
-        return (type(value).__name__, len(value), _items_hash(value, frozenset(value)))
+        return (type(value).__name__, id(value), len(value))
     state = getattr(value, "__dict__", None)
     if depth > 0 and isinstance(state, dict):
         return (type(value).__name__, tuple((name, _summary(v, depth - 1, seen))
                                             for name, v in list(state.items())))
     return (type(value).__name__, id(value))
-
-
-def _items_hash(container: Any, items: Any) -> Any:
-    """A hash of a long container's items, or its identity and length if they do not hash."""
-    try:
-        return hash(tuple(items) if not isinstance(items, frozenset) else items)
-    except TypeError:
-        return ("unhashable", id(container), len(container))
 
 
 def _digest(values: Any) -> bytes:
