@@ -1,7 +1,8 @@
 """What runs at the start of every worker process: gc.freeze, thread budget, the user's hook.
 
 Seeding is torch's: each worker's ``random``, numpy global RNG and torch start from the
-loader's base seed + worker id (the factory seeds the loader's generator when asked to).
+loader's base seed + worker id. With a factory seed, each sample is also seeded from
+(seed, epoch, index) before it is made (``loading.seeding``), whatever worker makes it.
 On the ground floor because ``LoaderConfig.dataloader_kwargs`` hands it out.
 
 A class rather than a closure so that it pickles under spawn and forkserver.

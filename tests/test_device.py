@@ -447,3 +447,31 @@ def test_cuda_image_folder_measured_and_moved_while_training_keeps_every_sample(
     moves = [c for c in loader.loader.changes if c.placement]
     assert all("measured while training" in c.reason or "gave no gain" in c.reason
                for c in moves)
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("stop", [1, 5, 9])
+def test_a_cuda_device_loaders_state_does_not_count_the_batch_copying_ahead(stop):
+    """On CUDA the next batch is already taken from the loader when one is yielded: the
+    state counts what the loop received, so a resume replays nothing and skips nothing."""
+    import autotune
+
+    def make() -> Any:
+        factory = autotune.OptimalDataLoaderFactory(measure=False, seed=0)
+        return factory.create_training_loader(torch.arange(40.0).view(40, 1), 4,
+                                              num_workers=2, device="cuda")
+
+    with make() as loader:
+        reference = [batch.cpu() for batch in loader]
+    with make() as loader:
+        taken = []
+        for batch in loader:
+            taken.append(batch.cpu())
+            if len(taken) == stop:
+                state = loader.state_dict()
+                break
+    with make() as resumed:
+        resumed.load_state_dict(state)
+        rest = [batch.cpu() for batch in resumed]
+    assert [b.tolist() for b in taken + rest] == [b.tolist() for b in reference]

@@ -12,6 +12,7 @@ import io
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 from autotune import InvalidConfigError, OptimalDataLoaderFactory
 
 from datasets import Stream
-from test_builder import wait_for_no_workers
+from test_builder import workers_alive
 
 HERE = Path(__file__).resolve().parent
 SIZE, BATCH = 42, 4  # training: 10 full batches an epoch (2 samples dropped); validation: 11
@@ -267,8 +268,15 @@ def training_reference(tmp_path_factory) -> list[list[torch.Tensor]]:
 
 @pytest.fixture(autouse=True)
 def _every_loader_closed():
+    """No worker this test started outlives it (processes other tests left, such as
+    multiprocessing's resource tracker, are not this test's)."""
+    before = {p.pid for p in workers_alive()}
     yield
-    assert wait_for_no_workers() == []
+    deadline = time.monotonic() + 5
+    while (left := [p for p in workers_alive() if p.pid not in before]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
 
 
 # -- the reference itself ------------------------------------------------------------------------
@@ -544,3 +552,35 @@ def test_a_state_from_another_sampler_is_refused():
 def test_garbage_is_refused(state):
     with pytest.raises(InvalidConfigError):
         load_and_draw(training(0)(), state)
+
+
+def test_an_adaptive_loader_that_changed_its_workers_resumes_at_that_count(training_reference):
+    """A change by adapt=True mid-epoch (2 -> 1 worker, decided through its own path), then a
+    stop: the state carries the count, the resumed loader runs at it, and the batches are
+    the uninterrupted run's."""
+    from autotune.policy import adapt
+
+    make = training(2, adapt=True, adapt_every=1000)
+    loader = make()
+    delivered: list[Any] = []
+    try:
+        loader._watch = lambda: (adapt.Change(workers=1, reason="forced")
+                                 if loader.steps == 3 else None)
+        for batch in loader:
+            delivered.append(batch)
+            if len(delivered) == 6:
+                state = take_state(loader)
+                break
+        assert [(c.from_workers, c.to_workers) for c in loader.changes] == [(2, 1)]
+    finally:
+        loader.close()
+    assert state["workers"] == 1
+    resumed = make()
+    try:
+        resumed.load_state_dict(state)
+        rest = [list(resumed) for _ in range(2)]
+        assert resumed.num_workers == 1
+    finally:
+        resumed.close()
+    assert_same_batches(delivered + rest[0] + rest[1],
+                        training_reference[0] + training_reference[1])

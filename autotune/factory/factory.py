@@ -63,9 +63,12 @@ class OptimalDataLoaderFactory:
             measure: time a few samples of each dataset before the rules decide (skipped
                 when a profile entry or an explicit ``num_workers`` sets the count);
                 ``False`` skips the timing, and the rules go by the hints alone.
-            seed: an int >= 0 that makes shuffling and worker seeds reproducible (each
-                loader gets a generator seeded ``seed + rank`` unless given one); None: not
-                seeded.
+            seed: an int >= 0 that makes every loader's batches reproducible, for any worker
+                count: each epoch's order is drawn from (seed, epoch) (torch's
+                ``DistributedSampler(seed=seed)`` with ``set_epoch``; each rank its share)
+                unless a sampler or generator is given, and each sample's ``torch``,
+                ``random`` and numpy draws are seeded from (seed, epoch, index). None: torch's
+                seeding (per worker).
             device: where batches go (``"cuda:0"``), for the rules (a CUDA device gets pinned
                 memory); it does not move batches (``device=`` of ``create_training_loader``
                 does). None: the accelerator torch sees.

@@ -45,7 +45,11 @@ class TunedDataLoader(Closeable, DataLoader):
 
     With ``prefetch_across_epochs`` (the rules' default for training) one torch iterator runs
     on from epoch to epoch, so the workers never idle at a boundary (``loading.epochs``);
-    where this loader cannot do that, its ``autotune_config`` turns it off and says why.
+    where this loader cannot do that, its ``autotune_config`` turns it off and says why. An
+    epoch drawn ahead is the one torch would draw at ``iter()``, or it is drawn again
+    (``loading.draws``); persistent workers start again when the dataset changed since they
+    copied it (``restart_if_changed``). ``state_dict()`` / ``load_state_dict()`` resume
+    mid-epoch.
 
     Args:
         dataset: the dataset, as ``DataLoader`` takes it (``build_loader`` passes the
