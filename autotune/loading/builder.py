@@ -128,7 +128,8 @@ class TunedDataLoader(Closeable, DataLoader):
                 self.autotune_config = config.replace(prefetch_across_epochs=False,
                                                       reason=missing)
             ahead = missing is None
-        return EpochRun(self.batch_sampler, self._user_dataset(), ahead=ahead)
+        seeded = isinstance(self.dataset, NamedErrors) and self.dataset.seed is not None
+        return EpochRun(self.batch_sampler, self._user_dataset(), ahead=ahead, tag=seeded)
 
     def _user_dataset(self) -> Any:
         dataset = self.dataset

@@ -13,7 +13,8 @@ epochs: each ``iter(loader)`` yields exactly one epoch's batches.
   (``loading.draws``, which also keeps draws ahead out of the generators the loop sees).
 - ``break`` out of an epoch: the next ``iter()`` starts afresh, as torch's does; the epochs
   drawn ahead and not started are given back to the sampler.
-- Each batch of indices is a ``TaggedBatch`` with its epoch (per-sample seeding).
+- With ``tag``, each batch of indices is a ``TaggedBatch`` with its epoch (per-sample
+  seeding); without, the sampler's batches go to the workers as they are.
 - ``state()`` / ``load()``: where the consumer stands (batches it received, never what was
   drawn ahead), and a start from there that skips the delivered indices without loading them.
 """
@@ -75,7 +76,7 @@ class IndexStream:
     def __init__(self, run: EpochRun, first: int) -> None:
         # the run weakly: a cycle would keep the workers until a garbage collection
         self._run = weakref.ref(run)
-        self.ahead = run.ahead
+        self.ahead, self.tag = run.ahead, run.tag
         self.draws = EpochDraws(run.batches, run.dataset, first=first)
         self.skip = 0
         self.count = 0
@@ -103,7 +104,8 @@ class IndexStream:
                 self._end()
                 continue
             self.count += 1
-            if isinstance(batch, (list, tuple)) and not isinstance(batch, TaggedBatch):
+            if self.tag and isinstance(batch, (list, tuple)) \
+                    and not isinstance(batch, TaggedBatch):
                 return TaggedBatch(batch, draws.drawn[-1].number)
             return batch
         raise StopIteration
@@ -142,8 +144,8 @@ class EpochRun:
     """One loader's epochs: which stream epoch is served, how many batches were handed out,
     and whether the next ``iter()`` may go on where the last epoch ended (``ahead``)."""
 
-    def __init__(self, batches: Any, dataset: Any, *, ahead: bool) -> None:
-        self.batches, self.dataset, self.ahead = batches, dataset, ahead
+    def __init__(self, batches: Any, dataset: Any, *, ahead: bool, tag: bool = True) -> None:
+        self.batches, self.dataset, self.ahead, self.tag = batches, dataset, ahead, tag
         self.order = batches.sampler if isinstance(batches, BatchSampler) else batches
         self.source = random_source(self.order)
         self.stream: IndexStream | None = None
