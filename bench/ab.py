@@ -7,8 +7,8 @@ cost), once with this checkout and once with ``--before`` (a git revision, check
 temporary worktree), in separate processes, alternating, ``--rounds`` times. The ratio
 now/before of the median samples/s says whether a change made the loaders slower.
 
-    python bench/ab.py --before 79c1e09                 # ~15 minutes on 2 CPUs
-    python bench/ab.py --before 79c1e09 --only tiny --rounds 3
+    python bench/ab.py --before 79c1e09 --limit 4000    # ~30 minutes on 2 CPUs
+    python bench/ab.py --before 79c1e09 --only tiny --rounds 5
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def measure(name: str, epochs: int, workers: int, seed: int | None, limit: int) 
         _, dataset, batch = found
         if hasattr(dataset, "__len__") and len(dataset) > limit:
             dataset = Subset(dataset, range(limit))
+        elif hasattr(dataset, "shards"):  # the stream: as many shards as make ``limit``
+            dataset.shards = max(8, min(dataset.shards, limit // dataset.per_shard))
         factory = autotune.OptimalDataLoaderFactory(measure=False, seed=seed)
         with factory.create_training_loader(dataset, batch, num_workers=workers,
                                             drop_last=False) as loader:
@@ -81,9 +83,13 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the git revision to compare with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="workloads whose name contains one of these (a,b)")
-    parser.add_argument("--limit", type=int, default=20_000, help="samples per epoch at most")
+    parser.add_argument("--limit", type=int, default=20_000,
+                        help="samples per epoch at most (the stream: whole shards)")
+    parser.add_argument("--seeds", default="none,0",
+                        help="the factory seeds to measure with: none and/or integers")
     parser.add_argument("--out", default=str(HERE / "RESULTS-ab.md"))
     args = parser.parse_args()
+    seeds = [None if part == "none" else int(part) for part in args.seeds.split(",")]
     cases = [c for c in CASES if not args.only
              or any(part in c[0] for part in args.only.split(","))]
     with tempfile.TemporaryDirectory() as scratch:
@@ -93,11 +99,14 @@ def main() -> None:
         try:
             rows = []
             for case in cases:
-                for seed in (None, 0):
+                for seed in seeds:
                     now, then = [], []
-                    for _ in range(args.rounds):
+                    for number in range(args.rounds):  # each side first in every other round
+                        if number % 2:
+                            then.append(run(before, case, seed, args.limit))
                         now.append(run(ROOT, case, seed, args.limit))
-                        then.append(run(before, case, seed, args.limit))
+                        if not number % 2:
+                            then.append(run(before, case, seed, args.limit))
                     ratio = statistics.median(now) / statistics.median(then)
                     rows.append((case, seed, statistics.median(now), statistics.median(then),
                                  ratio, min(now), max(now), min(then), max(then)))
@@ -109,10 +118,11 @@ def main() -> None:
         f"# The factory's loaders against {args.before}",
         "",
         f"`python bench/ab.py --before {args.before} --rounds {args.rounds}"
-        f"{' --only ' + args.only if args.only else ''}`, "
+        f"{' --only ' + args.only if args.only else ''} --limit {args.limit} "
+        f"--seeds {args.seeds}`, "
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs. Samples/s over whole epochs "
         "after a warm-up epoch, the median of the rounds (min-max), each round one process "
-        "per side, alternating.",
+        "per side, each side first in every other round.",
         "",
         "| workload | workers | seed | now | before | now / before |",
         "|---|---|---|---|---|---|",

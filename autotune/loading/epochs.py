@@ -22,6 +22,7 @@ epochs: each ``iter(loader)`` yields exactly one epoch's batches.
 from __future__ import annotations
 
 import base64
+import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -35,6 +36,8 @@ from .inputs import draws_as_it_runs, epoch_inputs, length_of, random_source
 from .seeding import TaggedBatch
 
 STATE_VERSION = 1
+
+log = logging.getLogger("autotune.loading")
 
 # Samplers whose every iter() is a fresh, complete epoch (DistributedSampler: of its epoch).
 _KNOWN = (DistributedSampler, RandomSampler, SequentialSampler, SubsetRandomSampler,
@@ -211,6 +214,8 @@ class EpochRun:
         if len(stream.draws.drawn) <= k:
             return len(stream.ends) == k  # not started drawing it: nothing stale
         self.stale = stream.draws.check(k)
+        if self.stale is not None:
+            log.debug("autotune: the epoch drawn ahead is drawn again: %s", self.stale)
         return self.stale is None
 
     # -- where the consumer stands -------------------------------------------------------------
