@@ -402,8 +402,11 @@ class AdaptiveLoader(Closeable):
         return change
 
     def _apply(self, change: adapt.Change) -> bool:
-        """Switch to ``change.workers`` workers; False when it cannot (workers unsafe)."""
+        """Switch to ``change.workers`` workers; False when it cannot (workers unsafe) or
+        need not (that many already)."""
         self._pending = None
+        if change.workers == self.num_workers:
+            return False
         config = self._configure(change.workers).replace(
             source="tuned", reason=f"adapt=True: {change.reason}", num_workers=change.workers)
         checked = (min(config.num_workers, 2), config.multiprocessing_context)

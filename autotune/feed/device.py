@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .._check import check_bool
-from .._lifecycle import Closeable, close_if_closable
+from .._lifecycle import Closeable, Stateful, close_if_closable
 from ..errors import InvalidConfigError
 
 _END = object()
@@ -231,11 +231,11 @@ class DeviceLoader(Closeable):
     def state_dict(self) -> dict[str, Any]:
         """The loader's state as the consumer stands (the batch copying ahead is not counted
         as received): ``{"version": 1, "loader": loader.state_dict()}``."""
-        state = getattr(self.loader, "state_dict", None)
-        if state is None:
+        if not isinstance(self.loader, Stateful):
             raise InvalidConfigError(f"state_dict(): the loader {type(self.loader).__name__} "
                                      "has none to resume from")
-        inner = state(unreceived=self._held) if self._held else state()
+        inner = (self.loader.state_dict(unreceived=self._held)  # the factory's loaders take it
+                 if self._held else self.loader.state_dict())
         return {"version": 1, "loader": inner}
 
     def load_state_dict(self, state: Any) -> None:
@@ -243,11 +243,10 @@ class DeviceLoader(Closeable):
         if not isinstance(state, Mapping) or "loader" not in state:
             raise InvalidConfigError(f"state={state!r:.80} is not a DeviceLoader.state_dict(): "
                                      "pass the dict that state_dict() returned")
-        load = getattr(self.loader, "load_state_dict", None)
-        if load is None:
+        if not isinstance(self.loader, Stateful):
             raise InvalidConfigError(f"load_state_dict(): the loader "
                                      f"{type(self.loader).__name__} cannot resume")
-        load(state["loader"])
+        self.loader.load_state_dict(state["loader"])
 
     def close(self) -> None:
         """End every pass in progress (dropping the batch held ahead), then call the loader's

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._check import check_int
-from .._lifecycle import Closeable, close_if_closable
+from .._lifecycle import Closeable, Stateful, close_if_closable
 from ..errors import InvalidConfigError
 from .monitor import Epochs, StallMonitor, StallReport
 from .schedule import STOPS, STRATEGIES, Schedule, count_batches
@@ -112,7 +112,7 @@ class MultiLoader(Closeable):
             state["schedule"] = self._schedule.state()
             state["loaders"] = {
                 name: loader.state_dict() for name, loader in self.loaders.items()
-                if callable(getattr(loader, "state_dict", None))}
+                if isinstance(loader, Stateful)}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -156,8 +156,12 @@ class MultiLoader(Closeable):
         if resume is not None:
             schedule.restore(resume["schedule"])
             for name, loader_state in (resume.get("loaders") or {}).items():
-                # only a loader with state_dict() has a saved state
-                self.loaders[name].load_state_dict(loader_state)  # type: ignore[attr-defined]
+                loader = self.loaders[name]
+                if not isinstance(loader, Stateful):
+                    raise InvalidConfigError(
+                        f"the state holds loader {name!r}'s own state, and this MultiLoader's "
+                        f"{name!r} ({type(loader).__name__}) has no load_state_dict()")
+                loader.load_state_dict(loader_state)
             stateful = set(resume.get("loaders") or {})
             for i, name in enumerate(self.names):
                 if schedule.started[i] and schedule.live[i]:
