@@ -38,7 +38,7 @@ from ..policy.resolve import check_yields_a_batch, resolve
 from ..profiles import Profile, ProfileEntry, check_key, dataset_key, find_profile
 from ..records import HardwareInfo, WorkloadProfile
 from ..sources.chunk_sampler import ChunkShuffleSampler
-from ..sources.images import image_folder_in, with_images
+from ..sources.images import ImageFolder, image_folder_in, with_images
 from ..sources.samplers import EpochDistributedSampler, ShardSampler
 from ..sources.sharding import ShardedIterable
 from ..system.distributed import Ranks, current_ranks
@@ -213,11 +213,14 @@ class LoaderPipeline:
                 dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
         placement, images = None, image_folder_in(dataset)
         if images is not None:  # before measuring: the placement sets a sample's cost
+            collate_given = "collate_fn" in overrides
             placement = place_images(images, target, self.hardware_here().cpu_budget,
-                                     collate_given="collate_fn" in overrides)
-            images = images.placed(placement)  # this loader's own copy
+                                     collate_given=collate_given)
+            # this loader's own copy; uint8 until the batch, normalised where it lands
+            images = images.placed(placement, normalised_in="sample" if collate_given
+                                   else "collate" if target is None else "device")
             dataset = with_images(dataset, images)
-            if _decodes_on_device(placement, adaptive=req.adapt_every is not None):
+            if not collate_given:
                 overrides["collate_fn"] = images.collate
         hints = self.hints(size, req.has_augmentation, req.has_standardization, req.batch_size,
                            req.training, stream=stream,
@@ -243,8 +246,9 @@ class LoaderPipeline:
             overrides["sampler"] = chunk_sampler(dataset, req.batch_size, config.num_workers,
                                                  seed=self.seed)
             config = config.noted(sampler=sampler_note(overrides["sampler"]))
-        if placement is not None:
-            config = config.noted(placement=f"{placement.where}: {placement.reason}")
+        if placement is not None and images is not None:
+            config = config.noted(placement=f"{placement.where}: {placement.reason}",
+                                  images=_images_note(images, target))
         if not ordered and size is not None:
             check_yields_a_batch(config, size, req.batch_size)
         log.info("DataLoader for %s:\n%s", key, config.explain())
@@ -272,8 +276,12 @@ class LoaderPipeline:
                                     overrides, key, entry)
         if target is None:
             return loader
-        steps = [images.device_transform(target)] if images is not None and placement \
-            and _decodes_on_device(placement, adaptive=req.adapt_every is not None) else []
+        steps = []
+        if images is not None and placement is not None:
+            if _decodes_on_device(placement, adaptive=req.adapt_every is not None):
+                steps.append(images.device_transform(target))
+            elif images.normalised_in == "device" and images.output == "float":
+                steps.append(images.normalise_on(target))
         steps += [req.device_transform] if req.device_transform is not None else []
         return DeviceLoader(loader, target, transform=_chained(steps))
 
@@ -380,6 +388,18 @@ def _decodes_on_device(placement: Placement, *, adaptive: bool) -> bool:
     a loader packs its batches with ``ImageFolder.collate`` and finishes them on the device
     (a batch the workers decoded passes through)."""
     return placement.where != "cpu" or (adaptive and placement.device_rate is not None)
+
+
+def _images_note(images: ImageFolder, target: torch.device | None) -> str:
+    """Where an ``ImageFolder``'s images are normalised, for ``explain()``."""
+    if images.output == "uint8":
+        return "output='uint8': batches of the resized pixels, not normalised"
+    if images.normalised_in == "device":
+        return (f"uint8 from the workers, normalised on {target} (a quarter of the bytes to "
+                "share and copy)")
+    if images.normalised_in == "collate":
+        return "uint8 until the batch, normalised a batch at once in the worker"
+    return "normalised in each sample (a collate_fn was given)"
 
 
 def _chained(steps: list[Callable[[Any], Any]]) -> Callable[[Any], Any] | None:

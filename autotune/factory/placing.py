@@ -1,8 +1,9 @@
 """Where an ``ImageFolder`` decodes: measured here, decided by ``policy.placement``.
 
 A few images are decoded both ways: on the CPU as a worker would (CPU seconds per image, in
-this process), and as one batch of 64 on the device (after a warm-up batch, synchronised). The
-CPU side's rate is the CPUs the workers may use over the seconds per image. The draws the
+this process at one torch thread, to the uint8 image a worker ships when the batches go to a
+device), and as one batch of 64 on the device (after a warm-up batch, synchronised). The CPU
+side's rate is the CPUs the workers may use over the seconds per image. The draws the
 measurement makes come from a forked random state: the caller's seeds are untouched.
 """
 
@@ -61,11 +62,16 @@ def _measured(dataset: ImageFolder, device: torch.device, cpus: int) -> Placemen
         transform = dataset.device_transform(device)
     except InvalidConfigError as exc:
         return Placement("cpu", 1.0, None, f"decoded by the workers: {exc}")
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        start = time.process_time()
-        for i in indices:
-            dataset.decode_on_cpu(i)
-        cpu_s = max(time.process_time() - start, 1e-6) / count
+        torch.set_num_threads(1)  # as in a worker (torch's DataLoader sets it there)
+        try:
+            start = time.process_time()
+            for i in indices:
+                dataset.pixels_on_cpu(i)
+            cpu_s = max(time.process_time() - start, 1e-6) / count
+        finally:
+            torch.set_num_threads(threads)
         encoded = dataset.placed(Placement("device", 0.0, None, "measuring"))
         samples = [encoded[i] for i in indices]
     batch = dataset.collate([samples[i % count] for i in range(DEVICE_BATCH)])

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from .._check import check_bool, check_int
 from ..errors import DataFileError, InvalidConfigError
 from ..policy.placement import PLACEMENTS, Placement
 from ._jpeg import Decoder, decode_with_pillow, decoder_for
+from ._pixels import Box, Picture, eval_geometry, pillow, resized, scaled_box
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ EVAL_CROP = 0.875  # 224 of 256: the ImageNet evaluation's center crop
 _GOLDEN = 0.6180339887498949  # spreads a split's CPU share evenly over the indices
 _BAD_IMAGE = "cannot be decoded as an image (corrupt, truncated or not an image file)"
 
-Box = tuple[int, int, int, int]  # top, left, height, width in the file's pixels
+OUTPUTS = ("float", "uint8")
+NORMALISED_IN = ("sample", "collate", "device")
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -161,14 +164,19 @@ def _classes(root: str) -> list[str]:
 
 def _samples(root: str, classes: Sequence[str],
              extensions: tuple[str, ...]) -> list[tuple[str, int]]:
-    samples = []
+    samples, empty = [], []
     for index, name in enumerate(classes):
+        found = len(samples)
         for folder, _dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             samples += [(os.path.join(folder, file), index) for file in sorted(files)
                         if file.lower().endswith(extensions)]
-    if not samples:
-        raise InvalidConfigError(f"root={root!r} has no image files ({', '.join(extensions)}) "
-                                 "in its class folders")
+        if len(samples) == found:
+            empty.append(name)
+    if empty:  # torchvision refuses such a folder too: a class no sample can have
+        raise InvalidConfigError(
+            f"root={root!r}: no image files ({', '.join(extensions)}) in the class "
+            f"folder{'s' if len(empty) > 1 else ''} {', '.join(map(repr, empty))}: put images "
+            "in each class folder, or move the empty ones out of root")
     return samples
 
 
@@ -187,9 +195,13 @@ class ImageFolder(Dataset):
         mean, std: per-channel normalisation (ImageNet's by default).
         scale, ratio: the training crop's area share and aspect ratio ranges.
         flip: the probability of a horizontal flip in training.
-        reduced_decode: let Pillow decode a JPEG at 1/2, 1/4 or 1/8 of its size when the crop
-            is at least that much larger than ``size`` (CPU placement).
+        reduced_decode: decode a JPEG at 1/2, 1/4 or 1/8 of its size when the crop is at
+            least that much larger than ``size`` (CPU placement).
         extensions: the file names (lower case endings) taken as images.
+        output: ``"float"``: images normalised with ``mean`` and ``std`` on arrival (per batch
+            where the factory builds the loader: in the worker, or on the device the batches
+            go to, so that uint8 crosses the bus); ``"uint8"``: the resized pixels, for loops
+            that normalise themselves.
 
     Attributes:
         classes: the class names, sorted.
@@ -203,6 +215,9 @@ class ImageFolder(Dataset):
         loader = factory.create_training_loader(train, 256, device="cuda")
         for images, targets in loader:  # normalised float images on the GPU
             ...
+
+    A sample read directly (``train[i]``) is normalised by itself; the factory's loaders
+    normalise a batch at once (``collate``, or on the device).
     """
 
     def __init__(self, root: str | os.PathLike[str], *, train: bool = True, size: int = 224,
@@ -210,8 +225,14 @@ class ImageFolder(Dataset):
                  std: Sequence[float] = IMAGENET_STD,
                  scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: float = 0.5,
-                 reduced_decode: bool = True, extensions: Sequence[str] = EXTENSIONS) -> None:
+                 reduced_decode: bool = True, extensions: Sequence[str] = EXTENSIONS,
+                 output: str = "float") -> None:
         self.root = os.fspath(root)
+        if output not in OUTPUTS:
+            raise InvalidConfigError(f"output={output!r}: pass 'float' (normalised images) or "
+                                     "'uint8' (the resized pixels, normalised by you)")
+        self.output = output
+        pillow()  # the one library every file type needs: say how to install it, here
         self.train = check_bool("train", train)
         self.size = check_int("size", size, minimum=1)
         if placement is not None and placement not in ("cpu", "device"):
@@ -242,23 +263,37 @@ class ImageFolder(Dataset):
         self.in_effect = Placement(where, 1.0 if where == "cpu" else 0.0, None,
                                    "asked for" if placement else "not measured")
         self.measured: dict[str, Placement] = {}  # by device: measured once, shared by copies
+        self.normalised_in = "sample"  # the factory's copies: "collate" or "device"
+        self._normaliser = Normaliser(self.mean, self.std)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def decoded_bytes(self) -> int:
-        """Bytes of one sample as the CPU placement makes it (a float32 image and a target):
-        the most a sample of any placement carries."""
-        return 3 * self.size * self.size * 4 + 8
+        """Bytes of one sample as a worker ships it in the CPU placement (the image and a
+        target): the most a sample of any placement carries."""
+        floats = self.output == "float" and self.normalised_in != "device"
+        return 3 * self.size * self.size * (4 if floats else 1) + 8
 
-    def placed(self, placement: Placement) -> ImageFolder:
+    def placed(self, placement: Placement, *, normalised_in: str | None = None) -> ImageFolder:
         """A copy that decodes where ``placement`` says (the file list is shared): each loader
-        the factory makes gets its own, so two loaders of one folder never disagree."""
+        the factory makes gets its own, so two loaders of one folder never disagree.
+
+        Args:
+            placement: where it decodes.
+            normalised_in: where a float output is normalised: ``"sample"`` (each sample,
+                as a plain ``DataLoader`` needs), ``"collate"`` (a batch at once, in
+                ``collate``) or ``"device"`` (the device transform; workers ship uint8);
+                ``None`` keeps this one's.
+        """
         if placement.where not in PLACEMENTS:
             raise InvalidConfigError(f"placement {placement.where!r}: one of {PLACEMENTS}")
+        if normalised_in is not None and normalised_in not in NORMALISED_IN:
+            raise InvalidConfigError(f"normalised_in={normalised_in!r}: one of {NORMALISED_IN}")
         view = copy.copy(self)
         view.in_effect = placement
+        view.normalised_in = normalised_in or self.normalised_in
         return view
 
     def _on_cpu(self, index: int) -> bool:
@@ -269,96 +304,101 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
-        if self.in_effect.where == "cpu":
-            return self.decode_on_cpu(index), target
-
-        def sample(image: Any, box: Box, flip: bool) -> _Encoded:
-            if not self._on_cpu(index) and _device_decodable(image):
-                data = _read(path)
-                if data is not None:
-                    return _Encoded(path, data, None, box, flip)
-            return _Encoded(path, None, self._pixels(image, box, flip), box, flip)
-
-        return self._opened(path, sample), target
-
-    def decode_on_cpu(self, index: int) -> torch.Tensor:
-        """Sample ``index``'s image as the CPU placement makes it: a normalised float
-        ``(3, size, size)`` tensor."""
-        path, _target = self.samples[index]
-        return self._opened(path, lambda image, box, flip: self._normalised(
-            self._pixels(image, box, flip)))
-
-    def _opened(self, path: str, make: Callable[[Any, Box, bool], Any]) -> Any:
-        """``make(image, box, flip)`` with the file open (its header read) and this sample's
-        draws made: the crop box, then the flip, as torchvision's recipe draws them."""
-        from PIL import Image
-
         try:
-            with Image.open(path) as image:
-                box = self._box(*image.size)
-                flip = self.train and torch.rand(1).item() < self.flip
-                return make(image, box, flip)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            picture = Picture(path)
+            try:
+                return self._sample(index, path, picture), target
+            finally:
+                picture.close()
+        except (OSError, SyntaxError, ValueError, pillow().DecompressionBombError) as exc:
             raise DataFileError(path, problem=f"{_BAD_IMAGE}: {exc}") from None
+
+    def _sample(self, index: int, path: str, picture: Picture) -> Any:
+        """This sample's draws (the crop box, then the flip, as torchvision's recipe draws
+        them), then its image: decoded here, or the file's bytes for the device."""
+        box = self._box(*picture.size)
+        flip = self.train and torch.rand(1).item() < self.flip
+        if self.in_effect.where == "cpu":
+            return self._finished(self._pixels(picture, box, flip))
+        if not self._on_cpu(index) and _device_decodable(picture) \
+                and _whole(picture.data):
+            data = torch.frombuffer(bytearray(picture.data), dtype=torch.uint8)
+            return _Encoded(path, data, None, box, flip)
+        return _Encoded(path, None, self._pixels(picture, box, flip), box, flip)
+
+    def pixels_on_cpu(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s image as a worker makes it in the CPU placement when the batches
+        go to a device: uint8 ``(3, size, size)``, normalised there."""
+        view = self.placed(Placement("cpu", 1.0, None, "pixels_on_cpu"), normalised_in="device")
+        return view[index][0]
 
     def _box(self, width: int, height: int) -> Box:
         if self.train:
             return crop_box(width, height, self.scale, self.ratio)
         return 0, 0, height, width  # evaluation resizes the whole image, then crops its center
 
-    def _pixels(self, image: Any, box: Box, flip: bool) -> torch.Tensor:
-        """uint8 ``(3, size, size)``: the box of ``image`` resized, flipped if ``flip``; pixel
-        for pixel what torchvision's transforms make of the Pillow image, unless a reduced
-        decode applied (the same picture from fewer pixels)."""
-        from PIL import Image
-
-        top, left, h, w = box
-        width, height = image.size
-        short = min(h, w) if self.train else min(width, height) * self.size / self.resize
-        if self.reduced_decode and image.format == "JPEG" and short >= 2 * self.size:
-            # a DCT-scaled decode at 1/2..1/8 that still has >= size pixels across the box
-            image.draft("RGB", (math.ceil(width * self.size / short),
-                                math.ceil(height * self.size / short)))
-            sx, sy = image.size[0] / width, image.size[1] / height
-            top, left = round(top * sy), round(left * sx)
-            h = min(round(h * sy), image.size[1] - top)
-            w = min(round(w * sx), image.size[0] - left)
-        rgb = image.convert("RGB")
+    def _pixels(self, picture: Picture, box: Box, flip: bool) -> torch.Tensor:
+        """uint8 ``(3, size, size)``: the box resized, flipped if ``flip``: within one level
+        of what torchvision's transforms make of the Pillow image, unless a reduced decode
+        applied (the same picture from fewer pixels)."""
+        width, height = picture.size
+        size = self.size
         if self.train:  # crop, then resize: RandomResizedCrop's order
-            out = rgb.crop((left, top, left + w, top + h)).resize(
-                (self.size, self.size), Image.Resampling.BILINEAR)
-        else:  # Resize(shorter side) then CenterCrop, sizes rounded as torchvision does
-            short_side, long_side = sorted(rgb.size)
-            long_new = int(self.resize * long_side / short_side)
-            new = (self.resize, long_new) if rgb.size[0] <= rgb.size[1] \
-                else (long_new, self.resize)
-            resized = rgb.resize(new, Image.Resampling.BILINEAR)
-            x = round((new[0] - self.size) / 2.0)
-            y = round((new[1] - self.size) / 2.0)
-            out = resized.crop((x, y, x + self.size, y + self.size))
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8)
-        return pixels.view(self.size, self.size, 3).permute(2, 0, 1).contiguous()
+            short = min(box[2], box[3])
+            at_least = (math.ceil(width * size / short), math.ceil(height * size / short)) \
+                if self.reduced_decode and short >= 2 * size else None
+            pixels = picture.pixels(at_least)
+            box = scaled_box(box, picture.size, pixels.shape[:2])
+            return resized(pixels, box, (size, size), flip)
+        # Resize(shorter side) then CenterCrop, sizes rounded as torchvision does
+        short = min(width, height)
+        at_least = (math.ceil(width * self.resize / short),
+                    math.ceil(height * self.resize / short)) \
+            if self.reduced_decode and short >= 2 * self.resize else None
+        pixels = picture.pixels(at_least)
+        new_h, new_w, top, left = eval_geometry(width, height, self.resize, size)
+        whole = resized(pixels, (0, 0, *pixels.shape[:2]), (new_h, new_w), False)
+        out = whole[:, top:top + size, left:left + size]
+        return out.flip(-1) if flip else out.contiguous()
 
-    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalise(pixels.unsqueeze(0), self.mean, self.std)[0]
+    def _finished(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A CPU-placement sample: uint8 where it is normalised later (in ``collate``, on the
+        device) or never (``output="uint8"``), else normalised here."""
+        if self.output == "uint8" or self.normalised_in != "sample":
+            return pixels
+        return self._normaliser(pixels)
 
     def collate(self, samples: Sequence[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
-        """A batch of ``(images, targets)``: the CPU placement's images stacked; otherwise an
-        ``EncodedImages`` for ``device_transform`` (the factory sets this as ``collate_fn``)."""
+        """A batch of ``(images, targets)`` (the factory sets this as ``collate_fn``): the CPU
+        placement's images stacked, in shared memory in a worker (as torch's collate does),
+        and normalised at once where ``normalised_in="collate"``; otherwise an
+        ``EncodedImages`` for ``device_transform``."""
         items = [item for item, _target in samples]
         targets = torch.tensor([target for _item, target in samples])
-        if not items or isinstance(items[0], torch.Tensor):
-            return (torch.stack(items) if items
-                    else torch.empty(0, 3, self.size, self.size)), targets
-        return encoded_batch(items, self.size), targets
+        if items and not isinstance(items[0], torch.Tensor):
+            return encoded_batch(items, self.size), targets
+        normalise = self.output == "float" and self.normalised_in == "collate" \
+            and (not items or items[0].dtype == torch.uint8)
+        dtype = torch.float32 if normalise or not items else items[0].dtype
+        out = _batch_memory((len(items), 3, self.size, self.size), dtype)
+        if not normalise:
+            return (torch.stack(items, out=out) if items else out), targets
+        for place, item in zip(out, items):  # uint8 to float: one pass an image
+            place.copy_(item)
+        return self._normaliser(out, out=out), targets
 
     def device_transform(self, device: torch.device | str,
                          decoder: Decoder | None = None) -> DeviceDecode:
-        """The callable that finishes a batch on ``device`` (``DeviceLoader(transform=)``)."""
+        """The callable that finishes a batch on ``device`` (``DeviceLoader(transform=)``):
+        it decodes a device placement's batches, and normalises uint8 images (the CPU
+        placement's, shipped with ``normalised_in="device"``) there."""
         return DeviceDecode(torch.device(device), self.mean, self.std, self.size, decoder,
-                            resize=None if self.train else self.resize)
+                            resize=None if self.train else self.resize, output=self.output)
+
+    def normalise_on(self, device: torch.device | str) -> BatchNormalise:
+        """The callable that normalises this folder's uint8 batches on ``device`` where the
+        CPUs decode them all (no decoder is needed there)."""
+        return BatchNormalise(torch.device(device), self._normaliser)
 
     def __repr__(self) -> str:
         return (f"ImageFolder({self.root!r}, {len(self.samples)} images, "
@@ -382,21 +422,28 @@ def with_images(dataset: Any, images: ImageFolder) -> Any:
     return images
 
 
-def _device_decodable(image: Any) -> bool:
+def _device_decodable(picture: Picture) -> bool:
     """A baseline colour JPEG: what every device decoder takes (not progressive, not CMYK,
     not grayscale)."""
+    image = picture.image or pillow().open(io.BytesIO(picture.data))
     return (image.format == "JPEG" and image.mode == "RGB"
             and not image.info.get("progressive") and not image.info.get("progression"))
 
 
-def _read(path: str) -> torch.Tensor | None:
-    """The file's bytes; ``None`` without an end-of-image marker near its end (truncated, or
-    a long trailer): Pillow in the worker decides, and names the file if it is truncated."""
-    with open(path, "rb") as file:
-        data = file.read()
-    if data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) < 0:
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _whole(data: bytes) -> bool:
+    """An end-of-image marker near the end of a file's bytes. Without one (truncated, or a
+    long trailer) the worker decodes it, and names the file if it is truncated."""
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) >= 0
+
+
+def _batch_memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch, in shared memory in a worker: the worker writes it once, and torch
+    passes it to the loop without copying it there (``default_collate`` does the same)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def encoded_batch(items: Sequence[_Encoded], size: int) -> EncodedImages:
@@ -419,19 +466,55 @@ def encoded_batch(items: Sequence[_Encoded], size: int) -> EncodedImages:
         paths=tuple(item.path for item in items))
 
 
-def normalise(pixels: torch.Tensor, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(n, 3, h, w)`` to float, scaled to [0, 1] and normalised per channel, in
-    ``ToTensor`` and ``Normalize``'s order of operations (the same floats)."""
-    shape = (1, 3, 1, 1)
-    return pixels.float().div_(255).sub_(torch.tensor(mean, device=pixels.device).view(shape)) \
-        .div_(torch.tensor(std, device=pixels.device).view(shape))
+class Normaliser:
+    """uint8 images to the floats of ``ToTensor`` then ``Normalize`` (within float rounding,
+    ~1e-6) in two passes over the images: scaled and shifted per channel, with the constants
+    made once, on ``device``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device | str = "cpu") -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        values = torch.tensor([[1 / (255 * s) for s in self.std],
+                               [-m / s for m, s in zip(self.mean, self.std)]])
+        self.scale, self.shift = values.view(2, 3, 1, 1).to(device).unbind(0)
+
+    def __call__(self, pixels: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixels`` (``(..., 3, h, w)``, on the constants' device) normalised, in ``out``
+        (a new float tensor by default; ``pixels`` itself if it is float already)."""
+        if out is None:
+            out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        if out is not pixels:
+            out.copy_(pixels)
+        return out.mul_(self.scale).add_(self.shift)
+
+
+class BatchNormalise:
+    """Normalises a batch's uint8 images on ``device`` (``DeviceLoader(transform=)``); other
+    batches pass through."""
+
+    def __init__(self, device: torch.device, normaliser: Normaliser) -> None:
+        self.device = device
+        self.normaliser = Normaliser(normaliser.mean, normaliser.std, device)
+
+    def __call__(self, batch: Any) -> Any:
+        if not (isinstance(batch, (tuple, list)) and batch
+                and isinstance(batch[0], torch.Tensor) and batch[0].dtype == torch.uint8):
+            return batch
+        images = self.normaliser(batch[0])
+        return type(batch)([images, *batch[1:]]) if isinstance(batch, list) \
+            else (images, *batch[1:])
+
+    def __repr__(self) -> str:
+        return f"BatchNormalise(device={str(self.device)!r})"
 
 
 class DeviceDecode:
     """Finishes a device-placement batch on ``device``: decodes the files (batched), crops,
     resizes (bilinear, antialiased), flips and normalises; the images the workers decoded are
-    normalised and put back in their places. Other batches pass through.
+    normalised and put back in their places. A batch of uint8 images (the CPU placement's)
+    is normalised; other batches pass through. With ``output="uint8"`` nothing is
+    normalised.
 
     A file the device decoder refuses is decoded with Pillow; one Pillow cannot read either
     is a ``DataFileError`` naming it.
@@ -439,9 +522,10 @@ class DeviceDecode:
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float],
                  size: int, decoder: Decoder | None = None, *,
-                 resize: int | None = None) -> None:
+                 resize: int | None = None, output: str = "float") -> None:
         self.device = device
-        self.mean, self.std, self.size, self.resize = tuple(mean), tuple(std), size, resize
+        self.size, self.resize, self.output = size, resize, output
+        self.normaliser = Normaliser(mean, std, device)
         self._stream: Any = None  # the decoder's own CUDA stream (made on first use)
         self._warned = False
         if decoder is None:
@@ -456,15 +540,21 @@ class DeviceDecode:
         self.decoder: Decoder = decoder
 
     def __call__(self, batch: Any) -> Any:
-        if not (isinstance(batch, (tuple, list)) and batch
-                and isinstance(batch[0], EncodedImages)):
+        if not (isinstance(batch, (tuple, list)) and batch):
             return batch
-        images = self.images(batch[0])
+        if isinstance(batch[0], EncodedImages):
+            images = self.images(batch[0])
+        elif isinstance(batch[0], torch.Tensor) and batch[0].dtype == torch.uint8 \
+                and self.output == "float":
+            images = self.normaliser(batch[0])
+        else:
+            return batch
         return type(batch)([images, *batch[1:]]) if isinstance(batch, list) \
             else (images, *batch[1:])
 
     def images(self, batch: EncodedImages) -> torch.Tensor:
-        """Normalised float ``(n, 3, size, size)`` images on the device."""
+        """``(n, 3, size, size)`` images on the device: normalised floats, or uint8 where
+        ``output="uint8"``."""
         out = torch.empty(len(batch), 3, self.size, self.size, device=self.device)
         if len(batch.decoded):
             out[batch.decoded.to(self.device)] = batch.ready.to(
@@ -476,7 +566,7 @@ class DeviceDecode:
             resized = self._resized(image, box)
             # rounded to whole levels like the workers' uint8 images
             out[place] = (resized.flip(-1) if flip else resized).clamp_(0, 255).round_()
-        return normalise(out, self.mean, self.std)
+        return self.normaliser(out, out=out) if self.output == "float" else out.to(torch.uint8)
 
     def _resized(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
         """Training: the box resized to ``size``. Evaluation: the whole image resized as the
@@ -490,10 +580,8 @@ class DeviceDecode:
             top, left, h, w = box
             return bilinear(image[:, top:top + h, left:left + w], (self.size, self.size))
         height, width = image.shape[-2:]
-        long_new = int(self.resize * max(width, height) / min(width, height))
-        new_h, new_w = (long_new, self.resize) if width <= height else (self.resize, long_new)
+        new_h, new_w, y, x = eval_geometry(width, height, self.resize, self.size)
         whole = bilinear(image, (new_h, new_w))
-        y, x = round((new_h - self.size) / 2.0), round((new_w - self.size) / 2.0)
         return whole[:, y:y + self.size, x:x + self.size]
 
     def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor]:
