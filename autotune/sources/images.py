@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -54,13 +55,20 @@ OUTPUTS = ("float", "uint8")
 NORMALISED_IN = ("sample", "collate", "device")
 
 
+@functools.cache
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """The ratio range's logarithms, in float32 as torchvision rounds them (made once)."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return low, high
+
+
 def crop_box(width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
              ratio: tuple[float, float] = (3 / 4, 4 / 3),
              generator: torch.Generator | None = None) -> Box:
     """``RandomResizedCrop``'s draw: ten tries at a random area share and log-uniform aspect
     ratio that fit the image, else the largest center crop within ``ratio``."""
     area = width * height
-    low, high = torch.log(torch.tensor(ratio)).tolist()  # float32, as torchvision rounds them
+    low, high = _log_ratio(tuple(ratio))
     for _ in range(10):
         target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         aspect = torch.exp(torch.empty(1).uniform_(low, high, generator=generator)).item()
