@@ -417,6 +417,39 @@ def test_cuda_image_folder_device_placement_makes_the_cpu_samples(tmp_path):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cuda_image_folder_cpu_placement_ships_uint8_and_arrives_normalised(tmp_path,
+                                                                            num_workers):
+    """The CPU placement on a CUDA loader: uint8 crosses the bus, the device normalises; the
+    batches are the samples the folder gives alone (within float rounding)."""
+    from PIL import Image
+
+    import autotune
+    from autotune import ImageFolder
+
+    (tmp_path / "a").mkdir()
+    y, x = np.mgrid[0:360, 0:480]
+    for i in range(8):
+        pixels = np.stack([(x + 20 * i) % 256, (y + 10 * i) % 256, (x + y) // 4 % 256], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "a" / f"{i}.jpg", quality=95)
+    ds = ImageFolder(tmp_path, train=False, placement="cpu")
+    factory = autotune.OptimalDataLoaderFactory(measure=False)
+    loader = factory.create_validation_loader(ds, 4, device="cuda", num_workers=num_workers)
+    try:
+        assert "normalised on cuda" in loader.autotune_config.explain()
+        crossing = [x.dtype for x, _y in loader.loader]
+        batches = list(loader)
+    finally:
+        loader.close()
+    assert crossing == [torch.uint8, torch.uint8]
+    expected = torch.stack([ds[i][0] for i in range(8)])
+    got = torch.cat([x for x, _y in batches])
+    assert got.is_cuda and got.dtype == torch.float32
+    assert torch.allclose(got.cpu(), expected, atol=1e-5)
+
+
+@gpu
+@needs_cuda
 def test_cuda_image_folder_measured_and_moved_while_training_keeps_every_sample(tmp_path):
     from PIL import Image
 
