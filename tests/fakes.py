@@ -58,8 +58,8 @@ class FakeNvml:
 
     ``gpus``: one dict per GPU with keys name (str, or bytes like old pynvml), total, free
     (bytes), cc (major, minor), pcie_gen, pcie_width, util (percent busy, default 0, or a
-    function of no arguments that returns it, for utilisation that changes over a run);
-    missing keys take the H100 values.
+    function of no arguments that returns it, for utilisation that changes over a run),
+    uuid (default ``GPU-fake-<index>``); missing keys take the H100 values.
     ``init_error=True``: ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` (no driver).
     ``failing``: names of functions that raise ``NVMLError_NotSupported``, for example
     ``{"nvmlDeviceGetCurrPcieLinkGeneration"}``.
@@ -96,6 +96,14 @@ class FakeNvml:
         if not 0 <= index < len(self.gpus):
             raise NVMLError(f"Invalid Argument: {index}")
         return index  # a handle: the fake's own index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> int:
+        self._check("nvmlDeviceGetHandleByUUID")
+        text = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for index, gpu in enumerate(self.gpus):
+            if gpu.get("uuid", f"GPU-fake-{index}") == text:
+                return index
+        raise NVMLError(f"Not Found: {text}")
 
     def nvmlDeviceGetName(self, handle: int) -> str | bytes:
         self._check("nvmlDeviceGetName")

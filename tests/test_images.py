@@ -804,3 +804,48 @@ def test_a_given_collate_fn_gets_normalised_samples(folder) -> None:
     x, _y = next(iter(loader))
     assert x.dtype == torch.float32 and set(seen) == {torch.float32}
     assert "a collate_fn was given" in loader.autotune_config.explain()
+
+
+def test_exif_turned_jpegs_are_decoded_by_the_workers(tmp_path) -> None:
+    """Orientations 2-8 go to the worker (a device decoder would turn them, the CPU path and
+    torchvision's loader do not); 1 and no EXIF go to the device. Every sample is the CPU
+    placement's."""
+    root = tmp_path / "exif"
+    (root / "a").mkdir(parents=True)
+    pixels = smooth(480, 360, 5)
+    Image.fromarray(pixels).save(root / "a" / "0_none.jpg", quality=90)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(root / "a" / f"{orientation}.jpg", quality=90, exif=exif)
+    ds = ImageFolder(root, reduced_decode=False).placed(DEVICE)
+    batch = ds.collate([ds[i] for i in range(len(ds))])[0]
+    names = [os.path.basename(p) for p in batch.paths]
+    assert sorted(names[i] for i in batch.encoded.tolist()) == ["0_none.jpg", "1.jpg"]
+    assert sorted(names[i] for i in batch.decoded.tolist()) == [f"{k}.jpg" for k in range(2, 9)]
+    torch.manual_seed(0)
+    on_device = ds.device_transform("cpu", decoder=decode_with_pillow)(
+        ds.collate([ds[i] for i in range(len(ds))]))[0]
+    torch.manual_seed(0)
+    on_cpu = torch.stack([ImageFolder(root, reduced_decode=False)[i][0]
+                          for i in range(len(ds))])
+    assert (on_device - on_cpu).abs().mean().item() < 0.02
+
+
+def test_cuda_and_cuda_0_are_one_decoder(monkeypatch) -> None:
+    """torch.cuda is faked at its boundary (no GPU here): the current device is 0."""
+    from autotune.sources import _jpeg
+    from autotune.system.cuda import canonical_device
+
+    asked = []
+
+    def working(device):
+        asked.append(device)
+        return "fake", decode_with_pillow
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_jpeg, "_working", working)
+    assert _jpeg.decoder_for(torch.device("cuda")) == _jpeg.decoder_for(torch.device("cuda:0"))
+    assert asked == [torch.device("cuda", 0)] * 2  # one key: the cache holds one decoder
+    assert canonical_device("cuda") == canonical_device(torch.device("cuda:0"))
+    assert canonical_device("cpu") == torch.device("cpu")

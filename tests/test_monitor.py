@@ -233,3 +233,21 @@ class _Iterable:
 def test_a_report_before_any_step_says_so() -> None:
     report = StallMonitor([1, 2], log_every_s=None).report()
     assert report.steps == 0 and report.suggestion.startswith("no step timed yet")
+
+
+def test_nvml_is_asked_for_the_gpu_torch_uses_by_its_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CUDA_VISIBLE_DEVICES=1 torch's cuda:0 is NVML's GPU 1: the UUID finds it (torch
+    is faked at the boundary: no GPU here); without a UUID the index is used, as before."""
+    import autotune.system.hardware
+    import autotune.system.usage
+    from fakes import FakeNvml
+
+    nvml = FakeNvml([{"util": 10}, {"util": 90}])
+    monkeypatch.setattr(autotune.system.hardware, "_load_nvml", lambda: nvml)
+    monkeypatch.setattr(autotune.system.usage, "cuda_uuid",
+                        lambda index: f"GPU-fake-{index + 1}")
+    assert autotune.system.usage.GpuUtilization(0).read() == 90.0
+    monkeypatch.setattr(autotune.system.usage, "cuda_uuid", lambda index: None)
+    assert autotune.system.usage.GpuUtilization(0).read() == 10.0
+    monkeypatch.setattr(autotune.system.usage, "cuda_uuid", lambda index: "GPU-unknown")
+    assert autotune.system.usage.GpuUtilization(1).read() == 90.0  # not found: the index

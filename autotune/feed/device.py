@@ -29,6 +29,7 @@ import torch
 from .._check import check_bool
 from .._lifecycle import Closeable, Stateful, close_if_closable
 from ..errors import InvalidConfigError
+from ..system.cuda import canonical_device
 
 _END = object()
 _DEVICE_FIX = 'pass a torch.device or a string such as "cuda", "cuda:1", "cpu" or "mps"'
@@ -124,6 +125,7 @@ def check_device(device: Any) -> torch.device:
         if parsed.index is not None and parsed.index >= count:
             raise InvalidConfigError(f"device={device!r} but this machine has {count} CUDA "
                                      f"device(s): pass an index below {count}")
+        return canonical_device(parsed)  # cuda:N: one spelling, one cache entry per GPU
     return parsed
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..system.cuda import canonical_device
+
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -81,7 +83,7 @@ def _working(device: torch.device) -> tuple[str, Decoder] | None:
     for name, decode in _libraries():
         decoder = functools.partial(_with_library, decode)
         try:
-            images = decoder([probe, probe], device)
+            images = _tried(decoder, [probe, probe], device)
             if len(images) == 2 and tuple(images[0].shape) == (3, 8, 16) \
                     and images[0].device.type == device.type:
                 return name, decoder
@@ -90,10 +92,27 @@ def _working(device: torch.device) -> tuple[str, Decoder] | None:
     return None
 
 
+def _tried(decoder: Decoder, datas: list[torch.Tensor],
+           device: torch.device) -> list[torch.Tensor]:
+    """``decoder`` on ``datas``; on CUDA after the device is idle, on a stream of its own,
+    waited for: nothing queued elsewhere reads memory a decoder may write while it works."""
+    if device.type != "cuda":
+        return decoder(datas, device)
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        images = decoder(datas, device)
+    stream.synchronize()
+    return images
+
+
 def decoder_for(device: torch.device) -> tuple[str, Decoder] | None:
     """``(name, decoder)`` for ``device``: a library decoder that works there (nvJPEG on
     CUDA), else Pillow for the CPU and devices without one (decoded on the CPU, then moved);
-    ``None`` for CUDA without a working library."""
+    ``None`` for CUDA without a working library. ``cuda`` is the current ``cuda:N``: one
+    decoder per GPU however it is spelled (torchvision keeps one global decoder and rebuilds
+    it for another spelling)."""
+    device = canonical_device(device)
     if device.type in ("cpu", "cuda"):
         found = _working(device)
         if found is not None:

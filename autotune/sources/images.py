@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from .._check import check_bool, check_int
 from ..errors import DataFileError, InvalidConfigError
 from ..policy.placement import PLACEMENTS, Placement
+from ..system.cuda import canonical_device
 from ._jpeg import Decoder, decode_with_pillow, decoder_for
 from ._pixels import Box, Picture, eval_geometry, pillow, resized, scaled_box
 
@@ -49,6 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_CROP = 0.875  # 224 of 256: the ImageNet evaluation's center crop
 _GOLDEN = 0.6180339887498949  # spreads a split's CPU share evenly over the indices
+_ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 mirror or turn the stored pixels
 _BAD_IMAGE = "cannot be decoded as an image (corrupt, truncated or not an image file)"
 
 OUTPUTS = ("float", "uint8")
@@ -431,11 +433,14 @@ def with_images(dataset: Any, images: ImageFolder) -> Any:
 
 
 def _device_decodable(picture: Picture) -> bool:
-    """A baseline colour JPEG: what every device decoder takes (not progressive, not CMYK,
-    not grayscale)."""
+    """A baseline colour JPEG, upright: what every device decoder takes as the CPU path
+    reads it (not progressive, CMYK or grayscale; TorchCodec turns a file by its EXIF
+    orientation where torchvision's loader and the CPU path do not, so the crop box drawn on
+    the stored size could fall outside it)."""
     image = picture.image or pillow().open(io.BytesIO(picture.data))
     return (image.format == "JPEG" and image.mode == "RGB"
-            and not image.info.get("progressive") and not image.info.get("progression"))
+            and not image.info.get("progressive") and not image.info.get("progression")
+            and image.getexif().get(_ORIENTATION, 1) == 1)
 
 
 def _whole(data: bytes) -> bool:
@@ -531,7 +536,7 @@ class DeviceDecode:
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float],
                  size: int, decoder: Decoder | None = None, *,
                  resize: int | None = None, output: str = "float") -> None:
-        self.device = device
+        self.device = device = canonical_device(device)
         self.size, self.resize, self.output = size, resize, output
         self.normaliser = Normaliser(mean, std, device)
         self._stream: Any = None  # the decoder's own CUDA stream (made on first use)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
+
+from .cuda import cuda_uuid
 
 MEMORY_SAMPLE_S = 0.25
 GPU_SAMPLE_S = 0.5  # NVML's own reading covers its last sample period (1/6 s to 1 s)
@@ -88,7 +91,8 @@ class GpuUtilization:
     """NVML's utilisation (percent of time a kernel ran) of one GPU; ``read()`` is None where
     NVML, its driver or the GPU is missing. NVML stays initialised until ``close()``."""
 
-    def __init__(self, index: int = 0, *, nvml: Any = None) -> None:
+    def __init__(self, index: int = 0, *, nvml: Any = None,
+                 uuid: Callable[[int], str | None] | None = None) -> None:
         from .hardware import _load_nvml
 
         self._nvml = nvml if nvml is not None else _load_nvml()
@@ -97,7 +101,7 @@ class GpuUtilization:
             return
         try:
             self._nvml.nvmlInit()
-            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+            self._handle = _handle(self._nvml, index, (uuid or cuda_uuid)(index))
         except Exception:
             self._handle = None
 
@@ -116,6 +120,17 @@ class GpuUtilization:
                 self._nvml.nvmlShutdown()
             except Exception:
                 pass
+
+
+def _handle(nvml: Any, index: int, uuid: str | None) -> Any:
+    """NVML's handle of torch's CUDA device ``index``: by its UUID (NVML counts every GPU of
+    the machine, torch only those ``CUDA_VISIBLE_DEVICES`` shows), by the index without one."""
+    if uuid is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid)
+        except Exception:  # an NVML without the call, or a UUID it does not know
+            pass
+    return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
 class GpuSampler:
