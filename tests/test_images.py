@@ -844,8 +844,50 @@ def test_cuda_and_cuda_0_are_one_decoder(monkeypatch) -> None:
         return "fake", decode_with_pillow
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_jpeg, "_working", working)
     assert _jpeg.decoder_for(torch.device("cuda")) == _jpeg.decoder_for(torch.device("cuda:0"))
     assert asked == [torch.device("cuda", 0)] * 2  # one key: the cache holds one decoder
     assert canonical_device("cuda") == canonical_device(torch.device("cuda:0"))
     assert canonical_device("cpu") == torch.device("cpu")
+
+
+def test_a_batch_is_decoded_in_parts_of_bounded_pixels_in_order(folder, monkeypatch) -> None:
+    from autotune.sources import images
+
+    ds = ImageFolder(folder, placement="device")
+    torch.manual_seed(0)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    calls = []
+
+    def counting(datas, device):
+        calls.append(len(datas))
+        return decode_with_pillow(datas, device)
+
+    whole = ds.device_transform("cpu", decoder=counting)(batch)[0]
+    assert calls == [len(ds)]
+    largest = int(batch[0].sizes.prod(1).max())
+    monkeypatch.setattr(images, "DECODE_PIXELS", 2 * largest)
+    calls.clear()
+    parts = ds.device_transform("cpu", decoder=counting)(batch)[0]
+    assert sum(calls) == len(ds) and len(calls) >= len(ds) // 3
+    assert torch.equal(whole, parts)  # the same images in the same places
+    assert images._parts(list("abcd"), [5, 5, 20, 1], 10) == [["a", "b"], ["c"], ["d"]]
+
+
+def test_the_device_transform_makes_no_tensor_from_python_values_per_batch(folder,
+                                                                          monkeypatch) -> None:
+    """Constants (mean, std) are on the device once; a batch's own tensors come with it: on a
+    GPU a ``torch.tensor(...)`` on the device would wait for the step before it."""
+    ds = ImageFolder(folder, placement="device")
+    transform = ds.device_transform("cpu", decoder=decode_with_pillow)
+    batch = ds.collate([ds[i] for i in range(8)])
+    made = []
+    for name in ("tensor", "as_tensor", "full", "arange"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _o=original, _n=name, **k: (
+            made.append(_n), _o(*a, **k))[1])
+    images, _targets = transform(batch)
+    uint8 = transform((torch.zeros(2, 3, 224, 224, dtype=torch.uint8), None))[0]
+    assert images.shape == (8, 3, 224, 224) and uint8.dtype == torch.float32
+    assert made == []

@@ -50,6 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_CROP = 0.875  # 224 of 256: the ImageNet evaluation's center crop
 _GOLDEN = 0.6180339887498949  # spreads a split's CPU share evenly over the indices
+DECODE_PIXELS = 1 << 27  # pixels decoded in one call at most (~400 MB of RGB)
 _ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 mirror or turn the stored pixels
 _BAD_IMAGE = "cannot be decoded as an image (corrupt, truncated or not an image file)"
 
@@ -105,6 +106,8 @@ class EncodedImages:
         decoded: the batch positions of ``ready``.
         boxes: ``(n, 4)`` crop boxes (top, left, height, width) of the encoded files.
         flips: ``(n,)`` bool, which encoded images are flipped.
+        sizes: ``(n, 2)`` the encoded files' (height, width), to decode a batch in parts of a
+            bounded number of pixels.
         paths: every file of the batch, in batch order.
     """
 
@@ -115,6 +118,7 @@ class EncodedImages:
     decoded: torch.Tensor
     boxes: torch.Tensor
     flips: torch.Tensor
+    sizes: torch.Tensor
     paths: tuple[str, ...]
 
     def __len__(self) -> int:
@@ -125,9 +129,11 @@ class EncodedImages:
         return self
 
     def pin_memory(self) -> EncodedImages:
-        """Pinned copies (the DataLoader's pin-memory thread calls this)."""
+        """Pinned copies (the DataLoader's pin-memory thread calls this): every tensor the
+        device reads copies without holding the host."""
         return dataclasses.replace(self, data=self.data.pin_memory(),
-                                   ready=self.ready.pin_memory())
+                                   ready=self.ready.pin_memory(),
+                                   decoded=self.decoded.pin_memory())
 
     def file(self, i: int) -> torch.Tensor:
         """The bytes of the ``i``-th encoded file."""
@@ -143,6 +149,7 @@ class _Encoded:
     ready: torch.Tensor | None  # uint8 (3, size, size), decoded by the worker
     box: Box
     flip: bool
+    size: tuple[int, int]  # the file's (height, width)
 
 
 def _numbers(name: str, values: Any, count: int, fix: str,
@@ -333,8 +340,9 @@ class ImageFolder(Dataset):
         if not self._on_cpu(index) and _device_decodable(picture) \
                 and _whole(picture.data):
             data = torch.frombuffer(bytearray(picture.data), dtype=torch.uint8)
-            return _Encoded(path, data, None, box, flip)
-        return _Encoded(path, None, self._pixels(picture, box, flip), box, flip)
+            return _Encoded(path, data, None, box, flip, picture.size[::-1])
+        return _Encoded(path, None, self._pixels(picture, box, flip), box, flip,
+                        picture.size[::-1])
 
     def pixels_on_cpu(self, index: int) -> torch.Tensor:
         """Sample ``index``'s image as a worker makes it in the CPU placement when the batches
@@ -476,6 +484,7 @@ def encoded_batch(items: Sequence[_Encoded], size: int) -> EncodedImages:
         decoded=torch.tensor(decoded, dtype=torch.long),
         boxes=torch.tensor([items[i].box for i in encoded], dtype=torch.long).view(-1, 4),
         flips=torch.tensor([items[i].flip for i in encoded], dtype=torch.bool),
+        sizes=torch.tensor([items[i].size for i in encoded], dtype=torch.long).view(-1, 2),
         paths=tuple(item.path for item in items))
 
 
@@ -570,12 +579,14 @@ class DeviceDecode:
         ``output="uint8"``."""
         out = torch.empty(len(batch), 3, self.size, self.size, device=self.device)
         if len(batch.decoded):
-            out[batch.decoded.to(self.device)] = batch.ready.to(
+            out[batch.decoded.to(self.device, non_blocking=True)] = batch.ready.to(
                 self.device, non_blocking=True).float()
         files = [batch.file(i) for i in range(len(batch.encoded))]
         places, boxes, flips = (batch.encoded.tolist(), batch.boxes.tolist(),
                                 batch.flips.tolist())
-        for image, place, box, flip in zip(self._decoded(files, batch), places, boxes, flips):
+        pixels = batch.sizes.prod(1).tolist()
+        decoded = self._decoded(files, pixels, batch)
+        for image, place, box, flip in zip(decoded, places, boxes, flips):
             resized = self._resized(image, box)
             # rounded to whole levels like the workers' uint8 images
             out[place] = (resized.flip(-1) if flip else resized).clamp_(0, 255).round_()
@@ -597,11 +608,20 @@ class DeviceDecode:
         whole = bilinear(image, (new_h, new_w))
         return whole[:, y:y + self.size, x:x + self.size]
 
-    def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The decoder's images. On CUDA it runs on a stream of its own that first waits for
-        the work queued on this one: nvJPEG writes on a private stream without waiting for the
-        stream its outputs are allocated on, so memory freed by queued kernels must not be
-        handed to it early; its outputs are then marked as used here."""
+    def _decode(self, files: list[torch.Tensor],
+                pixels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The decoder's images, in calls of at most ``DECODE_PIXELS`` pixels (a batch of
+        high-resolution photos would otherwise ask for gigabytes at once). On CUDA it runs on
+        a stream of its own that first waits for the work queued on this one: nvJPEG writes
+        on a private stream without waiting for the stream its outputs are allocated on, so
+        memory freed by queued kernels must not be handed to it early; its outputs are then
+        marked as used here."""
+        images: list[torch.Tensor] = []
+        for part in _parts(files, pixels or [0] * len(files), DECODE_PIXELS):
+            images += self._decode_part(part)
+        return images
+
+    def _decode_part(self, files: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device.type != "cuda":
             return self.decoder(files, self.device)
         here = torch.cuda.current_stream(self.device)
@@ -615,11 +635,12 @@ class DeviceDecode:
             image.record_stream(here)
         return images
 
-    def _decoded(self, files: list[torch.Tensor], batch: EncodedImages) -> list[torch.Tensor]:
+    def _decoded(self, files: list[torch.Tensor], pixels: Sequence[int],
+                 batch: EncodedImages) -> list[torch.Tensor]:
         if not files:
             return []
         try:
-            return self._decode(files)
+            return self._decode(files, pixels)
         except Exception as exc:  # find the file: one at a time, Pillow where the decoder fails
             if not self._warned:
                 self._warned = True
@@ -637,6 +658,20 @@ class DeviceDecode:
 
     def __repr__(self) -> str:
         return f"DeviceDecode(device={str(self.device)!r}, decoder={self.decoder_name!r})"
+
+
+def _parts(files: list[torch.Tensor], pixels: Sequence[int],
+           most: int) -> list[list[torch.Tensor]]:
+    """``files`` in order, in runs of at most ``most`` pixels (a larger file alone)."""
+    parts: list[list[torch.Tensor]] = []
+    total = most + 1
+    for data, count in zip(files, pixels):
+        if total + count > most:
+            parts.append([])
+            total = 0
+        parts[-1].append(data)
+        total += count
+    return parts
 
 
 def _with_pillow(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:

@@ -13,11 +13,12 @@ from typing import Any
 
 
 def canonical_device(device: Any) -> Any:
-    """``device`` (a ``torch.device``) with a CUDA index: ``cuda`` is the current device."""
+    """``device`` (a ``torch.device`` or a string) with a CUDA index: ``cuda`` is the current
+    device (as it is, where torch has no CUDA: nothing will run there)."""
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
