@@ -508,3 +508,74 @@ def test_a_cuda_device_loaders_state_does_not_count_the_batch_copying_ahead(stop
         resumed.load_state_dict(state)
         rest = [batch.cpu() for batch in resumed]
     assert [b.tolist() for b in taken + rest] == [b.tolist() for b in reference]
+
+
+class Failing(Dataset):
+    """Indices as tensors; ``bad`` raises."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.bad:
+            raise ValueError(f"sample {i} is broken")
+        return torch.tensor(i)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_transform_runs_on_its_own_thread_one_batch_ahead_in_order(num_workers):
+    import threading
+    import time
+
+    loop = threading.get_ident()
+    threads, made = set(), []
+
+    def transform(batch):
+        threads.add(threading.get_ident())
+        made.append(int(batch[0]))
+        return batch * 10
+
+    loader = DataLoader(torch.arange(12), batch_size=2, num_workers=num_workers)
+    feed = DeviceLoader(loader, "cpu", transform=transform)
+    for n, batch in enumerate(feed):
+        time.sleep(0.05)  # room for the thread to run ahead, if it would
+        assert batch.tolist() == [20 * n, 20 * n + 10]
+        assert len(made) <= n + 2  # this batch and the next one, no more
+    assert made == [0, 2, 4, 6, 8, 10] and loop not in threads and len(threads) == 1
+
+
+@pytest.mark.parametrize("where", ["loader", "transform"])
+def test_an_error_reaches_the_loop_after_the_batches_before_it(where):
+    def transform(batch):
+        if where == "transform" and int(batch[0]) == 3:
+            raise RuntimeError("transform failed on batch 3")
+        return batch
+
+    loader = DataLoader(Failing(6, bad=3 if where == "loader" else -1), batch_size=1)
+    got = []
+    with pytest.raises((ValueError, RuntimeError), match="3"):
+        for batch in DeviceLoader(loader, "cpu", transform=transform):
+            got.append(int(batch[0]))
+    assert got == [0, 1, 2]
+
+
+def test_a_pass_with_a_transform_left_early_stops_its_thread():
+    import threading
+    import time
+
+    feed = DeviceLoader(DataLoader(torch.arange(100), batch_size=1), "cpu",
+                        transform=lambda b: b + 1)
+    before = threading.active_count()
+    for _ in range(3):
+        for batch in feed:
+            if int(batch[0]) == 5:
+                break
+    assert [int(b[0]) for b in feed] == list(range(1, 101))  # a whole pass after them
+    feed.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before

@@ -401,10 +401,17 @@ def test_an_adaptive_loader_resumes_with_another_worker_count(training_reference
                    reference=training_reference)
 
 
+def unchanged(batch: Any) -> Any:
+    """A device transform that returns the batch: its thread still runs one batch ahead."""
+    return batch
+
+
+@pytest.mark.parametrize("transform", [None, unchanged], ids=["copied", "transformed"])
 @pytest.mark.parametrize("adapt", [False, True], ids=["plain", "adaptive"])
-def test_a_device_loader_resumes_and_nests_its_loaders_state(adapt, training_reference):
+def test_a_device_loader_resumes_and_nests_its_loaders_state(adapt, transform,
+                                                             training_reference):
     keywords = dict(adapt=True, adapt_every=1000) if adapt else {}
-    make = training(2, device="cpu", **keywords)
+    make = training(2, device="cpu", device_transform=transform, **keywords)
     loader = make()
     try:
         assert type(loader).__name__ == "DeviceLoader"

@@ -4,22 +4,27 @@ the step runs on batch n, so the step does not wait for the host-to-device copy.
 Only a copy from pinned (page-locked) memory is asynchronous; from pageable memory torch stages
 it while the host waits (correct, not overlapped), so the loader should pin (``pin_memory=True``,
 which autotune's factory sets for CUDA where it pays). The copy runs on a side CUDA stream to
-overlap the step's kernels; it is correct because the step's stream waits for it
-(``wait_stream``), each copied tensor is marked as used by the step's stream (``record_stream``:
-the caching allocator does not hand its memory to a later copy early), and each copy waits for
-the step work already queued (which covers what a custom ``.to()`` allocates). On the CPU
-batches pass through; other devices (``mps``, ``meta``) get a synchronous ``.to(device)``.
+overlap the step's kernels; it is correct because the step's stream waits for it, and each
+copied tensor is marked as used by the step's stream (``record_stream``: the caching allocator
+does not hand its memory to a later copy before the step that read it is done). The side
+stream never waits for the step: what it allocates comes from its own pool, so nothing it
+writes can be memory a queued kernel still reads. On the CPU batches pass through; other
+devices (``mps``, ``meta``) get a synchronous ``.to(device)``.
 
 A ``transform`` (normalise, augment, decode on the GPU) runs on each batch once it is on the
-device: on CUDA on the same side stream, right after its copy, so batch n+1's transform
-overlaps step n; the tensors it returns are marked as used by the step's stream like the
-copies. Elsewhere it runs in the loop's thread, batch by batch, in order.
+device, on a thread of its own that keeps one batch ahead: batch n+1 is fetched, copied and
+transformed (on CUDA on the side stream, an event marking its end) while the loop runs step
+n, and the host time the transform takes (launching kernels, a decoder's calls) is not the
+loop's. Batches arrive in order; an error (the loader's, the transform's) reaches the loop
+after the batches before it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import queue
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -144,7 +149,8 @@ class DeviceLoader(Closeable):
         device: a ``torch.device`` or a string: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"mps"``.
         non_blocking: issue CUDA copies asynchronously (from pinned memory).
         transform: called on each batch once it is on ``device``; what it returns is
-            yielded. On CUDA it runs on the copy's side stream, one batch ahead.
+            yielded. It runs on a thread of the loader's own, one batch ahead (on CUDA on the
+            copy's side stream), in order; what it raises reaches the loop in its place.
 
     Example::
 
@@ -168,9 +174,13 @@ class DeviceLoader(Closeable):
         self._passes: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
         self._closed = False
         self._held = 0  # batches the loader gave that the consumer has not received yet
+        self._fetching = threading.Lock()  # a fetch and its count, against state_dict()
+        self._pass: object = None  # the pass whose batches _held counts (with a transform)
 
     def __iter__(self) -> Iterator[Any]:
-        if self.device.type == "cpu":
+        if self.transform is not None:
+            batches = self._transformed()
+        elif self.device.type == "cpu":
             batches = self._as_is()
         elif self.device.type == "cuda":
             batches = self._ahead()
@@ -181,16 +191,78 @@ class DeviceLoader(Closeable):
         return batches
 
     def _as_is(self) -> Iterator[Any]:
-        if self.transform is None:
-            yield from self.loader  # a generator all the same: close() can end it
-        else:
-            for batch in self.loader:
-                yield self.transform(batch)
+        yield from self.loader  # a generator all the same: close() can end it
 
     def _moved(self) -> Iterator[Any]:
         for batch in self.loader:
-            moved = _move(batch, self.device, False, None)
-            yield moved if self.transform is None else self.transform(moved)
+            yield _move(batch, self.device, False, None)
+
+    def _transformed(self) -> Iterator[Any]:
+        """Batches made (fetched, moved, transformed) one ahead on a thread of their own."""
+        device = self.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        batches = iter(self.loader)
+        made: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        slot = threading.Semaphore(1)  # one batch made ahead of the one the loop holds
+        stop = threading.Event()
+        this = object()  # this pass: a maker of an earlier one counts nothing here
+        with self._fetching:
+            self._held, self._pass = 0, this
+
+        def make() -> None:
+            try:
+                while slot.acquire() and not stop.is_set():
+                    with self._fetching:
+                        batch = next(batches, _END)
+                        if batch is not _END and self._pass is this:
+                            self._held += 1  # handed by the loader, not received yet
+                    if stop.is_set():
+                        return  # the pass ended while this batch was fetched
+                    if batch is _END:
+                        made.put(("end", None))
+                        return
+                    made.put(("batch", self._made(batch, side, device)))
+            except BaseException as exc:  # the loop gets it after the batches before it
+                made.put(("error", exc))
+
+        maker = threading.Thread(target=make, name="autotune-device-loader", daemon=True)
+        maker.start()
+        try:
+            while True:
+                kind, value = made.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                _host, moved, ready, tensors = value  # _host: alive until its copy is waited on
+                if ready is not None:
+                    current = torch.cuda.current_stream(device)
+                    current.wait_event(ready)
+                    for tensor in tensors:
+                        tensor.record_stream(current)
+                with self._fetching:
+                    self._held -= 1
+                slot.release()
+                yield moved
+        finally:
+            stop.set()
+            slot.release()  # a maker waiting for room sees the stop
+
+    def _made(self, batch: Any, side: Any, device: torch.device) -> tuple[Any, Any, Any, list]:
+        """``batch`` moved to ``device`` and transformed; on CUDA on ``side``, with the event
+        that marks its end and the tensors the step's stream will use."""
+        assert self.transform is not None
+        if side is None:
+            return batch, self.transform(_move(batch, device, False, None)), None, []
+        tensors: list[torch.Tensor] = []
+        with torch.cuda.stream(side):
+            moved = self.transform(_move(batch, device, self.non_blocking, tensors))
+            tensors += [t for t in _tensors(moved) if t.is_cuda]
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return batch, moved, ready, tensors
 
     def _ahead(self) -> Iterator[Any]:
         device = self.device
@@ -221,13 +293,9 @@ class DeviceLoader(Closeable):
         batch = next(batches, _END)
         if batch is _END:
             return None
-        side.wait_stream(torch.cuda.current_stream(device))  # memory freed by queued work
         made: list[torch.Tensor] = []
         with torch.cuda.stream(side):
             moved = _move(batch, device, self.non_blocking, made)
-            if self.transform is not None:
-                moved = self.transform(moved)
-                made += [t for t in _tensors(moved) if t.is_cuda]
         return batch, moved, made
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,8 +304,10 @@ class DeviceLoader(Closeable):
         if not isinstance(self.loader, Stateful):
             raise InvalidConfigError(f"state_dict(): the loader {type(self.loader).__name__} "
                                      "has none to resume from")
-        inner = (self.loader.state_dict(unreceived=self._held)  # the factory's loaders take it
-                 if self._held else self.loader.state_dict())
+        with self._fetching:  # not while a batch is being fetched
+            held = self._held
+            inner = (self.loader.state_dict(unreceived=held)  # the factory's loaders take it
+                     if held else self.loader.state_dict())
         return {"version": 1, "loader": inner}
 
     def load_state_dict(self, state: Any) -> None:
@@ -269,10 +339,10 @@ class DeviceLoader(Closeable):
         return getattr(self.loader, name)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_passes"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_passes", "_fetching")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _passes=weakref.WeakSet())
+        self.__dict__.update(state, _passes=weakref.WeakSet(), _fetching=threading.Lock())
 
     def __repr__(self) -> str:
         transform = "" if self.transform is None else f", transform={self.transform!r}"
