@@ -883,7 +883,7 @@ def test_the_device_transform_makes_no_tensor_from_python_values_per_batch(folde
     transform = ds.device_transform("cpu", decoder=decode_with_pillow)
     batch = ds.collate([ds[i] for i in range(8)])
     made = []
-    for name in ("tensor", "as_tensor", "full", "arange"):
+    for name in ("tensor", "as_tensor"):  # host values copied to the device
         original = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _o=original, _n=name, **k: (
             made.append(_n), _o(*a, **k))[1])
@@ -891,3 +891,41 @@ def test_the_device_transform_makes_no_tensor_from_python_values_per_batch(folde
     uint8 = transform((torch.zeros(2, 3, 224, 224, dtype=torch.uint8), None))[0]
     assert images.shape == (8, 3, 224, 224) and uint8.dtype == torch.float32
     assert made == []
+
+
+def test_batched_crops_and_center_crops_are_torchs_resize() -> None:
+    """The device path's two products against ``interpolate(antialias=True)`` per image:
+    upscaled and downscaled boxes, flips, evaluation's resize and center crop."""
+    from autotune.sources._pixels import eval_geometry
+    from autotune.sources._resize import resized_centers, resized_crops
+
+    generator = torch.Generator().manual_seed(0)
+    images, boxes, flips = [], [], []
+    for k in range(10):
+        height, width = (int(v) for v in torch.randint(60, 300, (2,), generator=generator))
+        images.append(torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
+                                    generator=generator))
+        h, w = (int(torch.randint(10, side + 1, (), generator=generator))
+                for side in (height, width))
+        boxes.append((int(torch.randint(0, height - h + 1, (), generator=generator)),
+                      int(torch.randint(0, width - w + 1, (), generator=generator)), h, w))
+        flips.append(k % 3 == 0)
+    from autotune.sources.images import _padded
+
+    padded = _padded(images, torch.device("cpu"))
+    made = resized_crops(padded, torch.tensor(boxes), 48, torch.tensor(flips))
+
+    def bilinear(x, size):
+        return torch.nn.functional.interpolate(x.unsqueeze(0).float(), size=size,
+                                               mode="bilinear", antialias=True)[0]
+
+    for image, (top, left, h, w), flip, ours in zip(images, boxes, flips, made):
+        theirs = bilinear(image[:, top:top + h, left:left + w], (48, 48))
+        assert torch.allclose(ours, theirs.flip(-1) if flip else theirs, atol=1e-3)
+    heights = torch.tensor([image.shape[1] for image in images])
+    widths = torch.tensor([image.shape[2] for image in images])
+    centers = resized_centers(padded, heights, widths, 55, 48)
+    for image, ours in zip(images, centers):
+        new_h, new_w, top, left = eval_geometry(image.shape[2], image.shape[1], 55, 48)
+        theirs = bilinear(image, (new_h, new_w))[:, top:top + 48, left:left + 48]
+        assert torch.allclose(ours, theirs, atol=1e-2)

@@ -42,6 +42,7 @@ from ..policy.placement import PLACEMENTS, Placement
 from ..system.cuda import canonical_device
 from ._jpeg import Decoder, decode_with_pillow, decoder_for
 from ._pixels import Box, Picture, eval_geometry, pillow, resized, scaled_box
+from ._resize import resized_centers, resized_crops
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 EVAL_CROP = 0.875  # 224 of 256: the ImageNet evaluation's center crop
 _GOLDEN = 0.6180339887498949  # spreads a split's CPU share evenly over the indices
 DECODE_PIXELS = 1 << 27  # pixels decoded in one call at most (~400 MB of RGB)
+RESIZE_IMAGES = 64  # decoded images resized in one pair of products (memory: ~64 x 3 MB)
 _ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 mirror or turn the stored pixels
 _BAD_IMAGE = "cannot be decoded as an image (corrupt, truncated or not an image file)"
 
@@ -133,7 +135,11 @@ class EncodedImages:
         device reads copies without holding the host."""
         return dataclasses.replace(self, data=self.data.pin_memory(),
                                    ready=self.ready.pin_memory(),
-                                   decoded=self.decoded.pin_memory())
+                                   decoded=self.decoded.pin_memory(),
+                                   encoded=self.encoded.pin_memory(),
+                                   boxes=self.boxes.pin_memory(),
+                                   flips=self.flips.pin_memory(),
+                                   sizes=self.sizes.pin_memory())
 
     def file(self, i: int) -> torch.Tensor:
         """The bytes of the ``i``-th encoded file."""
@@ -576,37 +582,30 @@ class DeviceDecode:
 
     def images(self, batch: EncodedImages) -> torch.Tensor:
         """``(n, 3, size, size)`` images on the device: normalised floats, or uint8 where
-        ``output="uint8"``."""
-        out = torch.empty(len(batch), 3, self.size, self.size, device=self.device)
+        ``output="uint8"``. The decoded files are cropped, resized and flipped in batched
+        products (``sources._resize``), ``RESIZE_IMAGES`` at a time; every index and box is
+        the batch's own (pinned) tensor, copied without holding the host."""
+        device = self.device
+        out = torch.empty(len(batch), 3, self.size, self.size, device=device)
         if len(batch.decoded):
-            out[batch.decoded.to(self.device, non_blocking=True)] = batch.ready.to(
-                self.device, non_blocking=True).float()
+            out[batch.decoded.to(device, non_blocking=True)] = batch.ready.to(
+                device, non_blocking=True).float()
         files = [batch.file(i) for i in range(len(batch.encoded))]
-        places, boxes, flips = (batch.encoded.tolist(), batch.boxes.tolist(),
-                                batch.flips.tolist())
-        pixels = batch.sizes.prod(1).tolist()
-        decoded = self._decoded(files, pixels, batch)
-        for image, place, box, flip in zip(decoded, places, boxes, flips):
-            resized = self._resized(image, box)
-            # rounded to whole levels like the workers' uint8 images
-            out[place] = (resized.flip(-1) if flip else resized).clamp_(0, 255).round_()
+        decoded = self._decoded(files, batch.sizes.prod(1).tolist(), batch)
+        places = batch.encoded.to(device, non_blocking=True)
+        boxes = batch.boxes.to(device, non_blocking=True)
+        flips = batch.flips.to(device, non_blocking=True)
+        sizes = batch.sizes.to(device, non_blocking=True)
+        for first in range(0, len(decoded), RESIZE_IMAGES):
+            part = slice(first, first + RESIZE_IMAGES)
+            padded = _padded(decoded[part], device)
+            if self.resize is None:
+                made = resized_crops(padded, boxes[part], self.size, flips[part])
+            else:
+                made = resized_centers(padded, sizes[part, 0], sizes[part, 1], self.resize,
+                                       self.size)
+            out[places[part]] = made.clamp_(0, 255).round_()  # whole levels, as on the CPU
         return self.normaliser(out, out=out) if self.output == "float" else out.to(torch.uint8)
-
-    def _resized(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
-        """Training: the box resized to ``size``. Evaluation: the whole image resized as the
-        CPU placement does (shorter side to ``resize``), then the same center crop."""
-        def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-            return torch.nn.functional.interpolate(
-                x.unsqueeze(0).float(), size=size, mode="bilinear", antialias=True,
-                align_corners=False)[0]
-
-        if self.resize is None:
-            top, left, h, w = box
-            return bilinear(image[:, top:top + h, left:left + w], (self.size, self.size))
-        height, width = image.shape[-2:]
-        new_h, new_w, y, x = eval_geometry(width, height, self.resize, self.size)
-        whole = bilinear(image, (new_h, new_w))
-        return whole[:, y:y + self.size, x:x + self.size]
 
     def _decode(self, files: list[torch.Tensor],
                 pixels: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -658,6 +657,16 @@ class DeviceDecode:
 
     def __repr__(self) -> str:
         return f"DeviceDecode(device={str(self.device)!r}, decoder={self.decoder_name!r})"
+
+
+def _padded(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """uint8 ``(n, 3, H, W)``: each image at the top left, zeros around it (one copy each)."""
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    padded = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=device)
+    for place, image in zip(padded, images):
+        place[:, :image.shape[-2], :image.shape[-1]] = image
+    return padded
 
 
 def _parts(files: list[torch.Tensor], pixels: Sequence[int],
