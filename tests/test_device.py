@@ -579,3 +579,17 @@ def test_a_pass_with_a_transform_left_early_stops_its_thread():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before
+
+
+def test_the_gpu_check_runs_on_a_cpu_with_smoke():
+    """``bench/gpu_check.py`` is what the next GPU session runs first: it must not break."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [line.split()[0] for line in run.stdout.splitlines()] == \
+        ["PASS", "SKIP", "PASS", "PASS", "SKIP", "PASS"], run.stdout
