@@ -450,6 +450,27 @@ def test_cuda_image_folder_cpu_placement_ships_uint8_and_arrives_normalised(tmp_
 
 @gpu
 @needs_cuda
+def test_cuda_placement_times_the_decoder_under_a_busy_step(tmp_path):
+    from PIL import Image
+
+    from autotune import ImageFolder
+    from autotune.factory.placing import _measured
+    from autotune.sources._jpeg import decoder_for
+
+    if decoder_for(torch.device("cuda")) is None:
+        pytest.skip("no CUDA JPEG decoder installed (torchcodec or torchvision)")
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(
+            tmp_path / "a" / f"{i}.jpg", quality=90)
+    placement = _measured(ImageFolder(tmp_path), torch.device("cuda"), 16)
+    assert placement.device_rate is not None and 0 < placement.device_rate < float("inf")
+    assert "device decoder" in placement.reason
+
+
+@gpu
+@needs_cuda
 def test_cuda_image_folder_measured_and_moved_while_training_keeps_every_sample(tmp_path):
     from PIL import Image
 

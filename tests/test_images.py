@@ -929,3 +929,22 @@ def test_batched_crops_and_center_crops_are_torchs_resize() -> None:
         new_h, new_w, top, left = eval_geometry(image.shape[2], image.shape[1], 55, 48)
         theirs = bilinear(image, (new_h, new_w))[:, top:top + 48, left:left + 48]
         assert torch.allclose(ours, theirs, atol=1e-2)
+
+
+def test_the_placement_times_the_cpu_side_at_one_thread_as_a_worker(folder, monkeypatch) -> None:
+    threads = []
+    original = ImageFolder.pixels_on_cpu
+
+    def spied(self, index):
+        threads.append(torch.get_num_threads())
+        return original(self, index)
+
+    monkeypatch.setattr(ImageFolder, "pixels_on_cpu", spied)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _measured(ImageFolder(folder), torch.device("cpu"), 2)
+        assert threads and set(threads) == {1}
+        assert torch.get_num_threads() == 2  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)

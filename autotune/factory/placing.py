@@ -2,8 +2,11 @@
 
 A few images are decoded both ways: on the CPU as a worker would (CPU seconds per image, in
 this process at one torch thread, to the uint8 image a worker ships when the batches go to a
-device), and as one batch of 64 on the device (after a warm-up batch, synchronised). The CPU
-side's rate is the CPUs the workers may use over the seconds per image. The draws the
+device), and in batches of 64 on the device. On CUDA the device side is what decoding takes
+from a step that keeps the GPU busy: a few batches through a ``DeviceLoader`` (its thread,
+its side stream) under matrix products as long as one decode, less the same products alone;
+elsewhere one batch, synchronised, after a warm-up batch. The CPU side's rate is the CPUs
+the workers may use over the seconds per image. The draws the
 measurement makes come from a forked random state: the caller's seeds are untouched.
 """
 
@@ -11,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..errors import InvalidConfigError
+from ..feed.device import DeviceLoader
 from ..policy.placement import Placement, choose_placement
 from ..sources.images import ImageFolder
 
@@ -22,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES = 16  # images timed on the CPU
 DEVICE_BATCH = 64  # images in the batch timed on the device (a decoder is faster batched)
+REPEATS = 4  # batches timed through a DeviceLoader under a busy step (CUDA)
 
 
 def place_images(dataset: ImageFolder, device: torch.device | None, cpus: int, *,
@@ -75,13 +82,54 @@ def _measured(dataset: ImageFolder, device: torch.device, cpus: int) -> Placemen
         encoded = dataset.placed(Placement("device", 0.0, None, "measuring"))
         samples = [encoded[i] for i in indices]
     batch = dataset.collate([samples[i % count] for i in range(DEVICE_BATCH)])
+    return choose_placement(cpus / cpu_s, DEVICE_BATCH / _device_seconds(transform, batch,
+                                                                         device))
+
+
+def _device_seconds(transform: Callable[[Any], Any], batch: Any,
+                    device: torch.device) -> float:
+    """Device seconds a batch's decoding costs: on CUDA what it adds to a busy GPU's steps
+    (at least 5% of its time alone: never free), elsewhere its time alone."""
     transform(batch)  # the decoder's start-up (nvJPEG handles, kernels) is not its rate
     _synchronize(device)
     start = time.perf_counter()
     transform(batch)
     _synchronize(device)
-    device_rate = DEVICE_BATCH / max(time.perf_counter() - start, 1e-6)
-    return choose_placement(cpus / cpu_s, device_rate)
+    alone = max(time.perf_counter() - start, 1e-6)
+    if device.type != "cuda":
+        return alone
+    step = _busy_step(device, alone)
+
+    def timed(batches: Any) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        for _batch in batches:
+            step()
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    pinned = (batch[0].pin_memory(), *batch[1:])
+    steps = timed([None] * REPEATS)
+    both = timed(DeviceLoader([pinned] * REPEATS, device, transform=transform))
+    return max((both - steps) / REPEATS, 0.05 * alone)
+
+
+def _busy_step(device: torch.device, seconds: float) -> Callable[[], None]:
+    """A step of matrix products that keeps ``device`` busy about ``seconds``."""
+    a = torch.randn(1024, 1024, device=device)
+    torch.mm(a, a)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a, a)
+    _synchronize(device)
+    count = max(1, round(seconds / max((time.perf_counter() - start) / 10, 1e-7)))
+
+    def step() -> None:
+        for _ in range(count):
+            torch.mm(a, a)
+
+    return step
 
 
 def _synchronize(device: torch.device) -> None:
