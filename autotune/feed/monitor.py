@@ -24,6 +24,7 @@ from .._lifecycle import Closeable, close_if_closable
 from ..errors import AutotuneError, InvalidConfigError
 from ..policy import stall
 from ..system import usage
+from ..system.cuda import canonical_device
 
 log = logging.getLogger("autotune.monitor")  # the name users configure (kept when it moved)
 
@@ -409,7 +410,8 @@ def _gpu_index(device: Any) -> int | None:
         return None
     if device.type != "cuda":
         return None
-    return device.index if device.index is not None else 0
+    index = canonical_device(device).index  # "cuda": the current device, as torch runs it
+    return index if index is not None else 0
 
 
 def _cpu_budget() -> int:
