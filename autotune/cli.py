@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                            "images=3,text=1")
     tune.add_argument("--profile-dir", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tune.add_argument("--quiet", action="store_true",
+                      help="no progress bar (there is none when stderr is not a terminal)")
     tune.add_argument("--plot", metavar="FILE.png", help="draw samples/s of every trial "
                       "(needs matplotlib: pip install 'autotune[plot]')")
     tune.set_defaults(run=cmd_tune)
@@ -198,7 +200,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     team = Team.current()
     dataset = prepare() if team is None else team.each(prepare)
-    tuner = _tuner(args, dataset, progress=None if team is None or team.leads else False)
+    leads = team is None or team.leads
+    tuner = _tuner(args, dataset, progress=False if args.quiet or not leads else None)
     result = tuner.run()
     prints = team is None or team.leads
 

@@ -29,7 +29,13 @@ class InvalidConfigError(AutotuneError, ValueError):
 
 
 class ProfileError(AutotuneError):
-    """A profile file cannot be used; the message names the file and the field."""
+    """A profile file cannot be used; the message names the file and the field.
+
+    Args:
+        path: the profile file (kept as ``str``).
+        field: the field that is wrong, or ``None`` for the file as a whole.
+        problem: what is wrong and how to fix it.
+    """
 
     def __init__(self, path: object, field: str | None, problem: str) -> None:
         self.path = str(path)
@@ -40,7 +46,13 @@ class ProfileError(AutotuneError):
 
 class DatasetError(AutotuneError):
     """The dataset raised while autotune was measuring it; names the index (for a stream,
-    the item's position in the iteration)."""
+    the item's position in the iteration).
+
+    Args:
+        index: the sample that raised (for a stream, its position in the iteration).
+        original: what the dataset raised (also the ``__cause__``).
+        stream: whether the dataset is a stream (the message says "item i of the stream").
+    """
 
     def __init__(self, index: int, original: BaseException, *, stream: bool = False) -> None:
         self.index = index
@@ -55,6 +67,11 @@ class DataFileError(AutotuneError):
     Raised in a DataLoader worker, it reaches the main process as a ``DataFileError`` too:
     torch re-creates it from its message alone (``DataFileError(message)``), so there
     ``path`` and ``key`` are ``None`` and the message still names both.
+
+    Args:
+        path: the file (kept as ``str``); alone, the whole message (torch's re-raise).
+        key: the dataset key in the file where it applies (HDF5), else ``None``.
+        problem: what is wrong and how to fix it.
     """
 
     def __init__(self, path: object, key: str | None = None,

@@ -199,3 +199,47 @@ def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+def _tune_on(stderr_is_terminal: bool, *extra: str, tmp_path) -> str:
+    """``autotune tune`` (2 s) with stderr on a pseudo-terminal or a pipe: what it wrote."""
+    import os
+    import pty
+
+    target = str(Path(__file__).with_name("tune_target.py")) + ":make_quick"
+    args = [sys.executable, "-m", "autotune", "tune", target, "--batch-size", "8",
+            "--budget-s", "2", "--max-workers", "1", "--profile-dir", str(tmp_path), *extra]
+    env = {**os.environ, "COLUMNS": "120"}
+    if not stderr_is_terminal:
+        return subprocess.run(args, capture_output=True, text=True, timeout=120,
+                              env=env).stderr
+    import fcntl
+    import struct
+    import termios
+
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real size
+    try:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=side, env=env)
+        os.close(side)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(timeout=120) == 0
+    finally:
+        os.close(main)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_tune_shows_a_tqdm_bar_in_a_terminal_and_none_in_a_pipe(tmp_path):
+    on_terminal = _tune_on(True, tmp_path=tmp_path / "a")
+    assert "autotune tune:" in on_terminal and "|" in on_terminal and " s, trial" in on_terminal
+    assert "trial 1" in on_terminal
+    assert "autotune tune:" not in _tune_on(False, tmp_path=tmp_path / "b")
+    assert "autotune tune:" not in _tune_on(True, "--quiet", tmp_path=tmp_path / "c")
