@@ -10,6 +10,7 @@ data is ``HDF5Dataset``s of H5_DIR/train*.h5 and H5_DIR/val*.h5 (keys x and inde
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 import warnings
@@ -107,4 +108,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # a rank still running after 90 s (a run takes ~15) writes every thread's stack: the
+    # test's failure message then shows where a hang waits
+    faulthandler.dump_traceback_later(90, exit=False)
     main()
+    faulthandler.cancel_dump_traceback_later()
