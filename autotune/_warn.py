@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 import warnings
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -11,7 +12,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first frame outside this package."""
-    level, frame = 2, sys._getframe(1)  # level 1 is this function, 2 its caller
+    level = 2  # level 1 is this function, 2 its caller
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame = frame.f_back
         level += 1

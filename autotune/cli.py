@@ -110,7 +110,7 @@ def _positive_int(text: str) -> int:
 
 
 def _weights(text: str) -> dict[str, float]:
-    weights = {}
+    weights: dict[str, float] = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         try:

@@ -27,7 +27,8 @@ try:
 except ImportError as first:
     try:
         # the same API under its older name
-        from pytorch_lightning import Callback, LightningDataModule  # type: ignore[no-redef]
+        from pytorch_lightning import (  # type: ignore[assignment]  # the same API
+            Callback, LightningDataModule)
     except ImportError:
         raise ImportError("autotune.lightning needs Lightning (lightning.pytorch or "
                           "pytorch_lightning). Fix: pip install 'autotune[lightning]'") from first

@@ -32,7 +32,7 @@ class _on_instance_or_default:  # noqa: N801  (a decorator, named like ``propert
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        functools.update_wrapper(self, fn)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # as property wraps one
 
     def __get__(self, obj: Any, cls: Any = None) -> Callable[..., Any]:
         if obj is not None:
@@ -214,9 +214,12 @@ class OptimalDataLoaderFactory:
         if keywords.get("workload") is None:
             keywords["workload"] = self.pipeline.measure_once(dataset, keywords)
         evaluation = {k: v for k, v in keywords.items() if k not in TRAINING_ONLY}
-        return (train and self.create_training_loader(train, batch_size, **keywords),
-                val and self.create_validation_loader(val, batch_size, **evaluation),
-                test and self.create_validation_loader(test, batch_size, **evaluation))
+        return (train if train is None
+                else self.create_training_loader(train, batch_size, **keywords),
+                val if val is None
+                else self.create_validation_loader(val, batch_size, **evaluation),
+                test if test is None
+                else self.create_validation_loader(test, batch_size, **evaluation))
 
     @_on_instance_or_default
     def create_training_loaders(self, datasets: Any, batch_size: int, *,

@@ -198,9 +198,11 @@ class LoaderPipeline:
         chunked = (req.training and not ordered and overrides.get("shuffle", True)
                    and reads_chunks(dataset))
         if chunked and ranks.distributed:
+            assert size is not None  # chunked data is map-style: it has a length
             size = math.ceil(size / ranks.world_size)  # this rank's share of the chunk order
         elif ranks.distributed and not stream and not ordered:
             # the sampler orders the rank's share: an explicit shuffle= goes to it
+            assert size is not None  # not a stream
             overrides["sampler"] = _rank_sampler(
                 size, dataset, ranks, req.training, self.seed,
                 shuffle=bool(overrides.pop("shuffle", req.training)))
@@ -276,7 +278,7 @@ class LoaderPipeline:
                                     overrides, key, entry)
         if target is None:
             return loader
-        steps = []
+        steps: list[Callable[[Any], Any]] = []
         if images is not None and placement is not None:
             if _decodes_on_device(placement, adaptive=req.adapt_every is not None):
                 steps.append(images.device_transform(target))

@@ -287,7 +287,8 @@ class AdaptiveLoader(Closeable):
             self._start_from(self._resume)
         elif self._loader is not None and self._loader.restart_if_changed():
             self._inner = None  # the dataset changed: new workers copy it
-            note = self._loader.autotune_config.reasons.get("workers_restarted")
+            config = self._loader.autotune_config
+            note = None if config is None else config.reasons.get("workers_restarted")
             if note is not None:
                 self._config = self._config.noted(workers_restarted=note)
         if self._pending is not None:

@@ -26,7 +26,7 @@ import dataclasses
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -66,7 +66,8 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, made: list | None)
                 clone = copy.copy(obj)
                 clone.update(items)
                 return clone
-            return type(obj)(items)
+            rebuilt: Any = type(obj)
+            return rebuilt(items)
         except (TypeError, ValueError):
             return items
     if isinstance(obj, (list, tuple)):
@@ -171,7 +172,7 @@ class DeviceLoader(Closeable):
             raise InvalidConfigError(f"transform={transform!r} is not callable: pass a "
                                      "function of one batch, or None")
         self.transform = transform
-        self._passes: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
+        self._passes: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
         self._closed = False
         self._held = 0  # batches the loader gave that the consumer has not received yet
         self._fetching = threading.Lock()  # a fetch and its count, against state_dict()
@@ -190,14 +191,14 @@ class DeviceLoader(Closeable):
         self._closed = False
         return batches
 
-    def _as_is(self) -> Iterator[Any]:
+    def _as_is(self) -> Generator[Any, None, None]:
         yield from self.loader  # a generator all the same: close() can end it
 
-    def _moved(self) -> Iterator[Any]:
+    def _moved(self) -> Generator[Any, None, None]:
         for batch in self.loader:
             yield _move(batch, self.device, False, None)
 
-    def _transformed(self) -> Iterator[Any]:
+    def _transformed(self) -> Generator[Any, None, None]:
         """Batches made (fetched, moved, transformed) one ahead on a thread of their own."""
         device = self.device
         if device.type == "cuda" and device.index is None:
@@ -264,7 +265,7 @@ class DeviceLoader(Closeable):
             ready.record(side)
         return batch, moved, ready, tensors
 
-    def _ahead(self) -> Iterator[Any]:
+    def _ahead(self) -> Generator[Any, None, None]:
         device = self.device
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -306,8 +307,8 @@ class DeviceLoader(Closeable):
                                      "has none to resume from")
         with self._fetching:  # not while a batch is being fetched
             held = self._held
-            inner = (self.loader.state_dict(unreceived=held)  # the factory's loaders take it
-                     if held else self.loader.state_dict())
+            loader: Any = self.loader  # the factory's loaders take ``unreceived``
+            inner = loader.state_dict(unreceived=held) if held else loader.state_dict()
         return {"version": 1, "loader": inner}
 
     def load_state_dict(self, state: Any) -> None:

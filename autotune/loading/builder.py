@@ -181,6 +181,7 @@ class TunedDataLoader(Closeable, DataLoader):
         run = self.__dict__.get("_autotune_epochs") or self.__dict__.get("_autotune_stream")
         if run is None:
             self.state_dict()  # raises, naming why
+            raise AssertionError("state_dict() raises for a loader without epochs")
         if not isinstance(state, Mapping):
             raise InvalidConfigError(f"state={state!r:.80} is not a state_dict(): pass the "
                                      "dict that state_dict() returned")

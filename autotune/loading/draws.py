@@ -59,7 +59,8 @@ class EpochDraws:
     def __init__(self, batches: Any, dataset: Any, *, first: int = 0,
                  redraw: bytes | None = None) -> None:
         self.batches, self.dataset, self.first = batches, dataset, first
-        self.order = batches.sampler if isinstance(batches, BatchSampler) else batches
+        # the sampler (its generator, a DistributedSampler's epochs), whatever its type
+        self.order: Any = batches.sampler if isinstance(batches, BatchSampler) else batches
         self.source: RandomSource | None = random_source(self.order)
         self.drawn: list[Drawn] = []
         self.state_after: tuple[Any, Any] = epoch_state(self.order)

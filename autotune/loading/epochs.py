@@ -149,7 +149,8 @@ class EpochRun:
 
     def __init__(self, batches: Any, dataset: Any, *, ahead: bool, tag: bool = True) -> None:
         self.batches, self.dataset, self.ahead, self.tag = batches, dataset, ahead, tag
-        self.order = batches.sampler if isinstance(batches, BatchSampler) else batches
+        # the sampler (its generator, a DistributedSampler's epochs), whatever its type
+        self.order: Any = batches.sampler if isinstance(batches, BatchSampler) else batches
         self.source = random_source(self.order)
         self.stream: IndexStream | None = None
         self.number = -1  # the loader's epoch being served

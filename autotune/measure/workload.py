@@ -87,12 +87,14 @@ def measure_workload(dataset: Any, samples: int = DEFAULT_SAMPLES, *,
     if stream:  # the first items, in the stream's own order
         indices = list(range(count))
     elif chunks:  # a run from the middle, its chunks' reads spread over all their samples
+        assert size is not None  # a map-style dataset has a length
         middle = len(chunks) // 2
         start = max(0, min(chunks[middle].start, size - count))
         indices = list(range(start, start + count))
         reads = _ChunkReads(chunks[middle - 1].start if middle else None,
                             [r for r in chunks if r.start <= indices[-1] and r.stop > start])
     else:
+        assert size is not None
         indices = sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)})
     run = _Measurement(dataset, indices, max_seconds, collate_fn or _default_collate(),
                        stream=stream, reads=reads)

@@ -59,7 +59,7 @@ class ProfileEntry:
     def member(self, name: str) -> ProfileEntry:
         return ProfileEntry(settings=self.members[name], measured=self.measured, loader=name)
 
-    def reason(self, key: str) -> str:
+    def reason(self, key: str | None) -> str:
         """Why a setting came from this entry, for ``LoaderConfig.explain()``."""
         rate = self.measured.get("samples_per_s")
         loop = " of the loop" if self.loader is not None else ""

@@ -8,15 +8,17 @@ import contextlib
 import errno
 import os
 import tempfile
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import ProfileError
+
+fcntl: Any
 try:
     import fcntl
 except ImportError:  # not on Windows
     fcntl = None
-
-from ..errors import ProfileError
 
 PROFILE_DIR_ENV = "AUTOTUNE_PROFILE_DIR"
 ELSEWHERE = f"pass --profile-dir DIR (or set {PROFILE_DIR_ENV}) to use another directory"

@@ -30,13 +30,13 @@ def _libraries() -> list[tuple[str, Any]]:
     """``(name, decode_jpeg)`` of each decoder library that imports, preferred first."""
     found = []
     try:
-        from torchcodec.decoders import decode_jpeg  # type: ignore[import-not-found]
+        from torchcodec.decoders import decode_jpeg
 
         found.append(("torchcodec", decode_jpeg))
     except Exception:  # absent, or built for another torch
         pass
     try:
-        from torchvision.io import decode_jpeg  # type: ignore[import-not-found]
+        from torchvision.io import decode_jpeg
 
         found.append(("torchvision", decode_jpeg))
     except Exception:  # absent, or built for another torch

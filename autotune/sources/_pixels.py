@@ -33,7 +33,7 @@ _SAME_AS_PILLOW = ("YCbCr", "Gray")  # colour spaces simplejpeg turns to RGB as 
 def simplejpeg() -> Any:
     """The simplejpeg module, or ``None`` where it is not installed (Pillow decodes)."""
     try:
-        import simplejpeg as module  # type: ignore[import-not-found, unused-ignore]
+        import simplejpeg as module
     except ImportError:
         return None
     return module

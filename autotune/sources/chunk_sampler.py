@@ -136,7 +136,7 @@ class ChunkShuffleSampler(EpochDistributedSampler):
 
 def _interleave(stripes: list[np.ndarray], batch: int) -> list[np.ndarray]:
     """Batch ``i`` from stripe ``i % len(stripes)``, in batch order."""
-    runs = []
+    runs: list[np.ndarray] = []
     for j in range(max(-(-len(s) // batch) for s in stripes)):
         runs.extend(s[j * batch:(j + 1) * batch] for s in stripes if j * batch < len(s))
     return runs

@@ -47,7 +47,7 @@ def compute_stats(dataset: Any, *, chunk_size: int = STATS_CHUNK, item: int | No
     size = len(dataset)
     if size == 0:
         raise InvalidConfigError("compute_stats needs a non-empty dataset")
-    count, mean, m2 = 0, None, None
+    count, mean, m2 = 0, torch.zeros(()), torch.zeros(())
     for start in range(0, size, chunk_size):
         chunk = torch.stack([_input(dataset[i], item).to(torch.float64)
                              for i in range(start, min(size, start + chunk_size))])
@@ -56,7 +56,7 @@ def compute_stats(dataset: Any, *, chunk_size: int = STATS_CHUNK, item: int | No
         n = values.shape[-1]
         chunk_mean = values.mean(dim=-1)
         chunk_m2 = ((values - chunk_mean.unsqueeze(-1)) ** 2).sum(dim=-1)
-        if mean is None:
+        if count == 0:
             count, mean, m2 = n, chunk_mean, chunk_m2
         else:
             delta = chunk_mean - mean
@@ -92,14 +92,16 @@ class StandardizedDataset(Dataset):
     def __init__(self, base: Any, mean: Any, std: Any, *, item: int | None = 0,
                  eps: float = 1e-8) -> None:
         self.base = base
-        self.mean = mean if isinstance(mean, (int, float)) else torch.as_tensor(mean)
-        self.std = std if isinstance(std, (int, float)) else torch.as_tensor(std)
+        mean = mean if isinstance(mean, (int, float)) else torch.as_tensor(mean)
+        std = std if isinstance(std, (int, float)) else torch.as_tensor(std)
+        if isinstance(mean, torch.Tensor) and mean.dim() == 1:
+            # per-channel statistics broadcast over the trailing dimensions of CxHxW inputs
+            mean = mean.reshape(-1, 1, 1)
+            if isinstance(std, torch.Tensor) and std.dim() == 1:
+                std = std.reshape(-1, 1, 1)
+        self.mean, self.std = mean, std
         self.item = item
         self.eps = eps
-        if isinstance(self.mean, torch.Tensor) and self.mean.dim() == 1:
-            # per-channel statistics broadcast over the trailing dimensions of CxHxW inputs
-            self.mean = self.mean.reshape(-1, 1, 1)
-            self.std = self.std.reshape(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -161,6 +161,7 @@ class HDF5Dataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         index = self._check_index(index)
         if self._data is not None:
+            assert self._views is not None  # made with the data (_reset)
             return self._sample(self._views, index)
         block = bisect.bisect_right(self._firsts, index) - 1
         return self._sample(self._read(block), index - self._firsts[block])
@@ -169,6 +170,7 @@ class HDF5Dataset(Dataset):
         """A batch: each block it touches is looked up once, its rows taken together."""
         indices = [self._check_index(i) for i in indices]
         if self._data is not None:
+            assert self._views is not None
             return self._samples(self._views, np.asarray(indices, dtype=np.int64))
         blocks = [bisect.bisect_right(self._firsts, i) - 1 for i in indices]
         out: list[Any] = [None] * len(indices)

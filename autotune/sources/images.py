@@ -187,7 +187,8 @@ def _classes(root: str) -> list[str]:
 
 def _samples(root: str, classes: Sequence[str],
              extensions: tuple[str, ...]) -> list[tuple[str, int]]:
-    samples, empty = [], []
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
     for index, name in enumerate(classes):
         found = len(samples)
         for folder, _dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
@@ -358,7 +359,8 @@ class ImageFolder(Dataset):
 
     def _box(self, width: int, height: int) -> Box:
         if self.train:
-            return crop_box(width, height, self.scale, self.ratio)
+            return crop_box(width, height, (self.scale[0], self.scale[1]),
+                            (self.ratio[0], self.ratio[1]))
         return 0, 0, height, width  # evaluation resizes the whole image, then crops its center
 
     def _pixels(self, picture: Picture, box: Box, flip: bool) -> torch.Tensor:

@@ -71,7 +71,8 @@ class ShardSampler(DistributedSampler):
         check_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
-        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False)
+        super().__init__(range(size),  # type: ignore[arg-type]  # a range is all it reads
+                         num_replicas=world_size, rank=rank, shuffle=False)
         self.size, self.world_size = size, world_size
         if contiguous:
             self._indices = range(size * rank // world_size, size * (rank + 1) // world_size)

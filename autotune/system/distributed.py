@@ -117,7 +117,7 @@ def exchange(value: bytes, timeout_s: float) -> list[bytes] | None:
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     keys = [f"autotune/exchange/{_exchanges}/{r}" for r in range(world)]
-    store.set(keys[rank], value)
+    store.set(keys[rank], value)  # type: ignore[arg-type]  # bytes: the store takes both
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
     except Exception:  # the store's timeout error type differs across torch versions

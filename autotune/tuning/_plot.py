@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..config import LoaderConfig
 from ..errors import AutotuneError
 from ..policy.search import setting_key
 
@@ -23,6 +24,7 @@ def plot_trials(result: TuningResult, path: str) -> None:
     labels, rates, colors = [], [], []
     for i, trial in enumerate(result.trials, 1):
         c = trial.config
+        assert isinstance(c, LoaderConfig)  # one loader's trials
         labels.append(f"{i}: {c.num_workers}w p{c.prefetch_factor or '-'}"
                       f"{'' if c.worker_threads is None else f' t{c.worker_threads}'}")
         rates.append(trial.samples_per_s or 0)

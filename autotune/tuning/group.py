@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._check import check_int, dataset_size
-from ..config import GroupConfig
+from ..config import GroupConfig, LoaderConfig
 from ..errors import InvalidConfigError
 from ..factory.group import group_config, named_datasets, plan_members
 from ..feed.multi import check_weights
@@ -135,7 +135,8 @@ class MultiAutotuner:
             return group_config(self.hardware, members, counts, self.strategy,
                                 "tried by the joint search")
 
-        def measure(config: GroupConfig, phase: str) -> Trial:
+        def measure(config: LoaderConfig | GroupConfig, phase: str) -> Trial:
+            assert isinstance(config, GroupConfig)  # the joint search of the group
             self.progress.show(len(trials) + 1, phase, config, time.perf_counter() - start)
             window = max(window_for(workloads[name], self.batch_size, member.num_workers,
                                     cpus=self.hardware.cpu_budget, budget_s=self.budget_s,
@@ -159,9 +160,11 @@ class MultiAutotuner:
                                   keep_up=self.consumer is not None).run()
         finally:
             self.progress.done()
+        chosen = outcome.chosen.config
+        assert isinstance(chosen, GroupConfig)
         best = GroupConfig(members={
             name: config.replace(source="tuned", reason=outcome.why, **config.settings())
-            for name, config in outcome.chosen.config.members.items()})
+            for name, config in chosen.members.items()})
         return MultiTuningResult(
             best=best, **measured_fields(outcome, start), batch_size=self.batch_size,
             key=self.key, objective=self.objective,

@@ -125,6 +125,7 @@ class TuningResult:
         fastest = setting_key(self.fastest) if self.fastest else None
         for i, t in enumerate(self.trials, 1):
             c = t.config
+            assert isinstance(c, LoaderConfig)  # one loader's trials
             mark = ""
             if not t.ok:
                 mark = f"  FAILED: {t.error}"

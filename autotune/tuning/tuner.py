@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._check import check_int, check_seconds, dataset_size, is_stream
-from ..config import LoaderConfig
+from ..config import GroupConfig, LoaderConfig
 from ..errors import InvalidConfigError
 from ..loading.safety import check_stream_sharding
 from ..measure.workload import measure_workload
@@ -166,7 +166,8 @@ class Autotuner:
         def configure(workers: int) -> LoaderConfig:
             return resolve(self.hardware, hints, workload, workers=workers)
 
-        def measure(config: LoaderConfig, phase: str) -> Trial:
+        def measure(config: LoaderConfig | GroupConfig, phase: str) -> Trial:
+            assert isinstance(config, LoaderConfig)  # the search of one loader
             number = len(trials) + 1
             self.progress.show(number, phase, config, time.perf_counter() - start)
             window = window_for(workload, self.batch_size, config.num_workers,
@@ -194,8 +195,9 @@ class Autotuner:
                              keep_up=self.consumer is not None).run()
         finally:
             self.progress.done()
-        best = outcome.chosen.config.replace(source="tuned", reason=outcome.why,
-                                             **outcome.chosen.config.settings())
+        chosen = outcome.chosen.config
+        assert isinstance(chosen, LoaderConfig)
+        best = chosen.replace(source="tuned", reason=outcome.why, **chosen.settings())
         return TuningResult(
             best=best, **measured_fields(outcome, start), batch_size=self.batch_size,
             key=self.key, objective=self.objective,
