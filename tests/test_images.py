@@ -873,6 +873,17 @@ def test_a_batch_is_decoded_in_parts_of_bounded_pixels_in_order(folder, monkeypa
     assert sum(calls) == len(ds) and len(calls) >= len(ds) // 3
     assert torch.equal(whole, parts)  # the same images in the same places
     assert images._parts(list("abcd"), [5, 5, 20, 1], 10) == [["a", "b"], ["c"], ["d"]]
+    # resized in groups of bounded padded pixels: the same images again
+    monkeypatch.setattr(images, "RESIZE_IMAGES", 3)
+    monkeypatch.setattr(images, "RESIZE_PIXELS", 2 * largest)
+    assert torch.equal(whole, ds.device_transform("cpu", decoder=counting)(batch)[0])
+    shapes = [(10, 10), (9, 10), (10, 9), (3, 3), (20, 1)]
+    assert images._groups(shapes, 2, 250) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert images._groups(shapes, 5, 130) == [slice(0, 1), slice(1, 2), slice(2, 3),
+                                              slice(3, 5)]  # 2 x 20 x 3 = 120 fits
+    assert images._groups([], 5, 100) == []
+    areas = [int(h * w) for _t, _l, h, w in batch[0].boxes.tolist()]
+    assert areas == sorted(areas, reverse=True)  # the workers sort by box, largest first
 
 
 def test_the_device_transform_makes_no_tensor_from_python_values_per_batch(folder,

@@ -4,11 +4,11 @@ the step runs on batch n, so the step does not wait for the host-to-device copy.
 Only a copy from pinned (page-locked) memory is asynchronous; from pageable memory torch stages
 it while the host waits (correct, not overlapped), so the loader should pin (``pin_memory=True``,
 which autotune's factory sets for CUDA where it pays). The copy runs on a side CUDA stream to
-overlap the step's kernels; it is correct because the step's stream waits for it, and each
+overlap the step's kernels; it is correct because the step's stream waits for it, each
 copied tensor is marked as used by the step's stream (``record_stream``: the caching allocator
-does not hand its memory to a later copy before the step that read it is done). The side
-stream never waits for the step: what it allocates comes from its own pool, so nothing it
-writes can be memory a queued kernel still reads. On the CPU batches pass through; other
+does not hand its memory to a later copy before the step that read it is done), and each copy
+waits for the steps before the one in progress (memory they freed, in batch objects that
+move themselves too), never for the step in progress. On the CPU batches pass through; other
 devices (``mps``, ``meta``) get a synchronous ``.to(device)``.
 
 A ``transform`` (normalise, augment, decode on the GPU) runs on each batch once it is on the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import queue
 import threading
 import weakref
@@ -37,6 +38,8 @@ from ..errors import InvalidConfigError
 from ..system.cuda import canonical_device
 
 _END = object()
+JOIN_S = 60.0  # how long a pass that ends waits for its transform thread's fetch
+log = logging.getLogger(__name__)
 _DEVICE_FIX = 'pass a torch.device or a string such as "cuda", "cuda:1", "cpu" or "mps"'
 
 
@@ -180,6 +183,8 @@ class DeviceLoader(Closeable):
 
     def __iter__(self) -> Iterator[Any]:
         if self.transform is not None:
+            for earlier in list(self._passes):  # its thread and this pass share one iterator
+                earlier.close()
             batches = self._transformed()
         elif self.device.type == "cpu":
             batches = self._as_is()
@@ -208,12 +213,15 @@ class DeviceLoader(Closeable):
         made: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         slot = threading.Semaphore(1)  # one batch made ahead of the one the loop holds
         stop = threading.Event()
+        taken: list[Any] = [None]  # CUDA: an event after the steps before the batch in use
         this = object()  # this pass: a maker of an earlier one counts nothing here
         with self._fetching:
             self._held, self._pass = 0, this
 
         def make() -> None:
             try:
+                if side is not None:
+                    torch.cuda.set_device(device)  # a new thread is on GPU 0: not a context there
                 while slot.acquire() and not stop.is_set():
                     with self._fetching:
                         batch = next(batches, _END)
@@ -224,7 +232,7 @@ class DeviceLoader(Closeable):
                     if batch is _END:
                         made.put(("end", None))
                         return
-                    made.put(("batch", self._made(batch, side, device)))
+                    made.put(("batch", self._made(batch, side, device, taken[0])))
             except BaseException as exc:  # the loop gets it after the batches before it
                 made.put(("error", exc))
 
@@ -243,6 +251,8 @@ class DeviceLoader(Closeable):
                     current.wait_event(ready)
                     for tensor in tensors:
                         tensor.record_stream(current)
+                    taken[0] = torch.cuda.Event()
+                    taken[0].record(current)  # the steps before this batch's: queued
                 with self._fetching:
                     self._held -= 1
                 slot.release()
@@ -250,14 +260,25 @@ class DeviceLoader(Closeable):
         finally:
             stop.set()
             slot.release()  # a maker waiting for room sees the stop
+            # the loader's iterator is not shared with a maker still fetching (a persistent
+            # loader's next pass resets that same iterator); at most one batch's wait
+            maker.join(timeout=JOIN_S)
+            if maker.is_alive():
+                log.warning("the DeviceLoader's transform thread did not end within %.0f s "
+                            "(its loader is still fetching a batch)", JOIN_S)
 
-    def _made(self, batch: Any, side: Any, device: torch.device) -> tuple[Any, Any, Any, list]:
+    def _made(self, batch: Any, side: Any, device: torch.device,
+              taken: Any = None) -> tuple[Any, Any, Any, list]:
         """``batch`` moved to ``device`` and transformed; on CUDA on ``side``, with the event
-        that marks its end and the tensors the step's stream will use."""
+        that marks its end and the tensors the step's stream will use. ``taken``: an event
+        after the steps before the batch the loop holds; the copy waits for those (memory
+        they freed, in objects that move themselves too), not for the step in progress."""
         assert self.transform is not None
         if side is None:
             return batch, self.transform(_move(batch, device, False, None)), None, []
         tensors: list[torch.Tensor] = []
+        if taken is not None:
+            side.wait_event(taken)
         with torch.cuda.stream(side):
             moved = self.transform(_move(batch, device, self.non_blocking, tensors))
             tensors += [t for t in _tensors(moved) if t.is_cuda]
@@ -294,6 +315,9 @@ class DeviceLoader(Closeable):
         batch = next(batches, _END)
         if batch is _END:
             return None
+        # called before batch n is handed over: this waits for the steps before step n (what
+        # they freed, in objects that move themselves too), never for step n itself
+        side.wait_stream(torch.cuda.current_stream(device))
         made: list[torch.Tensor] = []
         with torch.cuda.stream(side):
             moved = _move(batch, device, self.non_blocking, made)

@@ -36,9 +36,13 @@ def _libraries() -> list[tuple[str, Any]]:
     except Exception:  # absent, or built for another torch
         pass
     try:
-        from torchvision.io import decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-        found.append(("torchvision", decode_jpeg))
+        def torchvision_rgb(data: Any, *, mode: str, device: torch.device) -> Any:
+            # torchvision before 0.20 takes only its enum (a string fails on .value)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+        found.append(("torchvision", torchvision_rgb))
     except Exception:  # absent, or built for another torch
         pass
     return found

@@ -52,7 +52,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 EVAL_CROP = 0.875  # 224 of 256: the ImageNet evaluation's center crop
 _GOLDEN = 0.6180339887498949  # spreads a split's CPU share evenly over the indices
 DECODE_PIXELS = 1 << 27  # pixels decoded in one call at most (~400 MB of RGB)
-RESIZE_IMAGES = 64  # decoded images resized in one pair of products (memory: ~64 x 3 MB)
+RESIZE_IMAGES = 64  # decoded images resized in one pair of products at most
+RESIZE_PIXELS = 1 << 25  # and padded pixels (float32: ~400 MB over three channels)
 _ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 mirror or turn the stored pixels
 _BAD_IMAGE = "cannot be decoded as an image (corrupt, truncated or not an image file)"
 
@@ -477,7 +478,9 @@ def _batch_memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def encoded_batch(items: Sequence[_Encoded], size: int) -> EncodedImages:
     """Pack device-placement samples into one ``EncodedImages``."""
-    encoded = [i for i, item in enumerate(items) if item.data is not None]
+    # largest box first: DeviceDecode takes runs of similar sizes, padded little
+    encoded = sorted((i for i, item in enumerate(items) if item.data is not None),
+                     key=lambda i: -items[i].box[2] * items[i].box[3])
     decoded = [i for i, item in enumerate(items) if item.data is None]
     datas = [items[i].data for i in encoded]
     lengths = torch.tensor([0] + [len(d) for d in datas if d is not None])
@@ -584,29 +587,36 @@ class DeviceDecode:
 
     def images(self, batch: EncodedImages) -> torch.Tensor:
         """``(n, 3, size, size)`` images on the device: normalised floats, or uint8 where
-        ``output="uint8"``. The decoded files are cropped, resized and flipped in batched
-        products (``sources._resize``), ``RESIZE_IMAGES`` at a time; every index and box is
-        the batch's own (pinned) tensor, copied without holding the host."""
+        ``output="uint8"``. The files are taken in groups of similar sizes (the workers sort
+        them by box, largest first) of at most ``RESIZE_IMAGES`` images and
+        ``RESIZE_PIXELS`` padded pixels: each group is decoded, cropped (views), padded,
+        then resized and flipped in two batched products (``sources._resize``), and freed
+        before the next. Every index and box on the device is the batch's own (pinned)
+        tensor, copied without holding the host."""
         device = self.device
         out = torch.empty(len(batch), 3, self.size, self.size, device=device)
         if len(batch.decoded):
             out[batch.decoded.to(device, non_blocking=True)] = batch.ready.to(
                 device, non_blocking=True).float()
-        files = [batch.file(i) for i in range(len(batch.encoded))]
-        decoded = self._decoded(files, batch.sizes.prod(1).tolist(), batch)
+        shapes = [(h, w) for _top, _left, h, w in batch.boxes.tolist()]  # host copies
         places = batch.encoded.to(device, non_blocking=True)
         boxes = batch.boxes.to(device, non_blocking=True)
         flips = batch.flips.to(device, non_blocking=True)
         sizes = batch.sizes.to(device, non_blocking=True)
-        for first in range(0, len(decoded), RESIZE_IMAGES):
-            part = slice(first, first + RESIZE_IMAGES)
-            padded = _padded(decoded[part], device)
-            if self.resize is None:
-                made = resized_crops(padded, boxes[part], self.size, flips[part])
+        pixels = batch.sizes.prod(1).tolist()
+        for part in _groups(shapes, RESIZE_IMAGES, RESIZE_PIXELS):
+            files = [batch.file(i) for i in range(part.start, part.stop)]
+            decoded = self._decoded(files, pixels[part], batch, part.start)
+            if self.resize is None:  # the boxes only: a crop is a view
+                crops = [image[:, top:top + h, left:left + w] for image, (top, left, h, w)
+                         in zip(decoded, batch.boxes[part].tolist())]
+                at_origin = torch.cat([torch.zeros_like(boxes[part, :2]), boxes[part, 2:]], 1)
+                made = resized_crops(_padded(crops, device), at_origin, self.size, flips[part])
             else:
-                made = resized_centers(padded, sizes[part, 0], sizes[part, 1], self.resize,
-                                       self.size)
+                made = resized_centers(_padded(decoded, device), sizes[part, 0],
+                                       sizes[part, 1], self.resize, self.size)
             out[places[part]] = made.clamp_(0, 255).round_()  # whole levels, as on the CPU
+            del decoded, made
         return self.normaliser(out, out=out) if self.output == "float" else out.to(torch.uint8)
 
     def _decode(self, files: list[torch.Tensor],
@@ -637,7 +647,8 @@ class DeviceDecode:
         return images
 
     def _decoded(self, files: list[torch.Tensor], pixels: Sequence[int],
-                 batch: EncodedImages) -> list[torch.Tensor]:
+                 batch: EncodedImages, first: int = 0) -> list[torch.Tensor]:
+        """``files`` decoded (the ``first``-th encoded file of ``batch`` onwards)."""
         if not files:
             return []
         try:
@@ -653,8 +664,8 @@ class DeviceDecode:
                 try:
                     images += self._decode([data])
                 except Exception:
-                    images.append(_with_pillow(data, batch.paths[int(batch.encoded[i])],
-                                               self.device))
+                    images.append(_with_pillow(
+                        data, batch.paths[int(batch.encoded[first + i])], self.device))
             return images
 
     def __repr__(self) -> str:
@@ -669,6 +680,24 @@ def _padded(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     for place, image in zip(padded, images):
         place[:, :image.shape[-2], :image.shape[-1]] = image
     return padded
+
+
+def _groups(shapes: Sequence[tuple[int, int]], most_images: int,
+            most_pixels: int) -> list[slice]:
+    """Runs of ``shapes`` (height, width) in order, each at most ``most_images`` long and
+    ``most_pixels`` once padded to its largest height and width (a larger one alone)."""
+    groups: list[slice] = []
+    start, high, wide = 0, 0, 0
+    for i, (h, w) in enumerate(shapes):
+        taller, wider = max(high, h), max(wide, w)
+        if i > start and (i - start >= most_images
+                          or (i - start + 1) * taller * wider > most_pixels):
+            groups.append(slice(start, i))
+            start, taller, wider = i, h, w
+        high, wide = taller, wider
+    if shapes:
+        groups.append(slice(start, len(shapes)))
+    return groups
 
 
 def _parts(files: list[torch.Tensor], pixels: Sequence[int],
