@@ -959,3 +959,36 @@ def test_the_placement_times_the_cpu_side_at_one_thread_as_a_worker(folder, monk
         assert torch.get_num_threads() == 2  # the caller's count is back
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_epochs_side_by_side_with_torch_while_the_user_changes_the_folder(folder, device) -> None:
+    """Three epochs against torch's DataLoader of the reference recipe: the same folder, a
+    sampler with the same seed, evaluation samples (no draws: torch's per-epoch worker seeds
+    and our persistent ones cannot differ). Between epochs the user reverses the file list,
+    then drops three files, on the folder they passed: torch's loader (workers made each
+    epoch) sees each change; so must the factory's, whose workers persist."""
+    factory = autotune.OptimalDataLoaderFactory(measure=False)
+    ds = ImageFolder(folder, train=False, reduced_decode=False)
+    reference = Reference(ds.samples, train=False)
+    ours = factory.create_validation_loader(
+        ds, 4, num_workers=2, device=device, persistent_workers=True,
+        sampler=torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(3)))
+    theirs = torch.utils.data.DataLoader(
+        reference, batch_size=4, num_workers=2,
+        sampler=torch.utils.data.RandomSampler(reference,
+                                               generator=torch.Generator().manual_seed(3)))
+    try:
+        for epoch in range(3):
+            if epoch == 1:
+                ds.samples = reference.samples = ds.samples[::-1]
+            if epoch == 2:
+                ds.samples = reference.samples = ds.samples[:-3]
+            pairs = list(zip(ours, theirs, strict=True))
+            assert len(pairs) == math.ceil(len(reference) / 4), epoch
+            for (x, y), (x_ref, y_ref) in pairs:
+                assert torch.equal(y, y_ref), epoch
+                assert_same_pixels(x, x_ref)
+        assert "workers_restarted" in ours.autotune_config.explain()
+    finally:
+        ours.close()

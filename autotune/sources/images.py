@@ -302,8 +302,11 @@ class ImageFolder(Dataset):
         return 3 * self.size * self.size * (4 if floats else 1) + 8
 
     def placed(self, placement: Placement, *, normalised_in: str | None = None) -> ImageFolder:
-        """A copy that decodes where ``placement`` says (the file list is shared): each loader
-        the factory makes gets its own, so two loaders of one folder never disagree.
+        """A view that decodes where ``placement`` says: each loader the factory makes gets
+        its own, so two loaders of one folder never disagree. Everything else is read from
+        the folder it was made from, live: a change the user makes there (its file list,
+        its crop ranges) reaches the loader, whose workers are restarted for it as for any
+        dataset.
 
         Args:
             placement: where it decodes.
@@ -316,10 +319,17 @@ class ImageFolder(Dataset):
             raise InvalidConfigError(f"placement {placement.where!r}: one of {PLACEMENTS}")
         if normalised_in is not None and normalised_in not in NORMALISED_IN:
             raise InvalidConfigError(f"normalised_in={normalised_in!r}: one of {NORMALISED_IN}")
-        view = copy.copy(self)
-        view.in_effect = placement
-        view.normalised_in = normalised_in or self.normalised_in
+        view = object.__new__(type(self))
+        view.__dict__.update(_origin=self.__dict__.get("_origin", self), in_effect=placement,
+                             normalised_in=normalised_in or self.normalised_in)
         return view
+
+    def __getattr__(self, name: str) -> Any:
+        # only for what a view (``placed``) does not hold: its folder's, as it is now
+        origin = self.__dict__.get("_origin")
+        if origin is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(origin, name)
 
     def _on_cpu(self, index: int) -> bool:
         where = self.in_effect.where
@@ -534,9 +544,7 @@ class BatchNormalise:
         if not (isinstance(batch, (tuple, list)) and batch
                 and isinstance(batch[0], torch.Tensor) and batch[0].dtype == torch.uint8):
             return batch
-        images = self.normaliser(batch[0])
-        return type(batch)([images, *batch[1:]]) if isinstance(batch, list) \
-            else (images, *batch[1:])
+        return _replaced(batch, self.normaliser(batch[0]))
 
     def __repr__(self) -> str:
         return f"BatchNormalise(device={str(self.device)!r})"
@@ -582,8 +590,7 @@ class DeviceDecode:
             images = self.normaliser(batch[0])
         else:
             return batch
-        return type(batch)([images, *batch[1:]]) if isinstance(batch, list) \
-            else (images, *batch[1:])
+        return _replaced(batch, images)
 
     def images(self, batch: EncodedImages) -> torch.Tensor:
         """``(n, 3, size, size)`` images on the device: normalised floats, or uint8 where
@@ -680,6 +687,12 @@ def _padded(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     for place, image in zip(padded, images):
         place[:, :image.shape[-2], :image.shape[-1]] = image
     return padded
+
+
+def _replaced(batch: Sequence[Any], images: torch.Tensor) -> Any:
+    """``batch`` (a list or tuple) with ``images`` in its first place."""
+    return type(batch)([images, *batch[1:]]) if isinstance(batch, list) \
+        else (images, *batch[1:])
 
 
 def _groups(shapes: Sequence[tuple[int, int]], most_images: int,
