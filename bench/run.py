@@ -18,7 +18,7 @@ an epoch catches or misses (``--stream-epochs``).
 
     python bench/run.py                       # everything (about 60 minutes on 2 CPUs)
     python bench/run.py --only tiny --budget-s 20
-    python bench/run.py --only stream --out bench/RESULTS-stream.md   # ~9 minutes
+    python bench/run.py --only stream --out /tmp/stream.md   # ~9 minutes; fold into RESULTS.md
 """
 
 from __future__ import annotations

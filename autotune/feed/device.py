@@ -238,6 +238,7 @@ class DeviceLoader(Closeable):
 
         maker = threading.Thread(target=make, name="autotune-device-loader", daemon=True)
         maker.start()
+        ending = True  # a pass that ends, or is left: the maker is waited for
         try:
             while True:
                 kind, value = made.get()
@@ -257,13 +258,17 @@ class DeviceLoader(Closeable):
                     self._held -= 1
                 slot.release()
                 yield moved
+        except BaseException as exc:
+            ending = isinstance(exc, GeneratorExit)  # Ctrl-C or an error: no wait for the maker
+            raise
         finally:
             stop.set()
             slot.release()  # a maker waiting for room sees the stop
             # the loader's iterator is not shared with a maker still fetching (a persistent
             # loader's next pass resets that same iterator); at most one batch's wait
-            maker.join(timeout=JOIN_S)
-            if maker.is_alive():
+            if ending:
+                maker.join(timeout=JOIN_S)
+            if ending and maker.is_alive():
                 log.warning("the DeviceLoader's transform thread did not end within %.0f s "
                             "(its loader is still fetching a batch)", JOIN_S)
 

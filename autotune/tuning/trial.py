@@ -207,7 +207,8 @@ class _WholeEpochs:
     A stream split across workers delivers its batches in epoch-sized waves: every worker
     starts together (a gap), the ones with more to read finish alone, and each drops its
     own partial batch. A window shorter than an epoch catches the smooth middle for some
-    settings and the gap for others, and so ranks them wrongly (bench/RESULTS-stream.md).
+    settings and the gap for others, and so ranks them wrongly (the stream runs in
+    bench/RESULTS.md).
     The waves repeat every epoch, so any run of one epoch's worth of consecutive samples
     takes one epoch's time, wherever it starts: a trial that has counted its window goes on
     to the next whole multiple of the epoch's samples, if it can get there within
