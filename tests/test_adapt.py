@@ -364,16 +364,26 @@ def test_a_cpu_bound_batch_never_gets_more_workers_than_cpus(tmp_path) -> None:
                                                        adapt=True, adapt_every=10)
     rates = [epoch_rate(adaptive, 0.01) for _ in range(3)]
     counts = [0] + [c.to_workers for c in adaptive.changes]
-    adaptive.close()
     assert max(counts) <= 2, adaptive.changes
     assert counts[-1] > 0
-    fixed = {}
-    for workers in (1, 2):
-        with factory(tmp_path).create_training_loader(dataset, batch_size=4,
-                                                      num_workers=workers) as loader:
+    # side by side with fixed counts: two interleaved rounds, each loader's best epoch (one
+    # epoch at a time on 2 noisy CPUs moves by more than the margin)
+    loaders = {workers: factory(tmp_path).create_training_loader(
+        dataset, batch_size=4, num_workers=workers) for workers in (1, 2)}
+    fixed: dict[int, float] = {}
+    try:
+        for loader in loaders.values():
             epoch_rate(loader, 0.01)  # workers start
-            fixed[workers] = epoch_rate(loader, 0.01)
-    assert rates[-1] >= 0.75 * max(fixed.values()), (rates, fixed, adaptive.changes)
+        for _round in range(2):
+            rates.append(epoch_rate(adaptive, 0.01))
+            for workers, loader in loaders.items():
+                fixed[workers] = max(fixed.get(workers, 0.0), epoch_rate(loader, 0.01))
+    finally:
+        adaptive.close()
+        for loader in loaders.values():
+            loader.close()
+    assert max(counts + [c.to_workers for c in adaptive.changes]) <= 2, adaptive.changes
+    assert max(rates[-2:]) >= 0.75 * max(fixed.values()), (rates, fixed, adaptive.changes)
 
 
 def test_device_steps_reads_the_gpus_time_without_waiting_for_it() -> None:
