@@ -89,7 +89,7 @@ class MultiAutotuner:
         if current_ranks().world_size > 1:
             raise InvalidConfigError("MultiAutotuner tunes in one process: run it without "
                                      "torchrun (each rank's share of the machine is then "
-                                     "yours to divide; see the README)")
+                                     "yours to divide; see docs/several-loaders.md)")
         for name, dataset in self.datasets.items():  # an empty one fails now, not later
             try:
                 dataset_size(dataset, who="MultiAutotuner")
