@@ -38,6 +38,7 @@ def factory(tmp_path, **kwargs) -> OptimalDataLoaderFactory:
                                     seed=0, **kwargs)
 
 
+@pytest.mark.serial
 def test_grows_mid_epoch_then_stops_stalling_and_every_sample_once(tmp_path, caplog) -> None:
     dataset = SleepyIndexed(size=320, seconds=0.006)  # 48 ms a batch of 8 at 0 workers
     with caplog.at_level(logging.INFO, logger="autotune.tuning.adapt"):
@@ -90,6 +91,7 @@ def test_changes_keep_the_epoch_order(tmp_path) -> None:
     adaptive.close()
 
 
+@pytest.mark.serial
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 6 worker processes")
 def test_shrinks_when_workers_idle(tmp_path) -> None:
     dataset = SleepyIndexed(size=240, seconds=0.001)
@@ -354,12 +356,13 @@ def epoch_rate(loader, step_s: float) -> float:
     return steps / (time.perf_counter() - start)
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_a_cpu_bound_batch_never_gets_more_workers_than_cpus(tmp_path) -> None:
     """A busy-loop dataset (~40 ms of CPU a batch) and a 10 ms step on 2 CPUs: the model
     alone would ask for 5+ workers; the CPUs hold 2. adapt=True from 0 workers stays within
     them and ends near the best fixed count, measured side by side."""
-    dataset = Busy(size=240, loops=300_000)
+    dataset = Busy(size=160, loops=300_000)
     adaptive = factory(tmp_path).create_training_loader(dataset, batch_size=4, num_workers=0,
                                                        adapt=True, adapt_every=10)
     rates = [epoch_rate(adaptive, 0.01) for _ in range(3)]

@@ -18,8 +18,22 @@ from datasets import FailsAt, Indexed, KillsWorker
 
 
 def workers_alive() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+    """This process's live descendants, but multiprocessing's own helpers (the forkserver
+    and the resource tracker), which an earlier test may have started and which stay."""
+    alive = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE or any(
+                    helper in " ".join(process.cmdline())
+                    for helper in _MULTIPROCESSING_HELPERS):
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        alive.append(process)
+    return alive
+
+
+_MULTIPROCESSING_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 
 
 def wait_for_no_workers(seconds: float = 5.0) -> list[psutil.Process]:

@@ -35,6 +35,7 @@ def first_batch_waits(loader, epochs: int, step_s: float) -> list[float]:
     return waits
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_the_epoch_boundary_costs_no_more_than_a_step():
     """2 workers, a batch costs a worker 0.2 s, a step 0.15 s: the workers keep up, and

@@ -571,6 +571,7 @@ def test_a_loader_that_may_move_to_the_cpus_sizes_its_batches_for_them(folder) -
     loader.close()
 
 
+@pytest.mark.serial
 def test_a_move_that_gave_nothing_is_taken_back_and_not_made_again(folder,
                                                                     monkeypatch) -> None:
     from autotune.sources import images as images_module

@@ -36,6 +36,7 @@ def run_loop(monitor: StallMonitor, step_s: float, epochs: int = 2) -> float:
     (1, 0.004, 0.030, "moderately input-bound"),
     (4, 0.005, 0.020, "input-bound"),  # 4 x 5 ms of 40 ms: ~50%
 ])
+@pytest.mark.serial
 def test_stall_fraction_matches_the_loop(batch_size: int, sample_s: float, step_s: float,
                                          verdict: str) -> None:
     loader = DataLoader(Sleepy(size=12 * batch_size, seconds=sample_s), batch_size=batch_size)
