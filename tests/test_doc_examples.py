@@ -13,7 +13,9 @@ skipped with that reason; ``<!-- example: cuda -->`` runs only where CUDA is.
 from __future__ import annotations
 
 import re
+import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +87,11 @@ def reader(tmp_path, monkeypatch):
     dataset = TensorDataset(torch.randn(2048, 8, generator=generator),
                             torch.randn(2048, 1, generator=generator))
     val_dataset = TensorDataset(torch.randn(512, 8), torch.randn(512, 1))
-    return {
-        "__name__": "__doc_example__", "autotune": autotune,
+    page = types.ModuleType("doc_example")   # what a page defines pickles, as in a module
+    monkeypatch.setitem(sys.modules, page.__name__, page)
+    namespace = vars(page)
+    namespace.update({
+        "autotune": autotune,
         "factory": autotune.OptimalDataLoaderFactory(),
         "dataset": dataset, "val_dataset": val_dataset,
         "ds_a": TensorDataset(torch.randn(640, 8)), "ds_b": TensorDataset(torch.randn(384, 4)),
@@ -95,7 +100,8 @@ def reader(tmp_path, monkeypatch):
         "loader_b": DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=32),
         "heads": {"images": lambda batch: batch, "text": lambda batch: batch},
         "epochs": 2, "train_step": _train_step,
-    }
+    })
+    return namespace
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
