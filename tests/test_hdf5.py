@@ -99,6 +99,23 @@ def test_preload_gives_the_same_samples_and_transform_applies(files):
     assert float(loaded[3][0][0]) == 6.0
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_preload_that_takes_a_while_shows_a_bar_on_a_terminal_only(files, monkeypatch, capsys,
+                                                                      terminal):
+    """A preload of many GB takes minutes: past the bar's delay (made 0 s here) a terminal
+    sees a tqdm bar of the bytes read; a pipe or a log file sees nothing."""
+    from autotune import _bar
+
+    monkeypatch.setattr(_bar, "DELAY_S", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
+    assert [int(loaded[i][1]) for i in range(512)] == list(range(512))
+    err = capsys.readouterr().err
+    assert ("preloading 2 HDF5 file(s):" in err and "%|" in err) == terminal, err
+    if not terminal:
+        assert err == ""
+
+
 def test_big_endian_data_comes_in_native_byte_order(tmp_path):
     path = tmp_path / "be.h5"
     with h5py.File(path, "w") as f:

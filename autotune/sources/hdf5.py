@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._bar import wait_bar
 from .._check import check_int
 from ..errors import DataFileError, InvalidConfigError
 from ..policy import chunks as rules
@@ -289,21 +290,26 @@ class HDF5Dataset(Dataset):
 
     def _read_all(self, h5py: Any) -> tuple[torch.Tensor, ...]:
         """Every key as one tensor (torch storage: spawned workers receive it through shared
-        memory rather than a copy each)."""
+        memory rather than a copy each), read block by block (whole chunks) under a bar."""
         data = [np.empty((self._length, *shape), dtype=dtype)
                 for shape, dtype in zip(self._shapes, self._dtypes)]
-        first = 0
-        for path in self.files:
-            with _open(h5py, path, self._names) as handle:
-                rows = handle[self._names[0]].shape[0]
-                for name, array in zip(self._names, data):
-                    try:
-                        if rows:
-                            handle[name].read_direct(array, dest_sel=np.s_[first:first + rows])
-                    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-                        raise DataFileError(path, name, f"could not be preloaded ({exc}): "
-                                            f"{_READ_FAILED}") from exc
-                first += rows
+        row_bytes = _row_bytes(zip(self._shapes, self._dtypes))
+        with wait_bar(f"preloading {len(self.files)} HDF5 file(s)", self.nbytes) as bar:
+            for file, path in enumerate(self.files):
+                with _open(h5py, path, self._names) as handle:
+                    for block in (b for b in self._blocks if b.file == file):
+                        rows = block.stop - block.start
+                        for name, array in zip(self._names, data):
+                            try:
+                                handle[name].read_direct(
+                                    array, source_sel=np.s_[block.start:block.stop],
+                                    dest_sel=np.s_[block.first:block.first + rows])
+                            except (OSError, RuntimeError, ValueError, KeyError,
+                                    TypeError) as exc:
+                                raise DataFileError(path, name,
+                                                    f"could not be preloaded ({exc}): "
+                                                    f"{_READ_FAILED}") from exc
+                        bar.update(rows * row_bytes)
         return tuple(torch.from_numpy(array) for array in data)
 
 
