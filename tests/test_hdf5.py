@@ -99,6 +99,18 @@ def test_preload_gives_the_same_samples_and_transform_applies(files):
     assert float(loaded[3][0][0]) == 6.0
 
 
+@pytest.mark.parametrize("run_bytes", [1, 3000, 64 << 20])
+def test_a_preload_read_in_runs_of_blocks_gives_every_row(files, monkeypatch, run_bytes):
+    """A run per block, runs of a few blocks, a run per file: the same rows."""
+    from autotune.sources import hdf5
+
+    monkeypatch.setattr(hdf5, "PRELOAD_RUN_BYTES", run_bytes)
+    loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
+    lazy = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    assert all(torch.equal(loaded[i][0], lazy[i][0]) and int(loaded[i][1]) == i
+               for i in range(512))
+
+
 @pytest.mark.parametrize("terminal", [True, False])
 def test_a_preload_that_takes_a_while_shows_a_bar_on_a_terminal_only(files, monkeypatch, capsys,
                                                                       terminal):

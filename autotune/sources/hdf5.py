@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..policy import chunks as rules
 
 log = logging.getLogger(__name__)
 
+PRELOAD_RUN_BYTES = 64 << 20  # a preload reads this much per call, then moves its bar
 _READ_FAILED = ("the file may be truncated or corrupt, or changed since the dataset was built "
                 "(rebuild the HDF5Dataset after rewriting a file)")
 MIN_BLOCK_BYTES = 256 << 10  # tiny chunks are read several at a time: one h5py call each
@@ -297,19 +298,19 @@ class HDF5Dataset(Dataset):
         with wait_bar(f"preloading {len(self.files)} HDF5 file(s)", self.nbytes) as bar:
             for file, path in enumerate(self.files):
                 with _open(h5py, path, self._names) as handle:
-                    for block in (b for b in self._blocks if b.file == file):
-                        rows = block.stop - block.start
+                    run_rows = max(1, PRELOAD_RUN_BYTES // row_bytes)
+                    for start, stop, first in _runs(self._blocks, file, run_rows):
                         for name, array in zip(self._names, data):
                             try:
                                 handle[name].read_direct(
-                                    array, source_sel=np.s_[block.start:block.stop],
-                                    dest_sel=np.s_[block.first:block.first + rows])
+                                    array, source_sel=np.s_[start:stop],
+                                    dest_sel=np.s_[first:first + stop - start])
                             except (OSError, RuntimeError, ValueError, KeyError,
                                     TypeError) as exc:
                                 raise DataFileError(path, name,
                                                     f"could not be preloaded ({exc}): "
                                                     f"{_READ_FAILED}") from exc
-                        bar.update(rows * row_bytes)
+                        bar.update((stop - start) * row_bytes)
         return tuple(torch.from_numpy(array) for array in data)
 
 
@@ -425,6 +426,20 @@ def _check_keys(keys: Any) -> tuple[tuple[str, ...], str | tuple[str, ...] | Non
         raise InvalidConfigError(f"keys={keys!r} must name at least one HDF5 dataset, each a "
                                  "non-empty string")
     return names, labels
+
+
+def _runs(blocks: Sequence[Any], file: int, rows: int) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, first sample) of runs of a file's consecutive blocks, each at least
+    ``rows`` long but the last: whole chunks read in few calls (one call per block read
+    an 87 MB file 1.6x slower than one call for all of it)."""
+    run: list[Any] = []
+    for block in (b for b in blocks if b.file == file):
+        run.append(block)
+        if run[-1].stop - run[0].start >= rows:
+            yield run[0].start, run[-1].stop, run[0].first
+            run = []
+    if run:
+        yield run[0].start, run[-1].stop, run[0].first
 
 
 def _open(h5py: Any, path: str, names: Sequence[str]) -> Any:
