@@ -241,7 +241,8 @@ class OptimalDataLoaderFactory:
             strategy, weights, stop, seed: how the loop interleaves them (``MultiLoader``).
             **keywords: what ``create_training_loader`` takes, given to every loader (an
                 explicit ``num_workers`` sets every loader's count: no joint sizing);
-                ``profile_key`` names each loader's entry ``"<key>.<name>"``.
+                ``profile_key`` names the group's one profile entry (default: the
+                datasets' class names joined by ``+``).
 
         Example::
 

@@ -1,4 +1,5 @@
-"""Per-host YAML profiles: ``profiles/<hostname>.yaml``, schema version 1.
+"""Per-host YAML profiles: ``profiles/<hostname>.yaml``, schema version 2 (1 where no
+entry is a group, which older autotune reads).
 
 A profile holds this host's hardware facts and fingerprint, and ``loaders``: for each key
 (a dataset name) the tuned settings and how they were measured. A group of loaders tuned as
