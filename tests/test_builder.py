@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+from multiprocessing import forkserver, resource_tracker
 
 import psutil
 import pytest
@@ -17,15 +18,29 @@ from autotune.tuning.trial import run_trial
 from datasets import FailsAt, Indexed, KillsWorker
 
 
+_BEFORE: set[int] = set()  # the processes alive when the current test began
+
+
+@pytest.fixture(autouse=True)
+def only_this_tests_processes():
+    """What a test counts are the processes it started: an earlier test's leftovers (another
+    file's, in the same pytest-xdist process) are not its own."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+    yield
+
+
 def workers_alive() -> list[psutil.Process]:
-    """This process's live descendants, but multiprocessing's own helpers (the forkserver
-    and the resource tracker), which an earlier test may have started and which stay."""
+    """The live processes this test started, but multiprocessing's own helpers (the
+    forkserver and the resource tracker), which stay once started; the workers the
+    forkserver forks are counted."""
+    helpers = {_helper_pid(forkserver._forkserver, "_forkserver_pid"),
+               _helper_pid(resource_tracker._resource_tracker, "_pid")}
     alive = []
     for process in psutil.Process().children(recursive=True):
         try:
-            if process.status() == psutil.STATUS_ZOMBIE or any(
-                    helper in " ".join(process.cmdline())
-                    for helper in _MULTIPROCESSING_HELPERS):
+            if (process.pid in helpers or process.pid in _BEFORE
+                    or process.status() == psutil.STATUS_ZOMBIE):
                 continue
         except psutil.NoSuchProcess:
             continue
@@ -33,7 +48,8 @@ def workers_alive() -> list[psutil.Process]:
     return alive
 
 
-_MULTIPROCESSING_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+def _helper_pid(helper: object, attribute: str) -> int | None:
+    return getattr(helper, attribute, None)
 
 
 def wait_for_no_workers(seconds: float = 5.0) -> list[psutil.Process]:

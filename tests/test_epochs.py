@@ -13,7 +13,7 @@ from autotune.loading.builder import build_loader
 from autotune.sources.samplers import EpochDistributedSampler
 
 from datasets import Indexed, SleepyIndexed, Stream
-from test_builder import wait_for_no_workers
+from test_builder import only_this_tests_processes, wait_for_no_workers  # noqa: F401
 
 AHEAD = LoaderConfig(num_workers=2, prefetch_factor=2, persistent_workers=True,
                      prefetch_across_epochs=True)

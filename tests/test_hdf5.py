@@ -99,14 +99,20 @@ def test_preload_gives_the_same_samples_and_transform_applies(files):
     assert float(loaded[3][0][0]) == 6.0
 
 
-@pytest.mark.parametrize("run_bytes", [1, 3000, 64 << 20])
-def test_a_preload_read_in_runs_of_blocks_gives_every_row(files, monkeypatch, run_bytes):
-    """A run per block, runs of a few blocks, a run per file: the same rows."""
+@pytest.mark.parametrize("run_blocks", [1, 3, 1000])
+def test_a_preload_read_in_runs_of_blocks_gives_every_row(files, monkeypatch, run_blocks):
+    """A run per block, runs of three blocks (a file's last one shorter), a run per file:
+    the same rows."""
     from autotune.sources import hdf5
 
-    monkeypatch.setattr(hdf5, "PRELOAD_RUN_BYTES", run_bytes)
-    loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
     lazy = HDF5Dataset(files, keys=("x", "index"), preload=False)
+    block_rows, row_bytes = len(lazy.chunk_ranges[0]), lazy.nbytes // len(lazy)
+    run_rows = (run_blocks - 1) * block_rows + 1  # one row more than run_blocks - 1 blocks
+    monkeypatch.setattr(hdf5, "PRELOAD_RUN_BYTES", run_rows * row_bytes)
+    blocks = sum(block.file == 0 for block in lazy._blocks)
+    assert blocks > 3
+    assert len(list(hdf5._runs(lazy._blocks, 0, run_rows))) == -(-blocks // run_blocks)
+    loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
     assert all(torch.equal(loaded[i][0], lazy[i][0]) and int(loaded[i][1]) == i
                for i in range(512))
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 from autotune import InvalidConfigError, OptimalDataLoaderFactory
 
 from datasets import Stream
-from test_builder import workers_alive
+from test_builder import only_this_tests_processes, workers_alive  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 SIZE, BATCH = 42, 4  # training: 10 full batches an epoch (2 samples dropped); validation: 11

@@ -298,7 +298,7 @@ class HDF5Dataset(Dataset):
         with wait_bar(f"preloading {len(self.files)} HDF5 file(s)", self.nbytes) as bar:
             for file, path in enumerate(self.files):
                 with _open(h5py, path, self._names) as handle:
-                    run_rows = max(1, PRELOAD_RUN_BYTES // row_bytes)
+                    run_rows = max(1, PRELOAD_RUN_BYTES // max(1, row_bytes))
                     for start, stop, first in _runs(self._blocks, file, run_rows):
                         for name, array in zip(self._names, data):
                             try:
