@@ -144,6 +144,13 @@ def test_big_endian_data_comes_in_native_byte_order(tmp_path):
         assert ds.__getitems__([9])[0].tolist() == [36.0, 37.0, 38.0, 39.0]
 
 
+def test_samples_of_no_bytes_preload(tmp_path):
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f.create_dataset("e", shape=(40, 0), dtype="f4")
+    ds = HDF5Dataset(tmp_path / "empty.h5", keys="e", preload=True)
+    assert len(ds) == 40 and ds[3].shape == (0,)
+
+
 def test_preload_none_lets_the_rules_decide_with_the_reason(files):
     ds = HDF5Dataset(files, keys="index")
     assert ds.preloaded  # 4 KB against this machine's memory
