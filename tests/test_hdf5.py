@@ -111,7 +111,8 @@ def test_a_preload_read_in_runs_of_blocks_gives_every_row(files, monkeypatch, ru
     monkeypatch.setattr(hdf5, "PRELOAD_RUN_BYTES", run_rows * row_bytes)
     blocks = sum(block.file == 0 for block in lazy._blocks)
     assert blocks > 3
-    assert len(list(hdf5._runs(lazy._blocks, 0, run_rows))) == -(-blocks // run_blocks)
+    runs = [run for run in hdf5._runs(lazy._blocks, run_rows) if run[0] == 0]
+    assert len(runs) == -(-blocks // run_blocks)
     loaded = HDF5Dataset(files, keys=("x", "index"), preload=True)
     assert all(torch.equal(loaded[i][0], lazy[i][0]) and int(loaded[i][1]) == i
                for i in range(512))
